@@ -1,0 +1,78 @@
+//! The agent's configuration file (TOML).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Agent settings; unknown keys are an error so typos do not pass silently.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's name in the cluster.
+    pub name: String,
+    /// gRPC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// How coordinators reach this agent, e.g. `http://10.0.0.5:7401`.
+    pub advertise: String,
+    /// Every coordinator's address; the agent tries them in turn.
+    pub coordinators: Vec<String>,
+    /// The daemon's unix socket; default: the first of Incus's and LXD's defaults that exists.
+    pub socket: Option<PathBuf>,
+    /// Where SSH proxy devices listen on the host.
+    #[serde(default = "default_ssh_listen")]
+    pub ssh_listen: String,
+    /// The address users ssh to (LAN address or name of this host).
+    pub ssh_host: String,
+    /// Inclusive range of host ports for per-container SSH.
+    #[serde(default = "default_ports")]
+    pub ssh_ports: (u16, u16),
+    /// Storage pool for root disks.
+    #[serde(default = "default_pool")]
+    pub storage_pool: String,
+    /// A static GPU inventory file, for hosts without NVML; when unset, NVML is used.
+    pub gpu_inventory: Option<PathBuf>,
+    /// Directory for the agent's own files.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Seconds between heartbeats to the coordinator.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:7401".parse().expect("valid literal")
+}
+fn default_ssh_listen() -> String {
+    "0.0.0.0".into()
+}
+fn default_ports() -> (u16, u16) {
+    (22000, 22999)
+}
+fn default_pool() -> String {
+    "default".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/ssp-agent".into()
+}
+fn default_heartbeat() -> u64 {
+    5
+}
+
+impl AgentConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        ssp_model::HostName::parse(&cfg.name)?;
+        if cfg.ssh_ports.0 == 0 || cfg.ssh_ports.0 > cfg.ssh_ports.1 {
+            anyhow::bail!("ssh_ports {:?} in {}: expected [FIRST, LAST] with 0 < FIRST <= LAST", cfg.ssh_ports, path.display());
+        }
+        if cfg.coordinators.is_empty() {
+            anyhow::bail!("coordinators in {} is empty: list at least one coordinator address", path.display());
+        }
+        Ok(cfg)
+    }
+}

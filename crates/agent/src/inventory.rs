@@ -1,0 +1,164 @@
+//! Host inventory: CPUs, memory and storage from the daemon; GPUs from NVML or a static file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use ssp_lxd::Client;
+use ssp_model::{Gpu, Inventory, PciAddress, Pool};
+
+/// Where GPU facts come from.
+#[derive(Debug, Clone)]
+pub enum GpuSource {
+    /// NVML, loaded at run time.
+    Nvml,
+    /// A static TOML file listing the GPUs (hosts without NVML, tests).
+    Static(PathBuf),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticFile {
+    #[serde(default)]
+    driver_version: String,
+    #[serde(default)]
+    gpu: Vec<StaticGpu>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticGpu {
+    index: u32,
+    uuid: String,
+    pci: String,
+    model: String,
+    memory: String,
+    minor: u32,
+}
+
+/// GPUs plus the driver version, and a line saying where they came from.
+pub struct GpuReport {
+    pub gpus: Vec<Gpu>,
+    pub driver_version: String,
+    pub source: String,
+}
+
+impl GpuSource {
+    /// Reads the GPUs. NVML failing is not an error: the host simply has no GPUs, and says why.
+    pub fn read(&self) -> anyhow::Result<GpuReport> {
+        match self {
+            GpuSource::Static(path) => read_static(path),
+            GpuSource::Nvml => Ok(read_nvml().unwrap_or_else(|why| {
+                tracing::warn!("no GPUs reported: NVML unavailable: {why}");
+                GpuReport {
+                    gpus: vec![],
+                    driver_version: String::new(),
+                    source: format!("none: NVML unavailable: {why}"),
+                }
+            })),
+        }
+    }
+}
+
+fn read_static(path: &Path) -> anyhow::Result<GpuReport> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading GPU inventory {}", path.display()))?;
+    let f: StaticFile = toml::from_str(&text).with_context(|| format!("parsing GPU inventory {}", path.display()))?;
+    let mut gpus = Vec::new();
+    for g in f.gpu {
+        gpus.push(Gpu {
+            index: g.index,
+            uuid: g.uuid,
+            pci: PciAddress::parse(&g.pci)?,
+            model: g.model,
+            memory_bytes: ssp_model::ByteSize::parse(&g.memory)?.0,
+            minor: g.minor,
+            device_node: format!("/dev/nvidia{}", g.minor),
+        });
+    }
+    gpus.sort_by_key(|g| g.index);
+    Ok(GpuReport {
+        gpus,
+        driver_version: f.driver_version,
+        source: format!("static:{}", path.display()),
+    })
+}
+
+fn read_nvml() -> Result<GpuReport, String> {
+    use nvml_wrapper::Nvml;
+    let nvml = Nvml::init().map_err(|e| e.to_string())?;
+    let driver_version = nvml.sys_driver_version().map_err(|e| e.to_string())?;
+    let count = nvml.device_count().map_err(|e| e.to_string())?;
+    let mut gpus = Vec::new();
+    for i in 0..count {
+        let d = nvml.device_by_index(i).map_err(|e| format!("GPU {i}: {e}"))?;
+        let pci = d.pci_info().map_err(|e| format!("GPU {i} PCI info: {e}"))?;
+        let minor = d.minor_number().map_err(|e| format!("GPU {i} minor number: {e}"))?;
+        gpus.push(Gpu {
+            index: d.index().unwrap_or(i),
+            uuid: d.uuid().map_err(|e| format!("GPU {i} uuid: {e}"))?,
+            pci: PciAddress::parse(&pci.bus_id).map_err(|e| e.to_string())?,
+            model: d.name().unwrap_or_default(),
+            memory_bytes: d.memory_info().map(|m| m.total).unwrap_or(0),
+            minor,
+            device_node: format!("/dev/nvidia{minor}"),
+        });
+    }
+    Ok(GpuReport {
+        gpus,
+        driver_version,
+        source: "nvml".into(),
+    })
+}
+
+/// Builds the full inventory from the daemon and the GPU source.
+pub async fn collect(client: &Client, gpus: &GpuSource) -> anyhow::Result<Inventory> {
+    let res = client.get("/1.0/resources").await?;
+    let cpus = res["cpu"]["total"].as_u64().unwrap_or(0) as u32;
+    let memory_bytes = res["memory"]["total"].as_u64().unwrap_or(0);
+    let mut pools = Vec::new();
+    let list = client.get("/1.0/storage-pools?recursion=1").await?;
+    for p in list.as_array().cloned().unwrap_or_default() {
+        let name = p["name"].as_str().unwrap_or_default().to_string();
+        let space = client
+            .get(&format!("/1.0/storage-pools/{name}/resources"))
+            .await
+            .ok()
+            .map(|r| r["space"].clone())
+            .unwrap_or_default();
+        pools.push(Pool {
+            driver: p["driver"].as_str().unwrap_or_default().to_string(),
+            total_bytes: space["total"].as_u64().unwrap_or(0),
+            used_bytes: space["used"].as_u64().unwrap_or(0),
+            name,
+        });
+    }
+    let report = gpus.read()?;
+    Ok(Inventory {
+        cpus,
+        memory_bytes,
+        pools,
+        gpus: report.gpus,
+        gpu_source: report.source,
+        daemon: client.kind().as_str().into(),
+        daemon_version: client.info().version.clone(),
+        driver_version: report.driver_version,
+    })
+}
+
+/// PCI addresses of GPUs the daemon itself detects (`/1.0/resources`), lower case.
+pub async fn daemon_gpus(client: &Client) -> Vec<String> {
+    let Ok(res) = client.get("/1.0/resources").await else {
+        return vec![];
+    };
+    res["gpu"]["cards"]
+        .as_array()
+        .map(|cards| {
+            cards
+                .iter()
+                .filter_map(|c| c["pci_address"].as_str())
+                .filter_map(|p| PciAddress::parse(p).ok())
+                .map(|p| p.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}

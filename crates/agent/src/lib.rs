@@ -1,0 +1,64 @@
+//! The ssp host agent: exposes the local Incus/LXD daemon and GPU inventory over
+//! gRPC, makes instances match the specs it is given, and registers with the
+//! coordinators.
+
+pub mod config;
+pub mod convert;
+pub mod ensure;
+pub mod host;
+pub mod inventory;
+pub mod register;
+pub mod render;
+pub mod service;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::AgentConfig;
+use crate::host::HostState;
+use crate::inventory::GpuSource;
+
+/// Runs the agent until the process is stopped.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let socket = cfg
+        .socket
+        .clone()
+        .or_else(ssp_lxd::default_socket)
+        .context("no Incus or LXD socket found; start the daemon or set `socket` in the agent config")?;
+    let client = ssp_lxd::Client::connect(&socket)
+        .await
+        .with_context(|| format!("connecting to the daemon at {}", socket.display()))?;
+    tracing::info!(
+        daemon = client.kind().as_str(),
+        version = %client.info().version,
+        socket = %socket.display(),
+        "connected to the daemon"
+    );
+    let gpus = match &cfg.gpu_inventory {
+        Some(p) => GpuSource::Static(p.clone()),
+        None => GpuSource::Nvml,
+    };
+    let host = HostState::new(client, gpus, cfg.storage_pool.clone(), cfg.ssh_listen.clone());
+    tokio::spawn(host.clone().follow_events());
+    tokio::spawn(register::register_loop(cfg.clone(), host.clone()));
+
+    let listener = ssp_net::Listener::bind(cfg.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "agent listening");
+    let svc = service::AgentService { host: Arc::clone(&host) };
+    ssp_net::Listener::server()
+        .add_service(ssp_proto::agent_server::AgentServer::new(svc))
+        .serve_with_incoming_shutdown(listener.incoming(), shutdown())
+        .await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

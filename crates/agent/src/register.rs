@@ -1,0 +1,51 @@
+//! Registration and heartbeats: the agent tells a coordinator who it is and what it has.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssp_proto::coordinator_client::CoordinatorClient;
+use ssp_proto::RegisterHostRequest;
+
+use crate::config::AgentConfig;
+use crate::host::HostState;
+
+/// Registers with the first coordinator that answers, then keeps re-registering as a heartbeat.
+pub async fn register_loop(cfg: AgentConfig, host: Arc<HostState>) {
+    let mut next = 0usize;
+    let mut registered = false;
+    loop {
+        let addr = &cfg.coordinators[next % cfg.coordinators.len()];
+        match register_once(&cfg, &host, addr).await {
+            Ok(n) => {
+                if !registered {
+                    tracing::info!(coordinator = %addr, instances = n, "registered");
+                    registered = true;
+                }
+                tokio::time::sleep(Duration::from_secs(cfg.heartbeat_secs)).await;
+            }
+            Err(e) => {
+                registered = false;
+                tracing::warn!(coordinator = %addr, "registration failed: {e:#}");
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn register_once(cfg: &AgentConfig, host: &HostState, addr: &str) -> anyhow::Result<u32> {
+    let inventory = host.inventory().await?;
+    let channel = ssp_net::connect(addr).await?;
+    let mut c = CoordinatorClient::new(channel);
+    let reply = c
+        .register_host(RegisterHostRequest {
+            name: cfg.name.clone(),
+            agent_address: cfg.advertise.clone(),
+            ssh_host: cfg.ssh_host.clone(),
+            ssh_port_first: cfg.ssh_ports.0 as u32,
+            ssh_port_last: cfg.ssh_ports.1 as u32,
+            inventory: Some(inventory),
+        })
+        .await?;
+    Ok(reply.into_inner().instances)
+}

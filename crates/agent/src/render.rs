@@ -1,0 +1,295 @@
+//! Spec → daemon config and devices. Pure, so it is table-tested without a daemon.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+use ssp_proto::InstanceSpec;
+
+/// A device: its keys and values, all strings as the daemon wants them.
+pub type Device = BTreeMap<String, String>;
+
+/// Config keys ssp owns on its instances; others are left as they are.
+pub const MANAGED_KEYS: &[&str] = &[
+    "security.privileged",
+    "security.nesting",
+    "security.idmap.isolated",
+    "boot.autostart",
+    "limits.cpu",
+    "limits.memory",
+    "limits.processes",
+    "raw.idmap",
+    "user.ssp.managed",
+    "user.ssp.owner",
+    "user.ssp.spec-hash",
+];
+
+/// Device names ssp owns start with this (plus the root disk).
+pub const DEVICE_PREFIX: &str = "ssp-";
+
+/// How GPUs reach the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuMode {
+    /// `gpu` devices by PCI address: the daemon sees the GPU.
+    Pci,
+    /// `unix-char` device nodes: the assigned /dev/nvidiaN renumbered from 0.
+    DeviceNodes {
+        /// PCI address → host minor number.
+        minors: BTreeMap<String, u32>,
+        /// Control nodes present on the host (nvidiactl, nvidia-uvm, nvidia-uvm-tools).
+        control: Vec<String>,
+    },
+}
+
+/// Host facts that shape the rendering.
+#[derive(Debug, Clone)]
+pub struct HostContext {
+    pub pool: String,
+    pub ssh_listen: String,
+    pub gpu_mode: GpuMode,
+}
+
+/// The rendered config and devices, plus a hash of both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub config: BTreeMap<String, String>,
+    pub devices: BTreeMap<String, Device>,
+}
+
+fn dev(pairs: &[(&str, &str)]) -> Device {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Renders `spec` for a host.
+pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, String> {
+    let mut config: BTreeMap<String, String> = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        config.insert(k.to_string(), v);
+    };
+    set("security.privileged", "false".into());
+    // systemd in an unprivileged container wants nesting for its own sandboxing.
+    set("security.nesting", "true".into());
+    set("security.idmap.isolated", "true".into());
+    set("boot.autostart", "true".into());
+    set("limits.cpu", spec.cpus.to_string());
+    set("limits.memory", format!("{}MiB", spec.memory_bytes.div_ceil(1 << 20)));
+    set("limits.processes", spec.processes.to_string());
+    if !spec.uid_range.is_empty() {
+        let r = &spec.uid_range;
+        set("raw.idmap", format!("both {r} {r}"));
+    }
+    set("user.ssp.managed", "true".into());
+    set("user.ssp.owner", spec.owner.clone());
+
+    let mut devices: BTreeMap<String, Device> = BTreeMap::new();
+    let size = format!("{}MiB", spec.disk_bytes.div_ceil(1 << 20));
+    devices.insert(
+        "root".into(),
+        dev(&[("type", "disk"), ("path", "/"), ("pool", &host.pool), ("size", &size)]),
+    );
+    devices.insert(
+        format!("{DEVICE_PREFIX}ssh"),
+        dev(&[
+            ("type", "proxy"),
+            ("listen", &format!("tcp:{}:{}", host.ssh_listen, spec.ssh_port)),
+            ("connect", "tcp:127.0.0.1:22"),
+            ("bind", "host"),
+        ]),
+    );
+    match &host.gpu_mode {
+        GpuMode::Pci => {
+            for (i, pci) in spec.gpu_pci.iter().enumerate() {
+                devices.insert(
+                    format!("{DEVICE_PREFIX}gpu{i}"),
+                    dev(&[("type", "gpu"), ("gputype", "physical"), ("pci", pci)]),
+                );
+            }
+        }
+        GpuMode::DeviceNodes { minors, control } => {
+            for (i, pci) in spec.gpu_pci.iter().enumerate() {
+                let minor = minors
+                    .get(pci)
+                    .ok_or_else(|| format!("GPU {pci} is not in this host's inventory"))?;
+                devices.insert(
+                    format!("{DEVICE_PREFIX}gpu{i}"),
+                    dev(&[
+                        ("type", "unix-char"),
+                        ("source", &format!("/dev/nvidia{minor}")),
+                        ("path", &format!("/dev/nvidia{i}")),
+                        ("mode", "0666"),
+                    ]),
+                );
+            }
+            if !spec.gpu_pci.is_empty() {
+                for node in control {
+                    devices.insert(
+                        format!("{DEVICE_PREFIX}{node}"),
+                        dev(&[
+                            ("type", "unix-char"),
+                            ("source", &format!("/dev/{node}")),
+                            ("path", &format!("/dev/{node}")),
+                            ("mode", "0666"),
+                        ]),
+                    );
+                }
+            }
+        }
+    }
+    for (i, s) in spec.shares.iter().enumerate() {
+        devices.insert(
+            format!("{DEVICE_PREFIX}share{i}"),
+            dev(&[("type", "disk"), ("source", &s.host_path), ("path", &s.container_path)]),
+        );
+    }
+    let hash = spec_hash(&config, &devices);
+    config.insert("user.ssp.spec-hash".into(), hash);
+    Ok(Rendered { config, devices })
+}
+
+fn spec_hash(config: &BTreeMap<String, String>, devices: &BTreeMap<String, Device>) -> String {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&(config, devices)).unwrap_or_default());
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Merges the rendered config into an instance's current config: managed keys
+/// are set or removed, every other key is kept.
+pub fn merge_config(current: &BTreeMap<String, String>, r: &Rendered) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = current
+        .iter()
+        .filter(|(k, _)| !MANAGED_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.extend(r.config.clone());
+    out
+}
+
+/// Merges devices: ssp's devices replace every `ssp-*` device and the root disk.
+pub fn merge_devices(
+    current: &BTreeMap<String, Device>,
+    r: &Rendered,
+) -> BTreeMap<String, Device> {
+    let mut out: BTreeMap<String, Device> = current
+        .iter()
+        .filter(|(k, _)| !(k.starts_with(DEVICE_PREFIX) || k.as_str() == "root"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.extend(r.devices.clone());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssp_proto::SharedFolder;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            name: "alice".into(),
+            owner: "alice".into(),
+            owner_uid: 10000,
+            ssh_keys: vec![],
+            image: "debian-ssh".into(),
+            cpus: 2,
+            memory_bytes: 4 << 30,
+            disk_bytes: 10 << 30,
+            processes: 2000,
+            gpu_pci: vec!["0000:19:00.0".into(), "0000:1a:00.0".into()],
+            ssh_port: 22005,
+            shares: vec![SharedFolder {
+                host_path: "/srv/ssp/shared/team".into(),
+                container_path: "/shared".into(),
+            }],
+            running: true,
+            uid_range: "10000-19999".into(),
+        }
+    }
+
+    fn nodes_ctx() -> HostContext {
+        HostContext {
+            pool: "default".into(),
+            ssh_listen: "0.0.0.0".into(),
+            gpu_mode: GpuMode::DeviceNodes {
+                minors: [("0000:17:00.0", 0), ("0000:18:00.0", 1), ("0000:19:00.0", 2), ("0000:1a:00.0", 3)]
+                    .into_iter()
+                    .map(|(p, m)| (p.to_string(), m))
+                    .collect(),
+                control: vec!["nvidiactl".into(), "nvidia-uvm".into()],
+            },
+        }
+    }
+
+    #[test]
+    fn device_nodes_are_renumbered_from_zero() {
+        let r = render(&spec(), &nodes_ctx()).unwrap();
+        let g0 = &r.devices["ssp-gpu0"];
+        assert_eq!((g0["source"].as_str(), g0["path"].as_str()), ("/dev/nvidia2", "/dev/nvidia0"));
+        let g1 = &r.devices["ssp-gpu1"];
+        assert_eq!((g1["source"].as_str(), g1["path"].as_str()), ("/dev/nvidia3", "/dev/nvidia1"));
+        assert!(r.devices.contains_key("ssp-nvidiactl") && r.devices.contains_key("ssp-nvidia-uvm"));
+        assert_eq!(r.config["limits.memory"], "4096MiB");
+        assert_eq!(r.config["raw.idmap"], "both 10000-19999 10000-19999");
+        assert_eq!(r.config["security.idmap.isolated"], "true");
+        assert_eq!(r.devices["ssp-ssh"]["listen"], "tcp:0.0.0.0:22005");
+        assert_eq!(r.devices["root"]["size"], "10240MiB");
+        assert_eq!(r.devices["ssp-share0"]["source"], "/srv/ssp/shared/team");
+    }
+
+    #[test]
+    fn pci_mode_uses_gpu_devices_by_address_never_id() {
+        let ctx = HostContext { gpu_mode: GpuMode::Pci, ..nodes_ctx() };
+        let r = render(&spec(), &ctx).unwrap();
+        let g = &r.devices["ssp-gpu0"];
+        assert_eq!(g["type"], "gpu");
+        assert_eq!(g["pci"], "0000:19:00.0");
+        assert!(!g.contains_key("id"));
+        assert!(!r.devices.contains_key("ssp-nvidiactl"));
+    }
+
+    #[test]
+    fn no_gpus_no_control_nodes() {
+        let mut s = spec();
+        s.gpu_pci.clear();
+        let r = render(&s, &nodes_ctx()).unwrap();
+        assert!(!r.devices.keys().any(|k| k.contains("nvidia") || k.contains("gpu")));
+    }
+
+    #[test]
+    fn unknown_gpu_is_an_error() {
+        let mut s = spec();
+        s.gpu_pci = vec!["0000:99:00.0".into()];
+        assert!(render(&s, &nodes_ctx()).unwrap_err().contains("0000:99:00.0"));
+    }
+
+    #[test]
+    fn merge_keeps_foreign_keys_and_replaces_ours() {
+        let r = render(&spec(), &nodes_ctx()).unwrap();
+        let current: BTreeMap<String, String> = [
+            ("limits.cpu", "8"),
+            ("volatile.uuid", "u1"),
+            ("user.note", "x"),
+            ("limits.memory.swap", "false"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let m = merge_config(&current, &r);
+        assert_eq!(m["limits.cpu"], "2");
+        assert_eq!(m["volatile.uuid"], "u1");
+        assert_eq!(m["user.note"], "x");
+        let mut devs = BTreeMap::new();
+        devs.insert("ssp-gpu7".to_string(), dev(&[("type", "gpu")]));
+        devs.insert("mine".to_string(), dev(&[("type", "disk")]));
+        let d = merge_devices(&devs, &r);
+        assert!(!d.contains_key("ssp-gpu7") && d.contains_key("mine") && d.contains_key("ssp-gpu0"));
+    }
+
+    #[test]
+    fn hash_changes_with_the_spec() {
+        let a = render(&spec(), &nodes_ctx()).unwrap();
+        let mut s = spec();
+        s.cpus = 3;
+        let b = render(&s, &nodes_ctx()).unwrap();
+        assert_ne!(a.config["user.ssp.spec-hash"], b.config["user.ssp.spec-hash"]);
+        assert_eq!(a, render(&spec(), &nodes_ctx()).unwrap());
+    }
+}

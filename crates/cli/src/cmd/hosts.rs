@@ -1,0 +1,40 @@
+//! `sspctl hosts`: registered hosts with capacity and free GPUs.
+
+use serde_json::json;
+use ssp_proto::ListHostsRequest;
+
+use crate::output::{self, size};
+use crate::Cli;
+
+pub async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let mut c = crate::cmd::coordinator(cli).await?;
+    let list = c.list_hosts(ListHostsRequest {}).await?.into_inner().hosts;
+    let rows = list
+        .iter()
+        .map(|h| {
+            let inv = h.inventory.clone().unwrap_or_default();
+            vec![
+                h.name.clone(),
+                format!("{} {}", inv.daemon, inv.daemon_version),
+                inv.cpus.to_string(),
+                size(inv.memory_bytes),
+                format!("{}/{}", h.gpus_free, h.gpus_total),
+                h.instances.to_string(),
+                if inv.driver_version.is_empty() { "-".into() } else { inv.driver_version.clone() },
+                h.ssh_host.clone(),
+            ]
+        })
+        .collect();
+    let js = json!(list
+        .iter()
+        .map(|h| {
+            let inv = h.inventory.clone().unwrap_or_default();
+            json!({"name": h.name, "agent_address": h.agent_address, "ssh_host": h.ssh_host,
+                   "daemon": inv.daemon, "daemon_version": inv.daemon_version, "cpus": inv.cpus,
+                   "memory_bytes": inv.memory_bytes, "gpus_total": h.gpus_total, "gpus_free": h.gpus_free,
+                   "instances": h.instances, "driver_version": inv.driver_version, "gpu_source": inv.gpu_source})
+        })
+        .collect::<Vec<_>>());
+    output::print(cli.output, &["NAME", "DAEMON", "CPUS", "MEMORY", "GPUS FREE", "CONTAINERS", "DRIVER", "SSH HOST"], rows, js);
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! `sspctl ls`: containers with host, state, GPUs and SSH endpoint.
+
+use serde_json::json;
+use ssp_proto::ListInstancesViewRequest;
+
+use crate::output::{self, size};
+use crate::Cli;
+
+pub async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let mut c = crate::cmd::coordinator(cli).await?;
+    let list = c.list_instances(ListInstancesViewRequest {}).await?.into_inner().instances;
+    let rows = list
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.host.clone(),
+                i.state.clone(),
+                i.gpu_pci.join(","),
+                format!("{}:{}", i.ssh_host, i.ssh_port),
+                i.cpus.to_string(),
+                size(i.memory_bytes),
+            ]
+        })
+        .collect();
+    let js = json!(list
+        .iter()
+        .map(|i| json!({"name": i.name, "owner": i.owner, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
+                        "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "cpus": i.cpus,
+                        "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "image": i.image, "uuid": i.uuid}))
+        .collect::<Vec<_>>());
+    output::print(cli.output, &["NAME", "HOST", "STATE", "GPUS", "SSH", "CPUS", "MEMORY"], rows, js);
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! `sspctl user add|list|remove`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::json;
+use ssp_model::ByteSize;
+use ssp_proto::{AddUserRequest, ListUsersRequest, RemoveUserRequest, SharedFolder};
+
+use crate::output::{self, size};
+use crate::Cli;
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Add a user and create their container.
+    Add(AddArgs),
+    /// List users.
+    List,
+    /// Remove a user and delete their container.
+    Remove {
+        /// The user's name.
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct AddArgs {
+    /// Login name (also the container's name).
+    name: String,
+    /// File with the user's SSH public key(s), one per line.
+    #[arg(long = "ssh-key", required = true)]
+    ssh_key: Vec<PathBuf>,
+    /// Number of GPUs.
+    #[arg(long, default_value_t = 0)]
+    gpus: u32,
+    /// CPU limit (default: coordinator's).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory limit, e.g. 8GiB.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<ByteSize>,
+    /// Root disk size, e.g. 50GiB.
+    #[arg(long, value_parser = parse_size)]
+    disk: Option<ByteSize>,
+    /// Image alias on the hosts.
+    #[arg(long)]
+    image: Option<String>,
+    /// Extra shared folder, HOST_PATH[:CONTAINER_PATH]; may repeat.
+    #[arg(long = "share")]
+    shares: Vec<String>,
+    /// Do not add the coordinator's default shared folders.
+    #[arg(long)]
+    no_default_shares: bool,
+    /// Role: user or admin.
+    #[arg(long, default_value = "user")]
+    role: String,
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    ByteSize::parse(s).map_err(|e| e.to_string())
+}
+
+pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
+    let mut c = crate::cmd::coordinator(cli).await?;
+    match cmd {
+        UserCmd::Add(a) => {
+            let mut keys = Vec::new();
+            for f in &a.ssh_key {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading --ssh-key {}", f.display()))?;
+                keys.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+            let shares = a
+                .shares
+                .iter()
+                .map(|s| {
+                    let (h, c) = s.split_once(':').unwrap_or((s, s));
+                    SharedFolder {
+                        host_path: h.into(),
+                        container_path: c.into(),
+                    }
+                })
+                .collect();
+            let reply = c
+                .add_user(AddUserRequest {
+                    name: a.name.clone(),
+                    ssh_keys: keys,
+                    gpus: a.gpus,
+                    cpus: a.cpus.unwrap_or(0),
+                    memory_bytes: a.memory.map(|m| m.0).unwrap_or(0),
+                    disk_bytes: a.disk.map(|m| m.0).unwrap_or(0),
+                    image: a.image.clone().unwrap_or_default(),
+                    shares,
+                    no_default_shares: a.no_default_shares,
+                    role: a.role.clone(),
+                })
+                .await?
+                .into_inner();
+            let i = reply.instance.unwrap_or_default();
+            if !reply.warning.is_empty() {
+                eprintln!("sspctl: warning: {}", reply.warning);
+            }
+            match cli.output {
+                output::Format::Json => println!(
+                    "{}",
+                    json!({"user": a.name, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
+                           "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "warning": reply.warning})
+                ),
+                output::Format::Table => println!(
+                    "added {} on {} ({}), GPUs [{}], ssh -p {} {}@{}",
+                    a.name,
+                    i.host,
+                    i.state,
+                    i.gpu_pci.join(", "),
+                    i.ssh_port,
+                    a.name,
+                    i.ssh_host
+                ),
+            }
+        }
+        UserCmd::List => {
+            let users = c.list_users(ListUsersRequest {}).await?.into_inner().users;
+            let rows = users
+                .iter()
+                .map(|u| {
+                    vec![
+                        u.name.clone(),
+                        u.uid.to_string(),
+                        u.role.clone(),
+                        u.gpus.to_string(),
+                        u.cpus.to_string(),
+                        size(u.memory_bytes),
+                        size(u.disk_bytes),
+                        u.ssh_keys.len().to_string(),
+                    ]
+                })
+                .collect();
+            let js = json!(users
+                .iter()
+                .map(|u| json!({"name": u.name, "uid": u.uid, "role": u.role, "gpus": u.gpus, "cpus": u.cpus,
+                                "memory_bytes": u.memory_bytes, "disk_bytes": u.disk_bytes, "ssh_keys": u.ssh_keys}))
+                .collect::<Vec<_>>());
+            output::print(cli.output, &["NAME", "UID", "ROLE", "GPUS", "CPUS", "MEMORY", "DISK", "KEYS"], rows, js);
+        }
+        UserCmd::Remove { name } => {
+            c.remove_user(RemoveUserRequest { name: name.clone() }).await?;
+            match cli.output {
+                output::Format::Json => println!("{}", json!({"removed": name})),
+                output::Format::Table => println!("removed {name}"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `sspctl`: the command-line client for ssp.
+
+mod cmd;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+/// Manage the ssp GPU container platform.
+#[derive(Parser)]
+#[command(name = "sspctl", version, about)]
+pub struct Cli {
+    /// Coordinator address.
+    #[arg(long, global = true, env = "SSP_COORDINATOR", default_value = "http://127.0.0.1:7400")]
+    coordinator: String,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = output::Format::Table)]
+    output: output::Format,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Add, list or remove users.
+    #[command(subcommand)]
+    User(cmd::user::UserCmd),
+    /// List containers: host, state, GPUs, SSH endpoint.
+    Ls,
+    /// List every GPU and who holds it.
+    Gpus,
+    /// List hosts with capacity and free GPUs.
+    Hosts,
+    /// Print an ssh_config block for a user's container.
+    SshConfig(cmd::ssh_config::Args),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Commands::User(ref c) => cmd::user::run(&cli, c).await,
+        Commands::Ls => cmd::ls::run(&cli).await,
+        Commands::Gpus => cmd::gpus::run(&cli).await,
+        Commands::Hosts => cmd::hosts::run(&cli).await,
+        Commands::SshConfig(ref a) => cmd::ssh_config::run(&cli, a).await,
+    };
+    if let Err(e) = res {
+        eprintln!("sspctl: {}", cmd::one_line(&e));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,114 @@
+//! Driving agents: channels to each host and the reconcile pass.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssp_model::State;
+use ssp_proto::agent_client::AgentClient;
+use ssp_proto::{DeleteInstanceRequest, InstanceSpec, InstanceStatus, ListInstancesRequest};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+use crate::convert;
+
+/// Long operations (image unpack, first start) may take this long.
+const ENSURE_TIMEOUT: Duration = Duration::from_secs(180);
+const QUICK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pool of channels, one per agent address.
+#[derive(Default, Clone)]
+pub struct Agents {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+/// Why an agent call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("host {host} is not registered")]
+    UnknownHost { host: String },
+    #[error("host {host} did not answer in {secs}s")]
+    Timeout { host: String, secs: u64 },
+    #[error("host {host}: {message}")]
+    Call { host: String, message: String },
+}
+
+impl Agents {
+    async fn client(&self, addr: &str) -> Result<AgentClient<Channel>, ssp_net::NetError> {
+        let mut map = self.channels.lock().await;
+        if let Some(c) = map.get(addr) {
+            return Ok(AgentClient::new(c.clone()));
+        }
+        let ch = ssp_net::channel(addr)?;
+        map.insert(addr.to_string(), ch.clone());
+        Ok(AgentClient::new(ch))
+    }
+
+    async fn for_host(&self, state: &State, host: &str) -> Result<AgentClient<Channel>, AgentError> {
+        let h = state
+            .hosts
+            .get(host)
+            .ok_or_else(|| AgentError::UnknownHost { host: host.into() })?;
+        self.client(&h.agent_address).await.map_err(|e| AgentError::Call {
+            host: host.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Asks `host`'s agent to make `spec` true.
+    pub async fn ensure(&self, state: &State, host: &str, spec: InstanceSpec) -> Result<InstanceStatus, AgentError> {
+        let mut c = self.for_host(state, host).await?;
+        call(host, ENSURE_TIMEOUT, c.ensure_instance(spec)).await
+    }
+
+    /// Deletes `name` on `host`.
+    pub async fn delete(&self, state: &State, host: &str, name: &str) -> Result<bool, AgentError> {
+        let mut c = self.for_host(state, host).await?;
+        let r = call(host, ENSURE_TIMEOUT, c.delete_instance(DeleteInstanceRequest { name: name.into() })).await?;
+        Ok(r.existed)
+    }
+
+    /// What `host` reports about its ssp instances.
+    pub async fn observe(&self, state: &State, host: &str) -> Result<Vec<InstanceStatus>, AgentError> {
+        let mut c = self.for_host(state, host).await?;
+        let r = call(host, QUICK_TIMEOUT, c.list_instances(ListInstancesRequest { managed_only: true })).await?;
+        Ok(r.instances)
+    }
+
+    /// One pass over every instance of `host` (all hosts when `None`): ensure each matches its spec.
+    pub async fn reconcile(&self, state: &State, only_host: Option<&str>) {
+        let settings = state.settings();
+        for inst in state.instances.values() {
+            if only_host.is_some_and(|h| h != inst.host.as_str()) {
+                continue;
+            }
+            let Some(owner) = state.users.get(inst.owner.as_str()) else { continue };
+            let spec = convert::spec_for(inst, owner, &settings);
+            match self.ensure(state, inst.host.as_str(), spec).await {
+                Ok(st) if !st.changed.is_empty() => {
+                    tracing::info!(instance = %inst.name, changed = ?st.changed, "reconciled")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(instance = %inst.name, "reconcile: {e}"),
+            }
+        }
+    }
+}
+
+async fn call<T>(
+    host: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout(limit, fut).await {
+        Err(_) => Err(AgentError::Timeout {
+            host: host.into(),
+            secs: limit.as_secs(),
+        }),
+        Ok(Err(s)) => Err(AgentError::Call {
+            host: host.into(),
+            message: s.message().to_string(),
+        }),
+        Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}

@@ -1,0 +1,100 @@
+//! The coordinator's configuration file (TOML).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use ssp_model::{ByteSize, Limits, SharedFolder};
+
+/// Coordinator settings; unknown keys are an error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Host folders under which shared folders may be created.
+    #[serde(default)]
+    pub shared_roots: Vec<String>,
+    /// Shares every new user gets unless they ask otherwise (`HOST[:CONTAINER]`).
+    #[serde(default)]
+    pub default_shares: Vec<String>,
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// uid range for users, mapped 1:1 into containers; fixed when the state is created.
+    #[serde(default = "default_uid_range")]
+    pub uid_range: (u32, u32),
+    /// Seconds between full reconcile passes over every instance.
+    #[serde(default = "default_reconcile")]
+    pub reconcile_secs: u64,
+}
+
+/// Limits and image a user gets when the request leaves them out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    pub cpus: u32,
+    pub memory: String,
+    pub disk: String,
+    pub processes: u32,
+    pub image: String,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            cpus: 2,
+            memory: "4GiB".into(),
+            disk: "20GiB".into(),
+            processes: 4000,
+            image: "debian-ssh".into(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:7400".parse().expect("valid literal")
+}
+fn default_data_dir() -> PathBuf {
+    "/var/lib/ssp-coordinator".into()
+}
+fn default_uid_range() -> (u32, u32) {
+    (10000, 19999)
+}
+fn default_reconcile() -> u64 {
+    30
+}
+
+impl CoordinatorConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.default_limits().with_context(|| format!("[defaults] in {}", path.display()))?;
+        cfg.default_share_list().with_context(|| format!("default_shares in {}", path.display()))?;
+        if cfg.uid_range.0 < 1000 || cfg.uid_range.0 > cfg.uid_range.1 {
+            anyhow::bail!("uid_range {:?} in {}: expected [FIRST, LAST] with 1000 <= FIRST <= LAST", cfg.uid_range, path.display());
+        }
+        Ok(cfg)
+    }
+
+    /// The default limits, parsed.
+    pub fn default_limits(&self) -> Result<Limits, ssp_model::InputError> {
+        Ok(Limits {
+            cpus: self.defaults.cpus,
+            memory: ByteSize::parse(&self.defaults.memory)?,
+            disk: ByteSize::parse(&self.defaults.disk)?,
+            processes: self.defaults.processes,
+        })
+    }
+
+    /// The default shares, parsed against the roots.
+    pub fn default_share_list(&self) -> Result<Vec<SharedFolder>, ssp_model::InputError> {
+        self.default_shares
+            .iter()
+            .map(|s| SharedFolder::parse(s, &self.shared_roots))
+            .collect()
+    }
+}

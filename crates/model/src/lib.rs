@@ -1,0 +1,11 @@
+//! ssp's domain model: types that parse their input, and the deterministic
+//! state machine every coordinator change goes through. No IO, no async.
+
+pub mod names;
+pub mod place;
+pub mod state;
+pub mod types;
+
+pub use names::{ByteSize, HostName, InputError, PciAddress, SharedFolder, SshKey, Username};
+pub use state::{Command, Outcome, Rejection, Settings, State};
+pub use types::{Gpu, Host, Instance, Inventory, Limits, NewUser, Pool, Role, User};

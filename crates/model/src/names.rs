@@ -1,0 +1,381 @@
+//! Newtypes that reject bad input at the edge with a message naming what is allowed.
+
+use std::fmt;
+use std::path::{Component, Path};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+/// Why an input was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {reason}")]
+pub struct InputError {
+    pub what: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+fn bad(what: &'static str, value: &str, reason: impl Into<String>) -> InputError {
+    InputError {
+        what,
+        value: value.chars().take(80).collect(),
+        reason: reason.into(),
+    }
+}
+
+/// Names that already exist in a Debian system and must not become ssp users.
+const RESERVED: &[&str] = &[
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
+    "www-data", "backup", "list", "irc", "gnats", "nobody", "messagebus", "sshd", "systemd-network",
+    "systemd-resolve", "systemd-timesync", "sudo", "admin", "ssp", "default",
+];
+
+/// A user name that is both a valid Unix login and a valid instance name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Username(String);
+
+impl Username {
+    /// Allowed: 1-31 characters of a-z, 0-9 and '-', starting with a letter, not ending with '-'.
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        const RULE: &str = "use 1-31 characters a-z, 0-9 and '-', starting with a letter and not ending with '-'";
+        let ok_chars = s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if s.is_empty() || s.len() > 31 || !ok_chars {
+            return Err(bad("user name", s, RULE));
+        }
+        if !s.starts_with(|c: char| c.is_ascii_lowercase()) || s.ends_with('-') {
+            return Err(bad("user name", s, RULE));
+        }
+        if RESERVED.contains(&s) {
+            return Err(bad("user name", s, "it is reserved for the system; choose another"));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A host name: same alphabet as user names, up to 63 characters.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostName(String);
+
+impl HostName {
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && !s.ends_with('-');
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(bad("host name", s, "use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A PCI address in the daemon's form `dddd:bb:dd.f`, lower case.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PciAddress(String);
+
+impl PciAddress {
+    /// Accepts `dddd:bb:dd.f`, NVML's `dddddddd:bb:dd.f` and `bb:dd.f`, in any case.
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        const RULE: &str = "expected DOMAIN:BUS:DEVICE.FUNCTION in hex, e.g. 0000:17:00.0";
+        let lower = s.trim().to_ascii_lowercase();
+        let parts: Vec<&str> = lower.split(':').collect();
+        let (domain, bus, devfn) = match parts.as_slice() {
+            [d, b, df] => (*d, *b, *df),
+            [b, df] => ("0000", *b, *df),
+            _ => return Err(bad("PCI address", s, RULE)),
+        };
+        let (dev, func) = devfn.split_once('.').ok_or_else(|| bad("PCI address", s, RULE))?;
+        let hex = |x: &str, max: usize| !x.is_empty() && x.len() <= max && x.chars().all(|c| c.is_ascii_hexdigit());
+        if !(hex(domain, 8) && hex(bus, 2) && hex(dev, 2) && hex(func, 1)) {
+            return Err(bad("PCI address", s, RULE));
+        }
+        let domain = u32::from_str_radix(domain, 16).map_err(|_| bad("PCI address", s, RULE))?;
+        if domain > 0xffff {
+            return Err(bad("PCI address", s, "the domain must fit in 16 bits"));
+        }
+        let bus = u8::from_str_radix(bus, 16).map_err(|_| bad("PCI address", s, RULE))?;
+        let dev = u8::from_str_radix(dev, 16).map_err(|_| bad("PCI address", s, RULE))?;
+        let func = u8::from_str_radix(func, 16).map_err(|_| bad("PCI address", s, RULE))?;
+        if dev > 0x1f || func > 7 {
+            return Err(bad("PCI address", s, "device must be at most 1f and function at most 7"));
+        }
+        Ok(Self(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An OpenSSH public key line: `TYPE BASE64 [COMMENT]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SshKey(String);
+
+const KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+impl SshKey {
+    /// Checks the key type, that the base64 blob decodes, and that the blob names the same type.
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        let line = s.trim();
+        if line.contains(['\n', '\r', '\0']) {
+            return Err(bad("ssh key", s, "give one key per line"));
+        }
+        let mut it = line.split_whitespace();
+        let (Some(kind), Some(blob)) = (it.next(), it.next()) else {
+            return Err(bad("ssh key", s, "expected 'TYPE BASE64 [COMMENT]' as in id_ed25519.pub"));
+        };
+        if !KEY_TYPES.contains(&kind) {
+            return Err(bad(
+                "ssh key",
+                s,
+                format!("key type {kind:?} is not one of {}", KEY_TYPES.join(", ")),
+            ));
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .map_err(|_| bad("ssh key", s, "the key data is not valid base64"))?;
+        let inner = raw
+            .get(0..4)
+            .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+            .and_then(|n| raw.get(4..4 + n));
+        if inner != Some(kind.as_bytes()) {
+            return Err(bad("ssh key", s, format!("the key data is not a {kind} key")));
+        }
+        let comment: Vec<&str> = it.collect();
+        let mut out = format!("{kind} {blob}");
+        if !comment.is_empty() {
+            out.push(' ');
+            out.push_str(&comment.join(" "));
+        }
+        Ok(Self(out))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A size in bytes, parsed from forms like `8GiB`, `512MiB`, `50GB` or `1073741824`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        const RULE: &str = "expected a number with a unit such as 512MiB, 8GiB, 50GB or 2TiB";
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| bad("size", s, RULE))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1000,
+            "MB" => 1000u64.pow(2),
+            "GB" => 1000u64.pow(3),
+            "TB" => 1000u64.pow(4),
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            _ => return Err(bad("size", s, RULE)),
+        };
+        let v = n.checked_mul(mult).ok_or_else(|| bad("size", s, "too large"))?;
+        if v == 0 {
+            return Err(bad("size", s, "must be more than zero"));
+        }
+        Ok(Self(v))
+    }
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (unit, m) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if b >= m && b % m == 0 {
+                return write!(f, "{}{unit}", b / m);
+            }
+        }
+        if b >= 1 << 30 {
+            return write!(f, "{:.1}GiB", b as f64 / (1u64 << 30) as f64);
+        }
+        write!(f, "{b}B")
+    }
+}
+
+/// A host folder shared into a container at `container_path`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SharedFolder {
+    pub host_path: String,
+    pub container_path: String,
+}
+
+impl SharedFolder {
+    /// Parses `HOST[:CONTAINER]`; the host path must lie under one of `roots`.
+    pub fn parse(s: &str, roots: &[String]) -> Result<Self, InputError> {
+        let (host, cont) = match s.split_once(':') {
+            Some((h, c)) => (h, c),
+            None => (s, s),
+        };
+        Self::new(host, cont, roots).map_err(|mut e| {
+            e.value = s.to_string();
+            e
+        })
+    }
+
+    /// Checks both paths; the host path must be under one of `roots`.
+    pub fn new(host: &str, container: &str, roots: &[String]) -> Result<Self, InputError> {
+        for (p, which) in [(host, "host"), (container, "container")] {
+            if !p.starts_with('/') {
+                return Err(bad("shared folder", p, format!("the {which} path must be absolute")));
+            }
+            if Path::new(p).components().any(|c| matches!(c, Component::ParentDir)) || p.contains("/../") {
+                return Err(bad("shared folder", p, "'..' is not allowed in a shared folder path"));
+            }
+            if p.contains([',', '\n', '\0', ':']) {
+                return Err(bad("shared folder", p, "paths may not contain ',', ':' or control characters"));
+            }
+        }
+        let under = |root: &str| {
+            let root = root.trim_end_matches('/');
+            host == root || host.starts_with(&format!("{root}/"))
+        };
+        if !roots.iter().any(|r| under(r)) {
+            return Err(bad(
+                "shared folder",
+                host,
+                if roots.is_empty() {
+                    "no shared-folder roots are configured on the coordinator".to_string()
+                } else {
+                    format!("it must lie under one of the configured roots: {}", roots.join(", "))
+                },
+            ));
+        }
+        let container = container.trim_end_matches('/');
+        for forbidden in ["/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/boot", "/run"] {
+            if container.is_empty() || container == forbidden || container.starts_with(&format!("{forbidden}/")) {
+                return Err(bad(
+                    "shared folder",
+                    if container.is_empty() { "/" } else { container },
+                    "the container path may not be / or a system folder (/proc, /sys, /dev, /etc, /usr, /bin, /sbin, /lib, /boot, /run)",
+                ));
+            }
+        }
+        Ok(Self {
+            host_path: host.trim_end_matches('/').to_string(),
+            container_path: container.to_string(),
+        })
+    }
+}
+
+macro_rules! string_newtype {
+    ($($t:ident),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = InputError;
+            fn try_from(s: String) -> Result<Self, InputError> { Self::parse(&s) }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String { v.0 }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(&self.0) }
+        }
+    )*};
+}
+string_newtype!(Username, HostName, PciAddress, SshKey);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        for ok in ["alice", "gdw", "a", "bob-2", "x1"] {
+            assert!(Username::parse(ok).is_ok(), "{ok}");
+        }
+        for no in ["", "Alice", "1abc", "a_b", "bob-", "a.b", "root", "x/y", &"a".repeat(32), "al ice"] {
+            assert!(Username::parse(no).is_err(), "{no}");
+        }
+        let e = Username::parse("Bob").unwrap_err().to_string();
+        assert!(e.contains("user name \"Bob\"") && e.contains("a-z"), "{e}");
+    }
+
+    #[test]
+    fn pci_addresses_normalise() {
+        assert_eq!(PciAddress::parse("00000000:17:00.0").unwrap().as_str(), "0000:17:00.0");
+        assert_eq!(PciAddress::parse("0000:AF:1F.7").unwrap().as_str(), "0000:af:1f.7");
+        assert_eq!(PciAddress::parse("3b:00.0").unwrap().as_str(), "0000:3b:00.0");
+        for no in ["", "17:00", "0000:17:00.8", "zz:00.0", "0000:17:20.0", "1:2:3:4.0"] {
+            assert!(PciAddress::parse(no).is_err(), "{no}");
+        }
+    }
+
+    #[test]
+    fn ssh_keys() {
+        let good = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M alice@lab";
+        assert_eq!(SshKey::parse(good).unwrap().as_str(), good);
+        assert!(SshKey::parse("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M").is_err());
+        assert!(SshKey::parse("ssh-ed25519 !!!notbase64").is_err());
+        assert!(SshKey::parse("ssh-dss AAAA").is_err());
+        assert!(SshKey::parse("hello").is_err());
+        assert!(SshKey::parse(&format!("{good}\nssh-ed25519 x")).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("8GiB").unwrap().0, 8 << 30);
+        assert_eq!(ByteSize::parse("512MiB").unwrap().0, 512 << 20);
+        assert_eq!(ByteSize::parse("50GB").unwrap().0, 50_000_000_000);
+        assert_eq!(ByteSize::parse("1024").unwrap().0, 1024);
+        for no in ["", "GiB", "8 parsecs", "-1GiB", "0", "99999999999999TiB"] {
+            assert!(ByteSize::parse(no).is_err(), "{no}");
+        }
+        assert_eq!(ByteSize(8 << 30).to_string(), "8GiB");
+    }
+
+    #[test]
+    fn shared_folders() {
+        let roots = vec!["/srv/ssp/shared".to_string()];
+        let s = SharedFolder::parse("/srv/ssp/shared/team:/shared", &roots).unwrap();
+        assert_eq!(s.host_path, "/srv/ssp/shared/team");
+        assert_eq!(s.container_path, "/shared");
+        assert!(SharedFolder::parse("/srv/ssp/shared", &roots).is_ok());
+        for no in [
+            "/srv/ssp/shared/../etc:/x",
+            "/etc:/shared",
+            "/srv/ssp/sharedx:/x",
+            "relative:/x",
+            "/srv/ssp/shared/t:/proc/x",
+            "/srv/ssp/shared/t:/",
+            "/srv/ssp/shared/t:/data/..",
+        ] {
+            assert!(SharedFolder::parse(no, &roots).is_err(), "{no}");
+        }
+        let e = SharedFolder::parse("/srv/ssp/shared/../etc:/x", &roots).unwrap_err().to_string();
+        assert!(e.contains("'..'"), "{e}");
+    }
+}

@@ -1,0 +1,146 @@
+//! Placement: which host, which GPUs and which SSH port a new container gets.
+//!
+//! Pure and deterministic: every replica choosing from the same state makes
+//! the same choice. The default policy packs GPUs onto as few hosts as
+//! possible, keeping whole servers free for large jobs.
+
+use std::collections::BTreeSet;
+
+use crate::names::{ByteSize, HostName, PciAddress};
+use crate::state::State;
+use crate::types::{Host, Limits};
+
+/// Where a new container goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub host: HostName,
+    pub gpus: Vec<PciAddress>,
+    pub ssh_port: u16,
+}
+
+/// Why nothing fits: per-host reasons, and the free GPU total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoFit {
+    pub gpus_asked: u32,
+    pub gpus_free: u32,
+    pub only_gpus_short: bool,
+    pub reasons: Vec<String>,
+}
+
+impl std::fmt::Display for NoFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.reasons.is_empty() {
+            return f.write_str("no hosts are registered; start an agent first");
+        }
+        if self.only_gpus_short {
+            write!(
+                f,
+                "{} GPU{} asked but only {} free ",
+                self.gpus_asked,
+                if self.gpus_asked == 1 { "" } else { "s" },
+                self.gpus_free
+            )?;
+            return write!(f, "({})", self.reasons.join("; "));
+        }
+        f.write_str(&self.reasons.join("; "))
+    }
+}
+
+/// GPUs of `host` that no instance holds, in index order.
+pub fn free_gpus(state: &State, host: &Host) -> Vec<PciAddress> {
+    let held: BTreeSet<&PciAddress> = state
+        .instances
+        .values()
+        .filter(|i| i.host == host.name)
+        .flat_map(|i| i.gpus.iter())
+        .collect();
+    let mut gpus: Vec<_> = host.inventory.gpus.iter().collect();
+    gpus.sort_by_key(|g| g.index);
+    gpus.into_iter()
+        .filter(|g| !held.contains(&g.pci))
+        .map(|g| g.pci.clone())
+        .collect()
+}
+
+/// The lowest SSH port of `host`'s range that no instance on it uses.
+pub fn free_port(state: &State, host: &Host) -> Option<u16> {
+    let used: BTreeSet<u16> = state
+        .instances
+        .values()
+        .filter(|i| i.host == host.name)
+        .map(|i| i.ssh_port)
+        .collect();
+    (host.ssh_ports.0..=host.ssh_ports.1).find(|p| !used.contains(p))
+}
+
+fn why_not(state: &State, host: &Host, limits: &Limits, gpus: u32) -> Result<Placement, (String, bool)> {
+    let inv = &host.inventory;
+    let free = free_gpus(state, host);
+    let name = host.name.as_str();
+    if (free.len() as u32) < gpus {
+        return Err((
+            format!("{name}: {} of {} GPUs free", free.len(), inv.gpus.len()),
+            true,
+        ));
+    }
+    if limits.cpus > inv.cpus {
+        return Err((format!("{name}: {} CPUs asked, host has {}", limits.cpus, inv.cpus), false));
+    }
+    if limits.memory.0 > inv.memory_bytes {
+        return Err((
+            format!("{name}: {} memory asked, host has {}", limits.memory, ByteSize(inv.memory_bytes)),
+            false,
+        ));
+    }
+    let biggest_pool = inv.pools.iter().map(|p| p.total_bytes).max().unwrap_or(0);
+    if biggest_pool > 0 && limits.disk.0 > biggest_pool {
+        return Err((
+            format!("{name}: {} disk asked, largest storage pool is {}", limits.disk, ByteSize(biggest_pool)),
+            false,
+        ));
+    }
+    let Some(port) = free_port(state, host) else {
+        return Err((
+            format!("{name}: all SSH ports {}-{} are taken", host.ssh_ports.0, host.ssh_ports.1),
+            false,
+        ));
+    };
+    Ok(Placement {
+        host: host.name.clone(),
+        gpus: free.into_iter().take(gpus as usize).collect(),
+        ssh_port: port,
+    })
+}
+
+/// Chooses a host for a container with `limits` and `gpus` GPUs (pack policy).
+pub fn choose(state: &State, limits: &Limits, gpus: u32) -> Result<Placement, NoFit> {
+    let mut best: Option<(usize, Placement)> = None;
+    let mut reasons = Vec::new();
+    let mut only_gpus_short = true;
+    let mut gpus_free = 0u32;
+    for host in state.hosts.values() {
+        let free = free_gpus(state, host).len();
+        gpus_free += free as u32;
+        match why_not(state, host, limits, gpus) {
+            Ok(p) => {
+                // Pack: the host with the fewest free GPUs that still fits.
+                if best.as_ref().is_none_or(|(f, _)| free < *f) {
+                    best = Some((free, p));
+                }
+            }
+            Err((reason, gpu_short)) => {
+                only_gpus_short &= gpu_short;
+                reasons.push(reason);
+            }
+        }
+    }
+    match best {
+        Some((_, p)) => Ok(p),
+        None => Err(NoFit {
+            gpus_asked: gpus,
+            gpus_free,
+            only_gpus_short: only_gpus_short && !reasons.is_empty(),
+            reasons,
+        }),
+    }
+}

@@ -1,0 +1,158 @@
+//! Table tests of the state machine and placement.
+
+use super::*;
+use crate::names::{ByteSize, HostName, PciAddress, SshKey, Username};
+use crate::types::{Gpu, Inventory, Limits, Pool, Role};
+
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M t";
+
+fn host(name: &str, gpus: u32) -> Host {
+    Host {
+        name: HostName::parse(name).unwrap(),
+        agent_address: format!("http://{name}:7401"),
+        ssh_host: name.into(),
+        ssh_ports: (22000, 22003),
+        inventory: Inventory {
+            cpus: 8,
+            memory_bytes: 32 << 30,
+            pools: vec![Pool {
+                name: "default".into(),
+                driver: "btrfs".into(),
+                total_bytes: 100 << 30,
+                used_bytes: 0,
+            }],
+            gpus: (0..gpus)
+                .map(|i| Gpu {
+                    index: i,
+                    uuid: format!("GPU-{name}-{i}"),
+                    pci: PciAddress::parse(&format!("0000:{:02x}:00.0", 0x17 + i)).unwrap(),
+                    model: "Test GPU".into(),
+                    memory_bytes: 24 << 30,
+                    minor: i,
+                    device_node: format!("/dev/nvidia{i}"),
+                })
+                .collect(),
+            ..Default::default()
+        },
+    }
+}
+
+fn user(name: &str, gpus: u32) -> Command {
+    Command::AddUser(NewUser {
+        name: Username::parse(name).unwrap(),
+        role: Role::User,
+        ssh_keys: vec![SshKey::parse(KEY).unwrap()],
+        limits: Limits {
+            cpus: 2,
+            memory: ByteSize(4 << 30),
+            disk: ByteSize(10 << 30),
+            processes: 1000,
+        },
+        gpus,
+        image: "debian-ssh".into(),
+        shares: vec![],
+    })
+}
+
+fn state_with(hosts: &[(&str, u32)]) -> State {
+    let mut s = State::default();
+    s.apply(&Command::Init(Settings::default())).unwrap();
+    for (h, g) in hosts {
+        s.apply(&Command::RegisterHost(host(h, *g))).unwrap();
+    }
+    s
+}
+
+#[test]
+fn add_user_allocates_lowest_free_gpus_port_and_uid() {
+    let mut s = state_with(&[("host1", 4)]);
+    let Outcome::UserAdded { user: u, instance: i } = s.apply(&user("alice", 2)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(u.uid, 10000);
+    assert_eq!(i.ssh_port, 22000);
+    assert_eq!(
+        i.gpus.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        ["0000:17:00.0", "0000:18:00.0"]
+    );
+    let Outcome::UserAdded { user: u, instance: i } = s.apply(&user("bob", 1)).unwrap() else {
+        panic!()
+    };
+    assert_eq!((u.uid, i.ssh_port, i.gpus[0].as_str()), (10001, 22001, "0000:19:00.0"));
+}
+
+#[test]
+fn rejections_change_nothing() {
+    let mut s = state_with(&[("host1", 4)]);
+    s.apply(&user("alice", 2)).unwrap();
+    let before = s.clone();
+    let cases: Vec<(Command, &str)> = vec![
+        (user("alice", 0), "user alice already exists"),
+        (user("carol", 3), "cannot place carol: 3 GPUs asked but only 2 free (host1: 2 of 4 GPUs free)"),
+        (Command::RemoveUser { name: "nobody2".into() }, "user nobody2 does not exist"),
+    ];
+    for (cmd, want) in cases {
+        let err = s.apply(&cmd).unwrap_err().to_string();
+        assert_eq!(err, want);
+        assert_eq!(s, before, "state changed by a rejected {cmd:?}");
+    }
+}
+
+#[test]
+fn limits_beyond_every_host_are_refused_with_the_host_figure() {
+    let mut s = state_with(&[("host1", 4)]);
+    let Command::AddUser(mut req) = user("alice", 0) else { unreachable!() };
+    req.limits.cpus = 64;
+    let err = s.apply(&Command::AddUser(req)).unwrap_err().to_string();
+    assert_eq!(err, "cannot place alice: host1: 64 CPUs asked, host has 8");
+}
+
+#[test]
+fn ports_run_out() {
+    let mut s = state_with(&[("host1", 0)]);
+    for n in ["a", "b", "c", "d"] {
+        s.apply(&user(n, 0)).unwrap();
+    }
+    let err = s.apply(&user("e", 0)).unwrap_err().to_string();
+    assert!(err.contains("all SSH ports 22000-22003 are taken"), "{err}");
+}
+
+#[test]
+fn pack_prefers_the_fullest_host_that_fits() {
+    let mut s = state_with(&[("host1", 4), ("host2", 8)]);
+    s.apply(&user("a", 3)).unwrap();
+    let Outcome::UserAdded { instance, .. } = s.apply(&user("b", 1)).unwrap() else { panic!() };
+    assert_eq!(instance.host.as_str(), "host1");
+    let Outcome::UserAdded { instance, .. } = s.apply(&user("c", 2)).unwrap() else { panic!() };
+    assert_eq!(instance.host.as_str(), "host2");
+}
+
+#[test]
+fn removal_frees_gpus_port_and_uid() {
+    let mut s = state_with(&[("host1", 2)]);
+    s.apply(&user("alice", 2)).unwrap();
+    s.apply(&Command::RemoveUser { name: "alice".into() }).unwrap();
+    assert!(s.instances.is_empty() && s.users.is_empty());
+    let Outcome::UserAdded { user: u, instance: i } = s.apply(&user("bob", 2)).unwrap() else {
+        panic!()
+    };
+    assert_eq!((u.uid, i.ssh_port, i.gpus.len()), (10000, 22000, 2));
+}
+
+#[test]
+fn apply_is_deterministic() {
+    let cmds: Vec<Command> = (0..6).map(|i| user(&format!("u{i}"), i % 3)).collect();
+    let run = || {
+        let mut s = state_with(&[("host1", 4), ("host2", 4)]);
+        let out: Vec<_> = cmds.iter().map(|c| s.apply(c).map_err(|e| e.to_string())).collect();
+        (s, out)
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn no_hosts() {
+    let mut s = state_with(&[]);
+    let err = s.apply(&user("alice", 0)).unwrap_err().to_string();
+    assert_eq!(err, "cannot place alice: no hosts are registered; start an agent first");
+}

@@ -1,0 +1,129 @@
+//! Domain records kept in the coordinator's state.
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{ByteSize, HostName, PciAddress, SharedFolder, SshKey, Username};
+
+/// One GPU of a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub pci: PciAddress,
+    pub model: String,
+    pub memory_bytes: u64,
+    /// Minor number of the host's /dev/nvidiaN node.
+    pub minor: u32,
+    pub device_node: String,
+}
+
+/// A storage pool on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub name: String,
+    pub driver: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// What an agent reports about its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Inventory {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub pools: Vec<Pool>,
+    pub gpus: Vec<Gpu>,
+    pub gpu_source: String,
+    pub daemon: String,
+    pub daemon_version: String,
+    pub driver_version: String,
+}
+
+/// A registered GPU host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: HostName,
+    /// Where the coordinator reaches the agent (`http://ip:port`).
+    pub agent_address: String,
+    /// The address users ssh to.
+    pub ssh_host: String,
+    /// Inclusive range of host ports for SSH proxies.
+    pub ssh_ports: (u16, u16),
+    pub inventory: Inventory,
+}
+
+/// Role of a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Result<Self, crate::InputError> {
+        match s {
+            "" | "user" => Ok(Role::User),
+            "admin" => Ok(Role::Admin),
+            _ => Err(crate::InputError {
+                what: "role",
+                value: s.into(),
+                reason: "allowed roles are user and admin".into(),
+            }),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Resource limits of one container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub cpus: u32,
+    pub memory: ByteSize,
+    pub disk: ByteSize,
+    pub processes: u32,
+}
+
+/// A person with an account on the platform.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: Username,
+    /// Host uid; the same uid inside every container, so shared files keep their owner.
+    pub uid: u32,
+    pub role: Role,
+    pub ssh_keys: Vec<SshKey>,
+    pub limits: Limits,
+    pub gpus: u32,
+}
+
+/// A user's container and what it was given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub name: String,
+    pub owner: Username,
+    pub host: HostName,
+    /// Host GPUs in container order: the first is GPU 0 inside.
+    pub gpus: Vec<PciAddress>,
+    pub ssh_port: u16,
+    pub limits: Limits,
+    pub image: String,
+    pub shares: Vec<SharedFolder>,
+}
+
+/// A validated request to add a user (defaults already filled in).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewUser {
+    pub name: Username,
+    pub role: Role,
+    pub ssh_keys: Vec<SshKey>,
+    pub limits: Limits,
+    pub gpus: u32,
+    pub image: String,
+    pub shares: Vec<SharedFolder>,
+}

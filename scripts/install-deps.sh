@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian packages ssp needs on a Debian 12 host. Idempotent.
+# Incus 6.0 LTS comes from bookworm-backports, derived from the host's own apt source.
+set -euo pipefail
+
+need_pkgs=(incus lxd iptables btrfs-progs debootstrap busybox-static protobuf-compiler
+           openssh-client openssh-server iproute2 lxcfs curl jq uidmap)
+
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && { echo "install-deps: all packages present"; exit 0; }
+
+export DEBIAN_FRONTEND=noninteractive
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  uri=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    uri=$(awk '/^URIs:/{u=$2} /^Suites:/{ if ($0 ~ /bookworm( |$)/) {print u; exit} }' /etc/apt/sources.list.d/debian.sources)
+  fi
+  if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+    uri=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list)
+  fi
+  [ -n "$uri" ] || { echo "install-deps: cannot find the Debian bookworm apt source to derive bookworm-backports from" >&2; exit 1; }
+  cat > /etc/apt/sources.list.d/ssp-backports.sources <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+apt-get update -q
+apt-get install -y -q -t bookworm-backports incus
+apt-get install -y -q "${need_pkgs[@]}"

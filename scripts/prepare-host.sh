@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Host preparation shared by the setup and the test suite. Idempotent.
+#  - the Debian packages (install-deps.sh) and offline images (build-images.sh)
+#  - /etc/subuid and /etc/subgid entries: root may map ssp's user uid range 1:1 into
+#    containers (shared-folder ownership), beside the large range for isolated idmaps
+#  - lxcfs running, so free/top inside a container show its own limits
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bash "$here/install-deps.sh"
+bash "$here/build-images.sh" >/dev/null
+
+SSP_UID_FIRST=${SSP_UID_FIRST:-10000}
+SSP_UID_COUNT=${SSP_UID_COUNT:-10000}
+for f in /etc/subuid /etc/subgid; do
+  touch "$f"
+  grep -qx "root:1000000:1000000000" "$f" || echo "root:1000000:1000000000" >> "$f"
+  grep -qx "root:$SSP_UID_FIRST:$SSP_UID_COUNT" "$f" || echo "root:$SSP_UID_FIRST:$SSP_UID_COUNT" >> "$f"
+done
+
+if ! mountpoint -q /var/lib/lxcfs 2>/dev/null; then
+  mkdir -p /var/lib/lxcfs /var/log/ssp
+  setsid lxcfs /var/lib/lxcfs >/var/log/ssp/lxcfs.log 2>&1 < /dev/null &
+  for _ in $(seq 1 50); do mountpoint -q /var/lib/lxcfs && break; sleep 0.1; done
+  mountpoint -q /var/lib/lxcfs || { echo "prepare-host: lxcfs did not start; see /var/log/ssp/lxcfs.log" >&2; exit 1; }
+fi
+echo "prepare-host: ready"

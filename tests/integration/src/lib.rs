@@ -1,0 +1,132 @@
+//! A testbed of real daemons for ssp's integration tests and benchmarks.
+//!
+//! Each simulated host is a network namespace joined to the root namespace by a
+//! veth pair, with its own Incus or LXD daemon (own state dir, btrfs pool on a
+//! loop file, bridge without NAT) and ssp's offline images imported. Tests run
+//! the real ssp binaries against it. Everything is torn down on drop.
+
+pub mod host;
+pub mod platform;
+pub mod procs;
+
+pub use host::{Host, Kind};
+pub use platform::{AgentSpec, Platform};
+pub use procs::{free_port, sspctl, Proc, Ssp};
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where the offline images live (built by scripts/build-images.sh).
+pub fn image_cache() -> PathBuf {
+    std::env::var_os("SSP_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/ssp/images".into())
+}
+
+/// Fails, saying how to fix it, unless this machine can run the testbed.
+pub fn preflight(kind: Kind) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        bail!("the integration tests need root (network namespaces, daemons); run them as root via scripts/test.sh");
+    }
+    let daemon = match kind {
+        Kind::Incus => "/usr/libexec/incus/incusd",
+        Kind::Lxd => "/usr/bin/lxd",
+    };
+    for tool in [daemon, "/usr/bin/ip", "/usr/bin/ssh", "/usr/bin/ssh-keygen"] {
+        if !Path::new(tool).exists() {
+            bail!("{tool} is missing; run scripts/prepare-host.sh (installs Incus, LXD, iproute2 and OpenSSH) first");
+        }
+    }
+    for img in ["busybox.tar.gz", "debian-ssh.tar.gz"] {
+        if !image_cache().join(img).exists() {
+            bail!("image {} is missing; run scripts/build-images.sh first", image_cache().join(img).display());
+        }
+    }
+    if !is_mountpoint("/var/lib/lxcfs") {
+        bail!("lxcfs is not running; run scripts/prepare-host.sh (it starts `lxcfs /var/lib/lxcfs`)");
+    }
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    if !subuid.lines().any(|l| l.starts_with("root:10000:")) {
+        bail!("/etc/subuid lacks root:10000:10000 (ssp's uid range); run scripts/prepare-host.sh");
+    }
+    Ok(())
+}
+
+fn is_mountpoint(p: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(p)))
+        .unwrap_or(false)
+}
+
+/// Runs a command, failing with its stderr when it exits non-zero.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Runs a shell line, failing on a non-zero exit.
+pub fn sh(line: &str) -> anyhow::Result<String> {
+    run(Command::new("sh").arg("-c").arg(line))
+}
+
+/// Polls `f` until it returns `Some`, or fails after `limit` with `what`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let p = std::env::temp_dir().join(format!("ssp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("SSP_TESTBED_KEEP").is_some() {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates an ed25519 key pair at `dir/name`, returning the private key path.
+pub fn ssh_keypair(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let key = dir.join(name);
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key))?;
+    Ok(key)
+}

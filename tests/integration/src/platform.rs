@@ -1,0 +1,127 @@
+//! A whole ssp platform on testbed hosts: one coordinator, one agent per host.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::{free_port, sspctl, wait_for, Host, Proc, Scratch, Ssp};
+
+/// The coordinator, the agents and the scratch space of one test.
+pub struct Platform {
+    pub ssp: Ssp,
+    pub coordinator: Proc,
+    /// Address `sspctl` uses.
+    pub addr: String,
+    pub agents: Vec<Proc>,
+    /// Root under which shared folders may live.
+    pub shared_root: PathBuf,
+    pub scratch: Scratch,
+}
+
+/// What one agent is given.
+pub struct AgentSpec<'a> {
+    pub host: &'a Host,
+    pub gpu_inventory: Option<PathBuf>,
+}
+
+impl Platform {
+    /// Starts a coordinator in the root namespace and an agent in each host's namespace,
+    /// and waits until every agent has registered.
+    pub fn start(tag: &str, agents: &[AgentSpec]) -> anyhow::Result<Platform> {
+        let ssp = Ssp::locate()?;
+        let scratch = Scratch::new(tag)?;
+        let dir = scratch.path().to_path_buf();
+        let shared_root = dir.join("shared");
+        std::fs::create_dir_all(&shared_root)?;
+        let port = free_port();
+        let cfg = format!(
+            "listen = \"0.0.0.0:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
+            data = dir.join("coordinator").display(),
+            root = shared_root.display(),
+        );
+        let cfg_path = dir.join("coordinator.toml");
+        std::fs::write(&cfg_path, cfg)?;
+        let coordinator = Proc::start(
+            "coordinator",
+            None,
+            &[ssp.bin("ssp-coordinator").to_str().unwrap_or_default(), "--config", cfg_path.to_str().unwrap_or_default()],
+            &dir.join("coordinator.log"),
+        )?;
+        let addr = format!("http://127.0.0.1:{port}");
+        let mut procs = Vec::new();
+        for a in agents {
+            let h = a.host;
+            let aport = free_port();
+            let mut cfg = format!(
+                "name = \"{name}\"\nlisten = \"0.0.0.0:{aport}\"\nadvertise = \"http://{addr}:{aport}\"\ncoordinators = [\"http://{gw}:{port}\"]\nsocket = \"{sock}\"\nssh_host = \"{addr}\"\nssh_ports = [22000, 22099]\nstate_dir = \"{state}\"\nheartbeat_secs = 2\n",
+                name = h.name,
+                addr = h.addr,
+                gw = h.gateway,
+                sock = h.socket.display(),
+                state = dir.join(format!("agent-{}", h.name)).display(),
+            );
+            if let Some(inv) = &a.gpu_inventory {
+                cfg.push_str(&format!("gpu_inventory = \"{}\"\n", inv.display()));
+            }
+            let path = dir.join(format!("agent-{}.toml", h.name));
+            std::fs::write(&path, cfg)?;
+            procs.push(Proc::start(
+                &format!("agent-{}", h.name),
+                Some(&h.netns),
+                &[ssp.bin("ssp-agent").to_str().unwrap_or_default(), "--config", path.to_str().unwrap_or_default()],
+                &dir.join(format!("agent-{}.log", h.name)),
+            )?);
+        }
+        let p = Platform {
+            ssp,
+            coordinator,
+            addr,
+            agents: procs,
+            shared_root,
+            scratch,
+        };
+        for a in agents {
+            p.wait_registered(&a.host.name)?;
+        }
+        Ok(p)
+    }
+
+    /// Waits until `host` is known to the coordinator.
+    pub fn wait_registered(&self, host: &str) -> anyhow::Result<()> {
+        wait_for(&format!("agent of {host} to register"), Duration::from_secs(30), || {
+            let out = self.ctl(&["-o", "json", "hosts"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v.as_array()?.iter().any(|h| h["name"] == host).then_some(())
+        })
+        .with_context(|| format!("coordinator log:\n{}\nagent log:\n{}", self.coordinator.log_tail(), self.agents.iter().map(|a| a.log_tail()).collect::<Vec<_>>().join("\n")))
+    }
+
+    /// Runs `sspctl ARGS` against this platform.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        sspctl(&self.ssp, &self.addr, args)
+    }
+
+    /// Runs `sspctl ARGS`, failing with its stderr unless it succeeds; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.ctl(args);
+        if !out.status.success() {
+            bail!(
+                "sspctl {} failed: {}\ncoordinator log:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                self.coordinator.log_tail()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// `sspctl -o json ARGS`, parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = vec!["-o", "json"];
+        full.extend_from_slice(args);
+        let text = self.ctl_ok(&full)?;
+        serde_json::from_str(&text).with_context(|| format!("sspctl {} printed {text}", args.join(" ")))
+    }
+}

@@ -1,0 +1,131 @@
+//! ssp's own processes under test: spawn, signal, restart; and `sspctl` calls.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use anyhow::{bail, Context};
+
+/// Puts a child in its own process group so signals to the test do not reach it.
+pub fn new_session(c: &mut Command) {
+    c.process_group(0);
+}
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(17400)
+}
+
+/// Paths of the ssp binaries built from this workspace.
+#[derive(Clone)]
+pub struct Ssp {
+    pub dir: PathBuf,
+}
+
+impl Ssp {
+    /// Finds the binaries next to the test executable's target dir.
+    pub fn locate() -> anyhow::Result<Ssp> {
+        let exe = std::env::current_exe()?;
+        // target/<profile>/deps/<test> → target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .context("cannot find the target directory")?
+            .to_path_buf();
+        for b in ["ssp-agent", "ssp-coordinator", "sspctl"] {
+            if !dir.join(b).exists() {
+                bail!("{} is missing; build the binaries first: cargo build --workspace --bins (scripts/test.sh does)", dir.join(b).display());
+            }
+        }
+        Ok(Ssp { dir })
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// A running ssp process that can be killed and started again with the same command.
+pub struct Proc {
+    pub name: String,
+    argv: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `argv` (run through `ip netns exec NS` when `netns` is given), logging to `log`.
+    pub fn start(name: &str, netns: Option<&str>, argv: &[&str], log: &Path) -> anyhow::Result<Proc> {
+        let mut full: Vec<String> = Vec::new();
+        if let Some(ns) = netns {
+            full.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        full.extend(argv.iter().map(|s| s.to_string()));
+        let mut p = Proc {
+            name: name.into(),
+            argv: full,
+            log: log.to_path_buf(),
+            child: None,
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut c = Command::new(&self.argv[0]);
+        c.args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        new_session(&mut c);
+        self.child = Some(c.spawn().with_context(|| format!("starting {}", self.name))?);
+        Ok(())
+    }
+
+    /// Sends `sig` (e.g. libc::SIGKILL) and reaps the process.
+    pub fn signal(&mut self, sig: i32) {
+        if let Some(mut ch) = self.child.take() {
+            // SAFETY: kill(2) on a pid we own.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(ch.id() as i32, sig);
+            }
+            let _ = ch.wait();
+        }
+    }
+
+    /// kill -9, then start again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.signal(libc::SIGKILL);
+        self.spawn()
+    }
+
+    /// The process's log so far (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+}
+
+/// Runs `sspctl` against `coordinator`.
+pub fn sspctl(ssp: &Ssp, coordinator: &str, args: &[&str]) -> Output {
+    Command::new(ssp.bin("sspctl"))
+        .arg("--coordinator")
+        .arg(coordinator)
+        .args(args)
+        .output()
+        .expect("sspctl runs")
+}
