@@ -6,6 +6,11 @@
 set -euo pipefail
 CACHE=${SSP_IMAGE_CACHE:-/var/cache/ssp/images}
 mkdir -p "$CACHE"
+# Images are rebuilt whenever this recipe changes.
+recipe=$(sha256sum "$0" | cut -c1-16)
+if [ "$(cat "$CACHE/recipe" 2>/dev/null)" != "$recipe" ]; then
+  rm -f "$CACHE/busybox.tar.gz" "$CACHE/debian-ssh.tar.gz"
+fi
 
 metadata() { # $1 dir, $2 description
   cat > "$1/metadata.yaml" <<META
@@ -66,14 +71,16 @@ ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+# ed25519 and ECDSA only: RSA key generation takes seconds, at random, on every first boot.
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+ExecStart=/usr/bin/ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key
 
 [Install]
 WantedBy=multi-user.target
 UNIT
   ln -sf /etc/systemd/system/ssp-hostkeys.service "$r/etc/systemd/system/multi-user.target.wants/ssp-hostkeys.service"
   # Key-only SSH; no DNS lookups so logins are quick without a resolver.
-  printf 'PasswordAuthentication no\nUseDNS no\n' > "$r/etc/ssh/sshd_config.d/ssp.conf"
+  printf 'PasswordAuthentication no\nUseDNS no\nHostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n' > "$r/etc/ssh/sshd_config.d/ssp.conf"
   echo "ssp" > "$r/etc/hostname"
   rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/*
   metadata "$d" "Debian 12 with openssh-server (ssp)" debian 12
@@ -82,4 +89,5 @@ UNIT
   rm -rf "$d"
   echo "build-images: debian-ssh image built"
 fi
+echo "$recipe" > "$CACHE/recipe"
 ls -la "$CACHE"

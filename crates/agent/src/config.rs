@@ -64,14 +64,23 @@ impl AgentConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: AgentConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         ssp_model::HostName::parse(&cfg.name)?;
         if cfg.ssh_ports.0 == 0 || cfg.ssh_ports.0 > cfg.ssh_ports.1 {
-            anyhow::bail!("ssh_ports {:?} in {}: expected [FIRST, LAST] with 0 < FIRST <= LAST", cfg.ssh_ports, path.display());
+            anyhow::bail!(
+                "ssh_ports {:?} in {}: expected [FIRST, LAST] with 0 < FIRST <= LAST",
+                cfg.ssh_ports,
+                path.display()
+            );
         }
         if cfg.coordinators.is_empty() {
-            anyhow::bail!("coordinators in {} is empty: list at least one coordinator address", path.display());
+            anyhow::bail!(
+                "coordinators in {} is empty: list at least one coordinator address",
+                path.display()
+            );
         }
         Ok(cfg)
     }

@@ -18,16 +18,27 @@ pub enum EnsureError {
     #[error("cannot render {name}: {reason}")]
     Render { name: String, reason: String },
     #[error("shared folder {path}: {source}")]
-    Share { path: String, source: std::io::Error },
+    Share {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("setting up the account of {user} in {name}: {reason}")]
-    Account { user: String, name: String, reason: String },
+    Account {
+        user: String,
+        name: String,
+        reason: String,
+    },
 }
 
 /// The config key recording which account setup was done inside.
 const ACCOUNT_KEY: &str = "user.ssp.account";
 
 /// Creates or updates `spec`'s instance, then starts it and sets up the owner's account.
-pub async fn ensure(client: &Client, host: &HostContext, spec: &InstanceSpec) -> Result<InstanceStatus, EnsureError> {
+pub async fn ensure(
+    client: &Client,
+    host: &HostContext,
+    spec: &InstanceSpec,
+) -> Result<InstanceStatus, EnsureError> {
     let r = render::render(spec, host).map_err(|reason| EnsureError::Render {
         name: spec.name.clone(),
         reason,
@@ -36,6 +47,8 @@ pub async fn ensure(client: &Client, host: &HostContext, spec: &InstanceSpec) ->
         ensure_share_dir(Path::new(&s.host_path))?;
     }
     let mut changed = Vec::new();
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| tracing::debug!(instance = %spec.name, step = what, ms = t0.elapsed().as_millis() as u64, "ensure step");
     let current = client.instance(&spec.name).await?;
     let inst = match current {
         None => {
@@ -53,7 +66,12 @@ pub async fn ensure(client: &Client, host: &HostContext, spec: &InstanceSpec) ->
                 )
                 .await?;
             changed.push("created".to_string());
-            client.instance(&spec.name).await?.map(|(i, _)| i).unwrap_or_default()
+            step("created");
+            client
+                .instance(&spec.name)
+                .await?
+                .map(|(i, _)| i)
+                .unwrap_or_default()
         }
         Some((inst, etag)) => {
             if inst.config.get("user.ssp.managed").map(String::as_str) != Some("true") {
@@ -82,7 +100,11 @@ pub async fn ensure(client: &Client, host: &HostContext, spec: &InstanceSpec) ->
                         &etag,
                     )
                     .await?;
-                client.instance(&spec.name).await?.map(|(i, _)| i).unwrap_or_default()
+                client
+                    .instance(&spec.name)
+                    .await?
+                    .map(|(i, _)| i)
+                    .unwrap_or_default()
             } else {
                 inst
             }
@@ -92,6 +114,7 @@ pub async fn ensure(client: &Client, host: &HostContext, spec: &InstanceSpec) ->
     if spec.running && !inst.is_running() {
         client.set_state(&spec.name, "start", false).await?;
         changed.push("started".into());
+        step("started");
         inst.status = "Running".into();
         inst.status_code = 103;
     } else if !spec.running && inst.is_running() {
@@ -105,10 +128,14 @@ pub async fn ensure(client: &Client, host: &HostContext, spec: &InstanceSpec) ->
         if inst.config.get(ACCOUNT_KEY) != Some(&want) {
             setup_account(client, spec).await?;
             client
-                .patch(&format!("/1.0/instances/{}", spec.name), json!({"config": {ACCOUNT_KEY: want}}))
+                .patch(
+                    &format!("/1.0/instances/{}", spec.name),
+                    json!({"config": {ACCOUNT_KEY: want}}),
+                )
                 .await?;
             inst.config.insert(ACCOUNT_KEY.into(), want);
             changed.push("account".into());
+            step("account");
         }
     }
     let mut st = status_of(&inst);
@@ -120,11 +147,23 @@ pub async fn ensure(client: &Client, host: &HostContext, spec: &InstanceSpec) ->
 pub fn status_of(inst: &Instance) -> InstanceStatus {
     InstanceStatus {
         name: inst.name.clone(),
-        owner: inst.config.get("user.ssp.owner").cloned().unwrap_or_default(),
+        owner: inst
+            .config
+            .get("user.ssp.owner")
+            .cloned()
+            .unwrap_or_default(),
         status: inst.status.clone(),
-        uuid: inst.config.get("volatile.uuid").cloned().unwrap_or_default(),
+        uuid: inst
+            .config
+            .get("volatile.uuid")
+            .cloned()
+            .unwrap_or_default(),
         managed: inst.config.get("user.ssp.managed").map(String::as_str) == Some("true"),
-        spec_hash: inst.config.get("user.ssp.spec-hash").cloned().unwrap_or_default(),
+        spec_hash: inst
+            .config
+            .get("user.ssp.spec-hash")
+            .cloned()
+            .unwrap_or_default(),
         changed: vec![],
     }
 }
@@ -132,8 +171,17 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
 fn account_hash(spec: &InstanceSpec) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(format!("{}:{}:{}", spec.owner, spec.owner_uid, spec.ssh_keys.join("\n")));
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    h.update(format!(
+        "{}:{}:{}",
+        spec.owner,
+        spec.owner_uid,
+        spec.ssh_keys.join("\n")
+    ));
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Creates the owner's account (same uid as on the host) with their keys and sudo.
@@ -172,7 +220,12 @@ async fn setup_account(client: &Client, spec: &InstanceSpec) -> Result<(), Ensur
         .exec(
             &spec.name,
             &["/bin/sh", "-c", ACCOUNT_SCRIPT],
-            &[("SSP_USER", &spec.owner), ("SSP_UID", &uid), ("SSP_KEYS", &keys), ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+            &[
+                ("SSP_USER", &spec.owner),
+                ("SSP_UID", &uid),
+                ("SSP_KEYS", &keys),
+                ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            ],
         )
         .await?;
     if out.code != 0 {
@@ -226,4 +279,3 @@ pub async fn list(client: &Client, managed_only: bool) -> Result<Vec<InstanceSta
         .filter(|s| s.managed || !managed_only)
         .collect())
 }
-

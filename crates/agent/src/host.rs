@@ -61,21 +61,22 @@ impl HostState {
         let gpus = report.map(|r| r.gpus).unwrap_or_default();
         let seen = inventory::daemon_gpus(&self.client).await;
         let nvml = matches!(self.gpus, GpuSource::Nvml);
-        let gpu_mode = if nvml && !gpus.is_empty() && gpus.iter().all(|g| seen.contains(&g.pci.to_string())) {
-            GpuMode::Pci
-        } else {
-            GpuMode::DeviceNodes {
-                minors: gpus
-                    .iter()
-                    .map(|g| (g.pci.to_string(), g.minor))
-                    .collect::<BTreeMap<_, _>>(),
-                control: CONTROL_NODES
-                    .iter()
-                    .filter(|n| Path::new("/dev").join(n).exists())
-                    .map(|n| n.to_string())
-                    .collect(),
-            }
-        };
+        let gpu_mode =
+            if nvml && !gpus.is_empty() && gpus.iter().all(|g| seen.contains(&g.pci.to_string())) {
+                GpuMode::Pci
+            } else {
+                GpuMode::DeviceNodes {
+                    minors: gpus
+                        .iter()
+                        .map(|g| (g.pci.to_string(), g.minor))
+                        .collect::<BTreeMap<_, _>>(),
+                    control: CONTROL_NODES
+                        .iter()
+                        .filter(|n| Path::new("/dev").join(n).exists())
+                        .map(|n| n.to_string())
+                        .collect(),
+                }
+            };
         HostContext {
             pool: self.pool.clone(),
             ssh_listen: self.ssh_listen.clone(),

@@ -61,8 +61,10 @@ impl GpuSource {
 
 fn read_static(path: &Path) -> anyhow::Result<GpuReport> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading GPU inventory {}", path.display()))?;
-    let f: StaticFile = toml::from_str(&text).with_context(|| format!("parsing GPU inventory {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading GPU inventory {}", path.display()))?;
+    let f: StaticFile = toml::from_str(&text)
+        .with_context(|| format!("parsing GPU inventory {}", path.display()))?;
     let mut gpus = Vec::new();
     for g in f.gpu {
         gpus.push(Gpu {
@@ -90,9 +92,13 @@ fn read_nvml() -> Result<GpuReport, String> {
     let count = nvml.device_count().map_err(|e| e.to_string())?;
     let mut gpus = Vec::new();
     for i in 0..count {
-        let d = nvml.device_by_index(i).map_err(|e| format!("GPU {i}: {e}"))?;
+        let d = nvml
+            .device_by_index(i)
+            .map_err(|e| format!("GPU {i}: {e}"))?;
         let pci = d.pci_info().map_err(|e| format!("GPU {i} PCI info: {e}"))?;
-        let minor = d.minor_number().map_err(|e| format!("GPU {i} minor number: {e}"))?;
+        let minor = d
+            .minor_number()
+            .map_err(|e| format!("GPU {i} minor number: {e}"))?;
         gpus.push(Gpu {
             index: d.index().unwrap_or(i),
             uuid: d.uuid().map_err(|e| format!("GPU {i} uuid: {e}"))?,

@@ -25,7 +25,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .socket
         .clone()
         .or_else(ssp_lxd::default_socket)
-        .context("no Incus or LXD socket found; start the daemon or set `socket` in the agent config")?;
+        .context(
+            "no Incus or LXD socket found; start the daemon or set `socket` in the agent config",
+        )?;
     let client = ssp_lxd::Client::connect(&socket)
         .await
         .with_context(|| format!("connecting to the daemon at {}", socket.display()))?;
@@ -39,13 +41,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(p) => GpuSource::Static(p.clone()),
         None => GpuSource::Nvml,
     };
-    let host = HostState::new(client, gpus, cfg.storage_pool.clone(), cfg.ssh_listen.clone());
+    let host = HostState::new(
+        client,
+        gpus,
+        cfg.storage_pool.clone(),
+        cfg.ssh_listen.clone(),
+    );
     tokio::spawn(host.clone().follow_events());
     tokio::spawn(register::register_loop(cfg.clone(), host.clone()));
 
     let listener = ssp_net::Listener::bind(cfg.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "agent listening");
-    let svc = service::AgentService { host: Arc::clone(&host) };
+    let svc = service::AgentService {
+        host: Arc::clone(&host),
+    };
     ssp_net::Listener::server()
         .add_service(ssp_proto::agent_server::AgentServer::new(svc))
         .serve_with_incoming_shutdown(listener.incoming(), shutdown())

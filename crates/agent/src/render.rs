@@ -56,7 +56,10 @@ pub struct Rendered {
 }
 
 fn dev(pairs: &[(&str, &str)]) -> Device {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Renders `spec` for a host.
@@ -71,7 +74,10 @@ pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, Strin
     set("security.idmap.isolated", "true".into());
     set("boot.autostart", "true".into());
     set("limits.cpu", spec.cpus.to_string());
-    set("limits.memory", format!("{}MiB", spec.memory_bytes.div_ceil(1 << 20)));
+    set(
+        "limits.memory",
+        format!("{}MiB", spec.memory_bytes.div_ceil(1 << 20)),
+    );
     set("limits.processes", spec.processes.to_string());
     if !spec.uid_range.is_empty() {
         let r = &spec.uid_range;
@@ -84,13 +90,21 @@ pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, Strin
     let size = format!("{}MiB", spec.disk_bytes.div_ceil(1 << 20));
     devices.insert(
         "root".into(),
-        dev(&[("type", "disk"), ("path", "/"), ("pool", &host.pool), ("size", &size)]),
+        dev(&[
+            ("type", "disk"),
+            ("path", "/"),
+            ("pool", &host.pool),
+            ("size", &size),
+        ]),
     );
     devices.insert(
         format!("{DEVICE_PREFIX}ssh"),
         dev(&[
             ("type", "proxy"),
-            ("listen", &format!("tcp:{}:{}", host.ssh_listen, spec.ssh_port)),
+            (
+                "listen",
+                &format!("tcp:{}:{}", host.ssh_listen, spec.ssh_port),
+            ),
             ("connect", "tcp:127.0.0.1:22"),
             ("bind", "host"),
         ]),
@@ -137,7 +151,11 @@ pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, Strin
     for (i, s) in spec.shares.iter().enumerate() {
         devices.insert(
             format!("{DEVICE_PREFIX}share{i}"),
-            dev(&[("type", "disk"), ("source", &s.host_path), ("path", &s.container_path)]),
+            dev(&[
+                ("type", "disk"),
+                ("source", &s.host_path),
+                ("path", &s.container_path),
+            ]),
         );
     }
     let hash = spec_hash(&config, &devices);
@@ -148,7 +166,11 @@ pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, Strin
 fn spec_hash(config: &BTreeMap<String, String>, devices: &BTreeMap<String, Device>) -> String {
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&(config, devices)).unwrap_or_default());
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Merges the rendered config into an instance's current config: managed keys
@@ -164,10 +186,7 @@ pub fn merge_config(current: &BTreeMap<String, String>, r: &Rendered) -> BTreeMa
 }
 
 /// Merges devices: ssp's devices replace every `ssp-*` device and the root disk.
-pub fn merge_devices(
-    current: &BTreeMap<String, Device>,
-    r: &Rendered,
-) -> BTreeMap<String, Device> {
+pub fn merge_devices(current: &BTreeMap<String, Device>, r: &Rendered) -> BTreeMap<String, Device> {
     let mut out: BTreeMap<String, Device> = current
         .iter()
         .filter(|(k, _)| !(k.starts_with(DEVICE_PREFIX) || k.as_str() == "root"))
@@ -209,10 +228,15 @@ mod tests {
             pool: "default".into(),
             ssh_listen: "0.0.0.0".into(),
             gpu_mode: GpuMode::DeviceNodes {
-                minors: [("0000:17:00.0", 0), ("0000:18:00.0", 1), ("0000:19:00.0", 2), ("0000:1a:00.0", 3)]
-                    .into_iter()
-                    .map(|(p, m)| (p.to_string(), m))
-                    .collect(),
+                minors: [
+                    ("0000:17:00.0", 0),
+                    ("0000:18:00.0", 1),
+                    ("0000:19:00.0", 2),
+                    ("0000:1a:00.0", 3),
+                ]
+                .into_iter()
+                .map(|(p, m)| (p.to_string(), m))
+                .collect(),
                 control: vec!["nvidiactl".into(), "nvidia-uvm".into()],
             },
         }
@@ -222,10 +246,18 @@ mod tests {
     fn device_nodes_are_renumbered_from_zero() {
         let r = render(&spec(), &nodes_ctx()).unwrap();
         let g0 = &r.devices["ssp-gpu0"];
-        assert_eq!((g0["source"].as_str(), g0["path"].as_str()), ("/dev/nvidia2", "/dev/nvidia0"));
+        assert_eq!(
+            (g0["source"].as_str(), g0["path"].as_str()),
+            ("/dev/nvidia2", "/dev/nvidia0")
+        );
         let g1 = &r.devices["ssp-gpu1"];
-        assert_eq!((g1["source"].as_str(), g1["path"].as_str()), ("/dev/nvidia3", "/dev/nvidia1"));
-        assert!(r.devices.contains_key("ssp-nvidiactl") && r.devices.contains_key("ssp-nvidia-uvm"));
+        assert_eq!(
+            (g1["source"].as_str(), g1["path"].as_str()),
+            ("/dev/nvidia3", "/dev/nvidia1")
+        );
+        assert!(
+            r.devices.contains_key("ssp-nvidiactl") && r.devices.contains_key("ssp-nvidia-uvm")
+        );
         assert_eq!(r.config["limits.memory"], "4096MiB");
         assert_eq!(r.config["raw.idmap"], "both 10000-19999 10000-19999");
         assert_eq!(r.config["security.idmap.isolated"], "true");
@@ -236,7 +268,10 @@ mod tests {
 
     #[test]
     fn pci_mode_uses_gpu_devices_by_address_never_id() {
-        let ctx = HostContext { gpu_mode: GpuMode::Pci, ..nodes_ctx() };
+        let ctx = HostContext {
+            gpu_mode: GpuMode::Pci,
+            ..nodes_ctx()
+        };
         let r = render(&spec(), &ctx).unwrap();
         let g = &r.devices["ssp-gpu0"];
         assert_eq!(g["type"], "gpu");
@@ -250,14 +285,19 @@ mod tests {
         let mut s = spec();
         s.gpu_pci.clear();
         let r = render(&s, &nodes_ctx()).unwrap();
-        assert!(!r.devices.keys().any(|k| k.contains("nvidia") || k.contains("gpu")));
+        assert!(!r
+            .devices
+            .keys()
+            .any(|k| k.contains("nvidia") || k.contains("gpu")));
     }
 
     #[test]
     fn unknown_gpu_is_an_error() {
         let mut s = spec();
         s.gpu_pci = vec!["0000:99:00.0".into()];
-        assert!(render(&s, &nodes_ctx()).unwrap_err().contains("0000:99:00.0"));
+        assert!(render(&s, &nodes_ctx())
+            .unwrap_err()
+            .contains("0000:99:00.0"));
     }
 
     #[test]
@@ -280,7 +320,9 @@ mod tests {
         devs.insert("ssp-gpu7".to_string(), dev(&[("type", "gpu")]));
         devs.insert("mine".to_string(), dev(&[("type", "disk")]));
         let d = merge_devices(&devs, &r);
-        assert!(!d.contains_key("ssp-gpu7") && d.contains_key("mine") && d.contains_key("ssp-gpu0"));
+        assert!(
+            !d.contains_key("ssp-gpu7") && d.contains_key("mine") && d.contains_key("ssp-gpu0")
+        );
     }
 
     #[test]
@@ -289,7 +331,10 @@ mod tests {
         let mut s = spec();
         s.cpus = 3;
         let b = render(&s, &nodes_ctx()).unwrap();
-        assert_ne!(a.config["user.ssp.spec-hash"], b.config["user.ssp.spec-hash"]);
+        assert_ne!(
+            a.config["user.ssp.spec-hash"],
+            b.config["user.ssp.spec-hash"]
+        );
         assert_eq!(a, render(&spec(), &nodes_ctx()).unwrap());
     }
 }

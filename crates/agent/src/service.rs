@@ -41,38 +41,60 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    async fn inventory(&self, _: Request<InventoryRequest>) -> Result<Response<HostInventory>, Status> {
-        let inv = self.host.inventory().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    async fn inventory(
+        &self,
+        _: Request<InventoryRequest>,
+    ) -> Result<Response<HostInventory>, Status> {
+        let inv = self
+            .host
+            .inventory()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(inv))
     }
 
-    async fn list_instances(&self, req: Request<ListInstancesRequest>) -> Result<Response<InstanceList>, Status> {
+    async fn list_instances(
+        &self,
+        req: Request<ListInstancesRequest>,
+    ) -> Result<Response<InstanceList>, Status> {
         let instances = ensure::list(self.client(), req.get_ref().managed_only)
             .await
             .map_err(to_status)?;
         Ok(Response::new(InstanceList { instances }))
     }
 
-    async fn ensure_instance(&self, req: Request<InstanceSpec>) -> Result<Response<InstanceStatus>, Status> {
+    async fn ensure_instance(
+        &self,
+        req: Request<InstanceSpec>,
+    ) -> Result<Response<InstanceStatus>, Status> {
         let spec = req.into_inner();
         check_name(&spec.name)?;
         let ctx = self.host.context().await;
         let _guard = self.host.lock(&spec.name).await;
-        let st = ensure::ensure(self.client(), &ctx, &spec).await.map_err(to_status)?;
+        let st = ensure::ensure(self.client(), &ctx, &spec)
+            .await
+            .map_err(to_status)?;
         if !st.changed.is_empty() {
             tracing::info!(instance = %spec.name, changed = ?st.changed, "ensured");
         }
         Ok(Response::new(st))
     }
 
-    async fn instance_action(&self, req: Request<InstanceActionRequest>) -> Result<Response<InstanceStatus>, Status> {
+    async fn instance_action(
+        &self,
+        req: Request<InstanceActionRequest>,
+    ) -> Result<Response<InstanceStatus>, Status> {
         let r = req.into_inner();
         check_name(&r.name)?;
         let action = match Action::try_from(r.action) {
             Ok(Action::Start) => "start",
             Ok(Action::Stop) => "stop",
             Ok(Action::Restart) => "restart",
-            _ => return Err(Status::invalid_argument("action must be start, stop or restart")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "action must be start, stop or restart",
+                ))
+            }
         };
         let _guard = self.host.lock(&r.name).await;
         let (inst, _) = self
@@ -97,21 +119,29 @@ impl Agent for AgentService {
         Ok(Response::new(ensure::status_of(&inst)))
     }
 
-    async fn delete_instance(&self, req: Request<DeleteInstanceRequest>) -> Result<Response<DeleteInstanceReply>, Status> {
+    async fn delete_instance(
+        &self,
+        req: Request<DeleteInstanceRequest>,
+    ) -> Result<Response<DeleteInstanceReply>, Status> {
         let name = req.into_inner().name;
         check_name(&name)?;
         let _guard = self.host.lock(&name).await;
-        let existed = ensure::delete(self.client(), &name).await.map_err(to_status)?;
+        let existed = ensure::delete(self.client(), &name)
+            .await
+            .map_err(to_status)?;
         tracing::info!(instance = %name, existed, "deleted");
         Ok(Response::new(DeleteInstanceReply { existed }))
     }
 
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<InstanceEvent, Status>> + Send>>;
 
-    async fn watch_events(&self, _: Request<WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
+    async fn watch_events(
+        &self,
+        _: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let rx = self.host.events.subscribe();
-        let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
-            .filter_map(|r| r.ok().map(Ok));
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|r| r.ok().map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -10,7 +10,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "sspctl", version, about)]
 pub struct Cli {
     /// Coordinator address.
-    #[arg(long, global = true, env = "SSP_COORDINATOR", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "SSP_COORDINATOR",
+        default_value = "http://127.0.0.1:7400"
+    )]
     coordinator: String,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = output::Format::Table)]

@@ -12,7 +12,10 @@ pub enum Format {
 /// Prints `rows` under `header`, or `json` when asked.
 pub fn print(format: Format, header: &[&str], rows: Vec<Vec<String>>, json: serde_json::Value) {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default()),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json).unwrap_or_default()
+        ),
         Format::Table => {
             let mut t = Table::new();
             t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());

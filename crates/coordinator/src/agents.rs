@@ -10,7 +10,6 @@ use ssp_proto::{DeleteInstanceRequest, InstanceSpec, InstanceStatus, ListInstanc
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::convert;
 
 /// Long operations (image unpack, first start) may take this long.
 const ENSURE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -44,19 +43,30 @@ impl Agents {
         Ok(AgentClient::new(ch))
     }
 
-    async fn for_host(&self, state: &State, host: &str) -> Result<AgentClient<Channel>, AgentError> {
+    async fn for_host(
+        &self,
+        state: &State,
+        host: &str,
+    ) -> Result<AgentClient<Channel>, AgentError> {
         let h = state
             .hosts
             .get(host)
             .ok_or_else(|| AgentError::UnknownHost { host: host.into() })?;
-        self.client(&h.agent_address).await.map_err(|e| AgentError::Call {
-            host: host.into(),
-            message: e.to_string(),
-        })
+        self.client(&h.agent_address)
+            .await
+            .map_err(|e| AgentError::Call {
+                host: host.into(),
+                message: e.to_string(),
+            })
     }
 
     /// Asks `host`'s agent to make `spec` true.
-    pub async fn ensure(&self, state: &State, host: &str, spec: InstanceSpec) -> Result<InstanceStatus, AgentError> {
+    pub async fn ensure(
+        &self,
+        state: &State,
+        host: &str,
+        spec: InstanceSpec,
+    ) -> Result<InstanceStatus, AgentError> {
         let mut c = self.for_host(state, host).await?;
         call(host, ENSURE_TIMEOUT, c.ensure_instance(spec)).await
     }
@@ -64,34 +74,29 @@ impl Agents {
     /// Deletes `name` on `host`.
     pub async fn delete(&self, state: &State, host: &str, name: &str) -> Result<bool, AgentError> {
         let mut c = self.for_host(state, host).await?;
-        let r = call(host, ENSURE_TIMEOUT, c.delete_instance(DeleteInstanceRequest { name: name.into() })).await?;
+        let r = call(
+            host,
+            ENSURE_TIMEOUT,
+            c.delete_instance(DeleteInstanceRequest { name: name.into() }),
+        )
+        .await?;
         Ok(r.existed)
     }
 
     /// What `host` reports about its ssp instances.
-    pub async fn observe(&self, state: &State, host: &str) -> Result<Vec<InstanceStatus>, AgentError> {
+    pub async fn observe(
+        &self,
+        state: &State,
+        host: &str,
+    ) -> Result<Vec<InstanceStatus>, AgentError> {
         let mut c = self.for_host(state, host).await?;
-        let r = call(host, QUICK_TIMEOUT, c.list_instances(ListInstancesRequest { managed_only: true })).await?;
+        let r = call(
+            host,
+            QUICK_TIMEOUT,
+            c.list_instances(ListInstancesRequest { managed_only: true }),
+        )
+        .await?;
         Ok(r.instances)
-    }
-
-    /// One pass over every instance of `host` (all hosts when `None`): ensure each matches its spec.
-    pub async fn reconcile(&self, state: &State, only_host: Option<&str>) {
-        let settings = state.settings();
-        for inst in state.instances.values() {
-            if only_host.is_some_and(|h| h != inst.host.as_str()) {
-                continue;
-            }
-            let Some(owner) = state.users.get(inst.owner.as_str()) else { continue };
-            let spec = convert::spec_for(inst, owner, &settings);
-            match self.ensure(state, inst.host.as_str(), spec).await {
-                Ok(st) if !st.changed.is_empty() => {
-                    tracing::info!(instance = %inst.name, changed = ?st.changed, "reconciled")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(instance = %inst.name, "reconcile: {e}"),
-            }
-        }
     }
 }
 

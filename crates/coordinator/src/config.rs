@@ -70,12 +70,20 @@ impl CoordinatorConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        cfg.default_limits().with_context(|| format!("[defaults] in {}", path.display()))?;
-        cfg.default_share_list().with_context(|| format!("default_shares in {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.default_limits()
+            .with_context(|| format!("[defaults] in {}", path.display()))?;
+        cfg.default_share_list()
+            .with_context(|| format!("default_shares in {}", path.display()))?;
         if cfg.uid_range.0 < 1000 || cfg.uid_range.0 > cfg.uid_range.1 {
-            anyhow::bail!("uid_range {:?} in {}: expected [FIRST, LAST] with 1000 <= FIRST <= LAST", cfg.uid_range, path.display());
+            anyhow::bail!(
+                "uid_range {:?} in {}: expected [FIRST, LAST] with 1000 <= FIRST <= LAST",
+                cfg.uid_range,
+                path.display()
+            );
         }
         Ok(cfg)
     }

@@ -120,7 +120,12 @@ pub fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::Insta
 }
 
 /// An instance view with its observed state.
-pub fn instance_view(inst: &Instance, host: Option<&Host>, state: &str, uuid: &str) -> pb::InstanceView {
+pub fn instance_view(
+    inst: &Instance,
+    host: Option<&Host>,
+    state: &str,
+    uuid: &str,
+) -> pb::InstanceView {
     pb::InstanceView {
         name: inst.name.clone(),
         owner: inst.owner.to_string(),

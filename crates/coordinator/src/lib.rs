@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod config;
 pub mod convert;
+pub mod core;
 pub mod request;
 pub mod service;
 pub mod sshconfig;
@@ -21,9 +22,11 @@ use crate::service::CoordinatorService;
 
 /// Runs the coordinator until SIGTERM/SIGINT.
 pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let path = cfg.data_dir.join("state.redb");
-    let mut store = store::Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut store =
+        store::Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
     if store.state().settings.is_none() {
         store.apply(&Command::Init(Settings {
             uid_first: cfg.uid_range.0,
@@ -36,19 +39,16 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
         index = store.index(),
         "state loaded"
     );
+    let core = core::Core::new(store, cfg.clone());
     let svc = CoordinatorService {
-        store: Arc::new(Mutex::new(store)),
-        agents: Default::default(),
-        cfg: Arc::new(cfg.clone()),
+        core: core.clone(),
         seen_hosts: Arc::new(Mutex::new(BTreeSet::new())),
     };
-    let periodic = svc.clone();
+    let every = Duration::from_secs(cfg.reconcile_secs.max(1));
     tokio::spawn(async move {
-        let every = Duration::from_secs(periodic.cfg.reconcile_secs.max(1));
         loop {
             tokio::time::sleep(every).await;
-            let state = periodic.snapshot();
-            periodic.agents.reconcile(&state, None).await;
+            core.reconcile(None).await;
         }
     });
     let listener = ssp_net::Listener::bind(cfg.listen).await?;

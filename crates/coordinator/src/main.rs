@@ -9,14 +9,21 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Path to the coordinator's TOML config.
-    #[arg(long, short, default_value = "/etc/ssp/coordinator.toml", env = "SSP_COORDINATOR_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/ssp/coordinator.toml",
+        env = "SSP_COORDINATOR_CONFIG"
+    )]
     config: PathBuf,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     let cfg = ssp_coordinator::config::CoordinatorConfig::load(&args.config)?;

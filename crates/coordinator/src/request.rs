@@ -1,6 +1,9 @@
 //! Turning client requests into validated commands (pure; no IO).
 
-use ssp_model::{ByteSize, Command, Host, HostName, InputError, Limits, NewUser, Role, SharedFolder, SshKey, Username};
+use ssp_model::{
+    ByteSize, Command, Host, HostName, InputError, Limits, NewUser, Role, SharedFolder, SshKey,
+    Username,
+};
 use ssp_proto as pb;
 
 use crate::config::CoordinatorConfig;
@@ -27,8 +30,16 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
     let d = cfg.default_limits()?;
     let limits = Limits {
         cpus: if req.cpus == 0 { d.cpus } else { req.cpus },
-        memory: if req.memory_bytes == 0 { d.memory } else { at_least("memory", req.memory_bytes, 64 << 20)? },
-        disk: if req.disk_bytes == 0 { d.disk } else { at_least("disk", req.disk_bytes, 256 << 20)? },
+        memory: if req.memory_bytes == 0 {
+            d.memory
+        } else {
+            at_least("memory", req.memory_bytes, 64 << 20)?
+        },
+        disk: if req.disk_bytes == 0 {
+            d.disk
+        } else {
+            at_least("disk", req.disk_bytes, 256 << 20)?
+        },
         processes: d.processes,
     };
     if req.gpus > MAX_GPUS {
@@ -38,9 +49,17 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             reason: format!("at most {MAX_GPUS} GPUs per container"),
         });
     }
-    let mut shares = if req.no_default_shares { vec![] } else { cfg.default_share_list()? };
+    let mut shares = if req.no_default_shares {
+        vec![]
+    } else {
+        cfg.default_share_list()?
+    };
     for s in &req.shares {
-        shares.push(SharedFolder::new(&s.host_path, &s.container_path, &cfg.shared_roots)?);
+        shares.push(SharedFolder::new(
+            &s.host_path,
+            &s.container_path,
+            &cfg.shared_roots,
+        )?);
     }
     shares.sort();
     shares.dedup();
@@ -54,7 +73,11 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             });
         }
     }
-    let image = if req.image.is_empty() { cfg.defaults.image.clone() } else { image_alias(&req.image)? };
+    let image = if req.image.is_empty() {
+        cfg.defaults.image.clone()
+    } else {
+        image_alias(&req.image)?
+    };
     Ok(Command::AddUser(NewUser {
         name,
         role: Role::parse(&req.role)?,
@@ -80,7 +103,8 @@ fn at_least(what: &'static str, v: u64, min: u64) -> Result<ByteSize, InputError
 fn image_alias(s: &str) -> Result<String, InputError> {
     let ok = !s.is_empty()
         && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
         && !s.starts_with(['-', '/', '.']);
     if ok {
         Ok(s.to_string())
@@ -97,11 +121,14 @@ fn image_alias(s: &str) -> Result<String, InputError> {
 pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputError> {
     let name = HostName::parse(&req.name)?;
     let port = |p: u32| {
-        u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| InputError {
-            what: "ssh port",
-            value: p.to_string(),
-            reason: "must be 1-65535".into(),
-        })
+        u16::try_from(p)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| InputError {
+                what: "ssh port",
+                value: p.to_string(),
+                reason: "must be 1-65535".into(),
+            })
     };
     let (first, last) = (port(req.ssh_port_first)?, port(req.ssh_port_last)?);
     if first > last {
@@ -111,7 +138,15 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
             reason: "first port must not be above last".into(),
         });
     }
-    let inventory = convert::inventory_from_wire(req.inventory.as_ref().unwrap_or(&pb::HostInventory::default()))?;
+    let mut inventory = convert::inventory_from_wire(
+        req.inventory
+            .as_ref()
+            .unwrap_or(&pb::HostInventory::default()),
+    )?;
+    // Live usage changes every heartbeat; the replicated record keeps capacity only.
+    for p in &mut inventory.pools {
+        p.used_bytes = 0;
+    }
     Ok(Command::RegisterHost(Host {
         name,
         agent_address: req.agent_address.clone(),
@@ -125,7 +160,8 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
 mod tests {
     use super::*;
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M t";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M t";
 
     fn cfg() -> CoordinatorConfig {
         toml::from_str(
@@ -145,7 +181,9 @@ mod tests {
 
     #[test]
     fn defaults_fill_in() {
-        let Command::AddUser(u) = add_user(&req("alice"), &cfg()).unwrap() else { panic!() };
+        let Command::AddUser(u) = add_user(&req("alice"), &cfg()).unwrap() else {
+            panic!()
+        };
         assert_eq!(u.limits.cpus, 2);
         assert_eq!(u.image, "debian-ssh");
         assert_eq!(u.shares.len(), 1);

@@ -3,97 +3,92 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use ssp_model::{Command, Outcome, Rejection, State};
+use ssp_model::{Command, Outcome};
 use ssp_proto::coordinator_server::Coordinator;
 use ssp_proto::*;
 use tonic::{Request, Response, Status};
 
-use crate::agents::Agents;
-use crate::config::CoordinatorConfig;
-use crate::store::{ApplyError, Store};
+use crate::core::{Converged, Core};
 use crate::{convert, request};
 
-/// Shared coordinator state.
+/// The coordinator's gRPC service.
 #[derive(Clone)]
 pub struct CoordinatorService {
-    pub store: Arc<Mutex<Store>>,
-    pub agents: Agents,
-    pub cfg: Arc<CoordinatorConfig>,
+    pub core: Core,
     /// Hosts that registered since this process started; the first registration triggers a reconcile.
     pub seen_hosts: Arc<Mutex<BTreeSet<String>>>,
-}
-
-/// The one mapping from errors to gRPC status codes.
-fn apply_status(e: ApplyError) -> Status {
-    match e {
-        ApplyError::Rejected(r) => match &r {
-            Rejection::UserExists(_) | Rejection::InstanceExists(_) => Status::already_exists(r.to_string()),
-            Rejection::UnknownUser(_) => Status::not_found(r.to_string()),
-            Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => Status::resource_exhausted(r.to_string()),
-            Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => Status::invalid_argument(r.to_string()),
-        },
-        ApplyError::Store(s) => Status::internal(s.to_string()),
-    }
 }
 
 fn input_status(e: ssp_model::InputError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-impl CoordinatorService {
-    /// Applies a command durably.
-    pub fn apply(&self, cmd: &Command) -> Result<Outcome, Status> {
-        let mut store = self.store.lock().map_err(|_| Status::internal("state store lock poisoned"))?;
-        store.apply(cmd).map_err(apply_status)
-    }
-
-    /// A copy of the current state.
-    pub fn snapshot(&self) -> State {
-        self.store.lock().map(|s| s.state().clone()).unwrap_or_default()
-    }
-}
-
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn register_host(&self, req: Request<RegisterHostRequest>) -> Result<Response<RegisterHostReply>, Status> {
+    async fn register_host(
+        &self,
+        req: Request<RegisterHostRequest>,
+    ) -> Result<Response<RegisterHostReply>, Status> {
         let cmd = request::register_host(req.get_ref()).map_err(input_status)?;
         let name = req.get_ref().name.clone();
         let changed = {
-            let state = self.snapshot();
-            let Command::RegisterHost(h) = &cmd else { unreachable!() };
+            let state = self.core.snapshot();
+            let Command::RegisterHost(h) = &cmd else {
+                unreachable!()
+            };
             state.hosts.get(&name) != Some(h)
         };
         if changed {
-            self.apply(&cmd)?;
+            self.core.apply(&cmd)?;
             tracing::info!(host = %name, "host registered or changed");
         }
-        let state = self.snapshot();
-        let count = state.instances.values().filter(|i| i.host.as_str() == name).count() as u32;
-        let first = self.seen_hosts.lock().map(|mut s| s.insert(name.clone())).unwrap_or(false);
+        let state = self.core.snapshot();
+        let count = state
+            .instances
+            .values()
+            .filter(|i| i.host.as_str() == name)
+            .count() as u32;
+        let first = self
+            .seen_hosts
+            .lock()
+            .map(|mut s| s.insert(name.clone()))
+            .unwrap_or(false);
         if first && count > 0 {
-            let agents = self.agents.clone();
-            tokio::spawn(async move { agents.reconcile(&state, Some(&name)).await });
+            let core = self.core.clone();
+            tokio::spawn(async move { core.reconcile(Some(&name)).await });
         }
         Ok(Response::new(RegisterHostReply { instances: count }))
     }
 
-    async fn add_user(&self, req: Request<AddUserRequest>) -> Result<Response<AddUserReply>, Status> {
-        let cmd = request::add_user(req.get_ref(), &self.cfg).map_err(input_status)?;
-        let Outcome::UserAdded { user, instance } = self.apply(&cmd)? else {
+    async fn add_user(
+        &self,
+        req: Request<AddUserRequest>,
+    ) -> Result<Response<AddUserReply>, Status> {
+        let cmd = request::add_user(req.get_ref(), &self.core.cfg).map_err(input_status)?;
+        let Outcome::UserAdded { user, instance } = self.core.apply(&cmd)? else {
             return Err(Status::internal("unexpected outcome of AddUser"));
         };
         tracing::info!(user = %user.name, host = %instance.host, gpus = ?instance.gpus, port = instance.ssh_port, "user added");
-        let state = self.snapshot();
-        let spec = convert::spec_for(&instance, &user, &state.settings());
-        let (view_state, uuid, warning) = match self.agents.ensure(&state, instance.host.as_str(), spec).await {
-            Ok(st) => (st.status, st.uuid, String::new()),
+        let state = self.core.snapshot();
+        let (view_state, uuid, warning) = match self.core.converge(&instance.name).await {
+            Ok(Converged::Ensured(st)) => (st.status, st.uuid, String::new()),
+            Ok(other) => (
+                "pending".to_string(),
+                String::new(),
+                format!("user {} changed while being added ({other:?})", user.name),
+            ),
             Err(e) => (
                 "pending".to_string(),
                 String::new(),
                 format!("user {} is recorded, but the container is not running yet ({e}); ssp keeps retrying", user.name),
             ),
         };
-        let view = convert::instance_view(&instance, state.hosts.get(instance.host.as_str()), &view_state, &uuid);
+        let view = convert::instance_view(
+            &instance,
+            state.hosts.get(instance.host.as_str()),
+            &view_state,
+            &uuid,
+        );
         Ok(Response::new(AddUserReply {
             user: Some(convert::user_to_wire(&user)),
             instance: Some(view),
@@ -101,34 +96,45 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn remove_user(&self, req: Request<RemoveUserRequest>) -> Result<Response<RemoveUserReply>, Status> {
+    async fn remove_user(
+        &self,
+        req: Request<RemoveUserRequest>,
+    ) -> Result<Response<RemoveUserReply>, Status> {
         let name = req.into_inner().name;
-        let state = self.snapshot();
-        if !state.users.contains_key(&name) {
-            return Err(apply_status(ApplyError::Rejected(Rejection::UnknownUser(name))));
+        let Outcome::UserRemoving { instances } = self.core.apply(&Command::RemoveUser { name: name.clone() })? else {
+            return Err(Status::internal("unexpected outcome of RemoveUser"));
+        };
+        // Removal is recorded; deleting the containers now is the fast path, and
+        // the reconciler finishes it if a host cannot be reached.
+        for inst in &instances {
+            self.core.converge(inst).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "{name} is marked for removal, but {inst} is not deleted yet: {e}; ssp keeps retrying"
+                ))
+            })?;
         }
-        // Containers go first: if a host cannot delete, the user stays and nothing is lost.
-        for inst in state.instances.values().filter(|i| i.owner.as_str() == name) {
-            self.agents
-                .delete(&state, inst.host.as_str(), &inst.name)
-                .await
-                .map_err(|e| Status::unavailable(format!("cannot remove {name}: {e}; nothing was removed")))?;
-        }
-        self.apply(&Command::RemoveUser { name: name.clone() })?;
         tracing::info!(user = %name, "user removed");
         Ok(Response::new(RemoveUserReply {}))
     }
 
     async fn list_users(&self, _: Request<ListUsersRequest>) -> Result<Response<UserList>, Status> {
-        let users = self.snapshot().users.values().map(convert::user_to_wire).collect();
+        let users = self
+            .core.snapshot()
+            .users
+            .values()
+            .map(convert::user_to_wire)
+            .collect();
         Ok(Response::new(UserList { users }))
     }
 
-    async fn list_instances(&self, _: Request<ListInstancesViewRequest>) -> Result<Response<InstanceViewList>, Status> {
-        let state = self.snapshot();
+    async fn list_instances(
+        &self,
+        _: Request<ListInstancesViewRequest>,
+    ) -> Result<Response<InstanceViewList>, Status> {
+        let state = self.core.snapshot();
         let hosts: BTreeSet<&str> = state.instances.values().map(|i| i.host.as_str()).collect();
         let observed = futures::future::join_all(hosts.iter().map(|h| {
-            let agents = self.agents.clone();
+            let agents = self.core.agents.clone();
             let state = &state;
             async move { (h.to_string(), agents.observe(state, h).await) }
         }))
@@ -159,8 +165,11 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(InstanceViewList { instances }))
     }
 
-    async fn list_gpus(&self, _: Request<ListGpusRequest>) -> Result<Response<GpuViewList>, Status> {
-        let state = self.snapshot();
+    async fn list_gpus(
+        &self,
+        _: Request<ListGpusRequest>,
+    ) -> Result<Response<GpuViewList>, Status> {
+        let state = self.core.snapshot();
         let mut gpus = Vec::new();
         for h in state.hosts.values() {
             for g in &h.inventory.gpus {
@@ -177,8 +186,11 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(GpuViewList { gpus }))
     }
 
-    async fn list_hosts(&self, _: Request<ListHostsRequest>) -> Result<Response<HostViewList>, Status> {
-        let state = self.snapshot();
+    async fn list_hosts(
+        &self,
+        _: Request<ListHostsRequest>,
+    ) -> Result<Response<HostViewList>, Status> {
+        let state = self.core.snapshot();
         let hosts = state
             .hosts
             .values()
@@ -189,23 +201,32 @@ impl Coordinator for CoordinatorService {
                 gpus_total: h.inventory.gpus.len() as u32,
                 gpus_free: ssp_model::place::free_gpus(&state, h).len() as u32,
                 inventory: Some(convert::inventory_to_wire(&h.inventory)),
-                instances: state.instances.values().filter(|i| i.host == h.name).count() as u32,
+                instances: state
+                    .instances
+                    .values()
+                    .filter(|i| i.host == h.name)
+                    .count() as u32,
             })
             .collect();
         Ok(Response::new(HostViewList { hosts }))
     }
 
-    async fn ssh_config(&self, req: Request<SshConfigRequest>) -> Result<Response<SshConfigReply>, Status> {
+    async fn ssh_config(
+        &self,
+        req: Request<SshConfigRequest>,
+    ) -> Result<Response<SshConfigReply>, Status> {
         let r = req.into_inner();
-        let state = self.snapshot();
+        let state = self.core.snapshot();
         let inst = state
             .instances
             .get(&r.name)
             .ok_or_else(|| Status::not_found(format!("no container named {}", r.name)))?;
-        let host = state
-            .hosts
-            .get(inst.host.as_str())
-            .ok_or_else(|| Status::internal(format!("host {} of {} is not registered", inst.host, r.name)))?;
+        let host = state.hosts.get(inst.host.as_str()).ok_or_else(|| {
+            Status::internal(format!(
+                "host {} of {} is not registered",
+                inst.host, r.name
+            ))
+        })?;
         let config = crate::sshconfig::render(inst, host, &r.identity_file);
         Ok(Response::new(SshConfigReply { config }))
     }

@@ -12,7 +12,9 @@ pub fn render(inst: &Instance, host: &Host, identity_file: &str) -> String {
         user = inst.owner,
     );
     if !identity_file.is_empty() {
-        out.push_str(&format!("    IdentityFile {identity_file}\n    IdentitiesOnly yes\n"));
+        out.push_str(&format!(
+            "    IdentityFile {identity_file}\n    IdentitiesOnly yes\n"
+        ));
     }
     // The container's host key is new when it is created; accept it once, then pin it.
     out.push_str("    StrictHostKeyChecking accept-new\n    ServerAliveInterval 30\n");

@@ -30,7 +30,14 @@ macro_rules! db_err {
         }
     )*};
 }
-db_err!(redb::Error, redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Snapshot {
@@ -68,18 +75,20 @@ impl Store {
         let tx = db.begin_read()?;
         let meta = tx.open_table(META)?;
         if let Some(snap) = meta.get("snapshot")? {
-            let s: Snapshot = serde_json::from_slice(snap.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let s: Snapshot = serde_json::from_slice(snap.value())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             state = s.state;
             index = s.index;
         }
         let log = tx.open_table(LOG)?;
         for entry in log.range(index + 1..)? {
             let (k, v) = entry?;
-            let cmd: Command = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let cmd: Command = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             // A logged command was accepted once; it must apply again identically.
-            state
-                .apply(&cmd)
-                .map_err(|e| StoreError::Corrupt(format!("log entry {} no longer applies: {e}", k.value())))?;
+            state.apply(&cmd).map_err(|e| {
+                StoreError::Corrupt(format!("log entry {} no longer applies: {e}", k.value()))
+            })?;
             index = k.value();
         }
         drop(log);
@@ -107,12 +116,17 @@ impl Store {
         let tx = self.db.begin_write().map_err(StoreError::from)?;
         {
             let mut log = tx.open_table(LOG).map_err(StoreError::from)?;
-            log.insert(index, bytes.as_slice()).map_err(StoreError::from)?;
-            if index % SNAPSHOT_EVERY == 0 {
-                let snap = serde_json::to_vec(&Snapshot { index, state: next.clone() })
-                    .map_err(|e| StoreError::Db(e.to_string()))?;
+            log.insert(index, bytes.as_slice())
+                .map_err(StoreError::from)?;
+            if index.is_multiple_of(SNAPSHOT_EVERY) {
+                let snap = serde_json::to_vec(&Snapshot {
+                    index,
+                    state: next.clone(),
+                })
+                .map_err(|e| StoreError::Db(e.to_string()))?;
                 let mut meta = tx.open_table(META).map_err(StoreError::from)?;
-                meta.insert("snapshot", snap.as_slice()).map_err(StoreError::from)?;
+                meta.insert("snapshot", snap.as_slice())
+                    .map_err(StoreError::from)?;
                 // Entries up to the snapshot are no longer needed.
                 log.retain(|k, _| k > index).map_err(StoreError::from)?;
             }
@@ -135,7 +149,11 @@ mod tests {
         let path = dir.path().join("state.redb");
         let mut s = Store::open(&path).unwrap();
         s.apply(&Command::Init(Settings::default())).unwrap();
-        assert!(s.apply(&Command::RemoveUser { name: "ghost".into() }).is_err());
+        assert!(s
+            .apply(&Command::RemoveUser {
+                name: "ghost".into()
+            })
+            .is_err());
         assert_eq!(s.index(), 1);
         let before = s.state().clone();
         drop(s);
@@ -156,6 +174,7 @@ mod tests {
         drop(s);
         let s = Store::open(&path).unwrap();
         assert_eq!(s.index(), idx);
+        use redb::ReadableTableMetadata;
         let tx = s.db.begin_read().unwrap();
         assert_eq!(tx.open_table(LOG).unwrap().len().unwrap(), 5);
     }

@@ -87,16 +87,24 @@ impl Client {
             req = req.header(k.as_str(), v.as_str());
         }
         let has_body = body.is_some();
-        if has_body && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        if has_body
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req = req.header("Content-Type", "application/json");
         }
         let req = req
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| self.protocol(path, e.to_string()))?;
-        let resp = self.http.request(req).await.map_err(|e| Error::Unreachable {
-            socket: self.socket.clone(),
-            reason: e.to_string(),
-        })?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| Error::Unreachable {
+                socket: self.socket.clone(),
+                reason: e.to_string(),
+            })?;
         let status = resp.status();
         let etag = resp
             .headers()
@@ -128,7 +136,9 @@ impl Client {
             )
         })?;
         if json["type"] == "error" || !status.is_success() {
-            let code = json["error_code"].as_u64().unwrap_or(status.as_u16() as u64) as u16;
+            let code = json["error_code"]
+                .as_u64()
+                .unwrap_or(status.as_u16() as u64) as u16;
             if code == 412 {
                 return Err(Error::Conflict { path: path.into() });
             }
@@ -136,7 +146,10 @@ impl Client {
                 method: method.to_string(),
                 path: path.into(),
                 code,
-                message: json["error"].as_str().unwrap_or("unknown error").to_string(),
+                message: json["error"]
+                    .as_str()
+                    .unwrap_or("unknown error")
+                    .to_string(),
             });
         }
         if json["type"] == "async" {
@@ -166,8 +179,8 @@ impl Client {
         loop {
             let path = format!("/1.0/operations/{id}/wait?timeout=30");
             let (status, _, bytes) = self.raw(Method::GET, &path, None, &[]).await?;
-            let json: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| self.protocol(&path, e.to_string()))?;
+            let json: Value =
+                serde_json::from_slice(&bytes).map_err(|e| self.protocol(&path, e.to_string()))?;
             let md = &json["metadata"];
             match md["status"].as_str() {
                 Some("Success") => return Ok(md.clone()),
@@ -186,7 +199,9 @@ impl Client {
                         });
                     }
                     if status == StatusCode::INTERNAL_SERVER_ERROR
-                        && json["error"].as_str().is_some_and(|e| !e.contains("timeout") && !e.contains("Timeout"))
+                        && json["error"]
+                            .as_str()
+                            .is_some_and(|e| !e.contains("timeout") && !e.contains("Timeout"))
                     {
                         return Err(Error::Operation {
                             id,
@@ -307,7 +322,9 @@ impl Client {
     }
 
     async fn exec_log(&self, path: Option<&str>) -> String {
-        let Some(path) = path else { return String::new() };
+        let Some(path) = path else {
+            return String::new();
+        };
         match self.raw(Method::GET, path, None, &[]).await {
             Ok((s, _, bytes)) if s.is_success() => {
                 let text = String::from_utf8_lossy(&bytes).to_string();

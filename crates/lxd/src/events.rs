@@ -31,9 +31,10 @@ pub async fn lifecycle_events(
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    let (ws, _) = tokio_tungstenite::client_async("ws://localhost/1.0/events?type=lifecycle", stream)
-        .await
-        .map_err(|e| unreachable(format!("events websocket: {e}")))?;
+    let (ws, _) =
+        tokio_tungstenite::client_async("ws://localhost/1.0/events?type=lifecycle", stream)
+            .await
+            .map_err(|e| unreachable(format!("events websocket: {e}")))?;
     Ok(ws.filter_map(|msg| async move {
         let text = match msg {
             Ok(Message::Text(t)) => t.to_string(),

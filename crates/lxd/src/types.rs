@@ -45,10 +45,17 @@ impl ServerInfo {
     /// Reads the kind from `environment.server` (falling back to the extension list).
     pub fn from_json(raw: Value) -> Self {
         let env = &raw["environment"];
-        let server = env["server"].as_str().unwrap_or_default().to_ascii_lowercase();
+        let server = env["server"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let api_extensions: Vec<String> = raw["api_extensions"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let kind = if server == "incus"
             || (server.is_empty() && api_extensions.iter().any(|e| e == "instance_ready_state"))
@@ -59,7 +66,10 @@ impl ServerInfo {
         };
         ServerInfo {
             kind,
-            version: env["server_version"].as_str().unwrap_or_default().to_string(),
+            version: env["server_version"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             certificate: env["certificate"].as_str().unwrap_or_default().to_string(),
             api_extensions,
             raw,

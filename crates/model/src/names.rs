@@ -25,9 +25,33 @@ fn bad(what: &'static str, value: &str, reason: impl Into<String>) -> InputError
 
 /// Names that already exist in a Debian system and must not become ssp users.
 const RESERVED: &[&str] = &[
-    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
-    "www-data", "backup", "list", "irc", "gnats", "nobody", "messagebus", "sshd", "systemd-network",
-    "systemd-resolve", "systemd-timesync", "sudo", "admin", "ssp", "default",
+    "root",
+    "daemon",
+    "bin",
+    "sys",
+    "sync",
+    "games",
+    "man",
+    "lp",
+    "mail",
+    "news",
+    "uucp",
+    "proxy",
+    "www-data",
+    "backup",
+    "list",
+    "irc",
+    "gnats",
+    "nobody",
+    "messagebus",
+    "sshd",
+    "systemd-network",
+    "systemd-resolve",
+    "systemd-timesync",
+    "sudo",
+    "admin",
+    "ssp",
+    "default",
 ];
 
 /// A user name that is both a valid Unix login and a valid instance name.
@@ -38,8 +62,11 @@ pub struct Username(String);
 impl Username {
     /// Allowed: 1-31 characters of a-z, 0-9 and '-', starting with a letter, not ending with '-'.
     pub fn parse(s: &str) -> Result<Self, InputError> {
-        const RULE: &str = "use 1-31 characters a-z, 0-9 and '-', starting with a letter and not ending with '-'";
-        let ok_chars = s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        const RULE: &str =
+            "use 1-31 characters a-z, 0-9 and '-', starting with a letter and not ending with '-'";
+        let ok_chars = s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if s.is_empty() || s.len() > 31 || !ok_chars {
             return Err(bad("user name", s, RULE));
         }
@@ -47,7 +74,11 @@ impl Username {
             return Err(bad("user name", s, RULE));
         }
         if RESERVED.contains(&s) {
-            return Err(bad("user name", s, "it is reserved for the system; choose another"));
+            return Err(bad(
+                "user name",
+                s,
+                "it is reserved for the system; choose another",
+            ));
         }
         Ok(Self(s.to_string()))
     }
@@ -66,13 +97,18 @@ impl HostName {
     pub fn parse(s: &str) -> Result<Self, InputError> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && s.starts_with(|c: char| c.is_ascii_alphanumeric())
             && !s.ends_with('-');
         if ok {
             Ok(Self(s.to_string()))
         } else {
-            Err(bad("host name", s, "use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'"))
+            Err(bad(
+                "host name",
+                s,
+                "use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'",
+            ))
         }
     }
 
@@ -97,8 +133,12 @@ impl PciAddress {
             [b, df] => ("0000", *b, *df),
             _ => return Err(bad("PCI address", s, RULE)),
         };
-        let (dev, func) = devfn.split_once('.').ok_or_else(|| bad("PCI address", s, RULE))?;
-        let hex = |x: &str, max: usize| !x.is_empty() && x.len() <= max && x.chars().all(|c| c.is_ascii_hexdigit());
+        let (dev, func) = devfn
+            .split_once('.')
+            .ok_or_else(|| bad("PCI address", s, RULE))?;
+        let hex = |x: &str, max: usize| {
+            !x.is_empty() && x.len() <= max && x.chars().all(|c| c.is_ascii_hexdigit())
+        };
         if !(hex(domain, 8) && hex(bus, 2) && hex(dev, 2) && hex(func, 1)) {
             return Err(bad("PCI address", s, RULE));
         }
@@ -110,7 +150,11 @@ impl PciAddress {
         let dev = u8::from_str_radix(dev, 16).map_err(|_| bad("PCI address", s, RULE))?;
         let func = u8::from_str_radix(func, 16).map_err(|_| bad("PCI address", s, RULE))?;
         if dev > 0x1f || func > 7 {
-            return Err(bad("PCI address", s, "device must be at most 1f and function at most 7"));
+            return Err(bad(
+                "PCI address",
+                s,
+                "device must be at most 1f and function at most 7",
+            ));
         }
         Ok(Self(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}")))
     }
@@ -144,7 +188,11 @@ impl SshKey {
         }
         let mut it = line.split_whitespace();
         let (Some(kind), Some(blob)) = (it.next(), it.next()) else {
-            return Err(bad("ssh key", s, "expected 'TYPE BASE64 [COMMENT]' as in id_ed25519.pub"));
+            return Err(bad(
+                "ssh key",
+                s,
+                "expected 'TYPE BASE64 [COMMENT]' as in id_ed25519.pub",
+            ));
         };
         if !KEY_TYPES.contains(&kind) {
             return Err(bad(
@@ -161,7 +209,11 @@ impl SshKey {
             .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
             .and_then(|n| raw.get(4..4 + n));
         if inner != Some(kind.as_bytes()) {
-            return Err(bad("ssh key", s, format!("the key data is not a {kind} key")));
+            return Err(bad(
+                "ssh key",
+                s,
+                format!("the key data is not a {kind} key"),
+            ));
         }
         let comment: Vec<&str> = it.collect();
         let mut out = format!("{kind} {blob}");
@@ -178,7 +230,9 @@ impl SshKey {
 }
 
 /// A size in bytes, parsed from forms like `8GiB`, `512MiB`, `50GB` or `1073741824`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
@@ -200,7 +254,9 @@ impl ByteSize {
             "TiB" | "T" => 1 << 40,
             _ => return Err(bad("size", s, RULE)),
         };
-        let v = n.checked_mul(mult).ok_or_else(|| bad("size", s, "too large"))?;
+        let v = n
+            .checked_mul(mult)
+            .ok_or_else(|| bad("size", s, "too large"))?;
         if v == 0 {
             return Err(bad("size", s, "must be more than zero"));
         }
@@ -215,8 +271,13 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        for (unit, m) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if b >= m && b % m == 0 {
+        for (unit, m) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if b >= m && b.is_multiple_of(m) {
                 return write!(f, "{}{unit}", b / m);
             }
         }
@@ -251,13 +312,29 @@ impl SharedFolder {
     pub fn new(host: &str, container: &str, roots: &[String]) -> Result<Self, InputError> {
         for (p, which) in [(host, "host"), (container, "container")] {
             if !p.starts_with('/') {
-                return Err(bad("shared folder", p, format!("the {which} path must be absolute")));
+                return Err(bad(
+                    "shared folder",
+                    p,
+                    format!("the {which} path must be absolute"),
+                ));
             }
-            if Path::new(p).components().any(|c| matches!(c, Component::ParentDir)) || p.contains("/../") {
-                return Err(bad("shared folder", p, "'..' is not allowed in a shared folder path"));
+            if Path::new(p)
+                .components()
+                .any(|c| matches!(c, Component::ParentDir))
+                || p.contains("/../")
+            {
+                return Err(bad(
+                    "shared folder",
+                    p,
+                    "'..' is not allowed in a shared folder path",
+                ));
             }
             if p.contains([',', '\n', '\0', ':']) {
-                return Err(bad("shared folder", p, "paths may not contain ',', ':' or control characters"));
+                return Err(bad(
+                    "shared folder",
+                    p,
+                    "paths may not contain ',', ':' or control characters",
+                ));
             }
         }
         let under = |root: &str| {
@@ -271,13 +348,21 @@ impl SharedFolder {
                 if roots.is_empty() {
                     "no shared-folder roots are configured on the coordinator".to_string()
                 } else {
-                    format!("it must lie under one of the configured roots: {}", roots.join(", "))
+                    format!(
+                        "it must lie under one of the configured roots: {}",
+                        roots.join(", ")
+                    )
                 },
             ));
         }
         let container = container.trim_end_matches('/');
-        for forbidden in ["/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/boot", "/run"] {
-            if container.is_empty() || container == forbidden || container.starts_with(&format!("{forbidden}/")) {
+        for forbidden in [
+            "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/boot", "/run",
+        ] {
+            if container.is_empty()
+                || container == forbidden
+                || container.starts_with(&format!("{forbidden}/"))
+            {
                 return Err(bad(
                     "shared folder",
                     if container.is_empty() { "/" } else { container },
@@ -317,7 +402,18 @@ mod tests {
         for ok in ["alice", "gdw", "a", "bob-2", "x1"] {
             assert!(Username::parse(ok).is_ok(), "{ok}");
         }
-        for no in ["", "Alice", "1abc", "a_b", "bob-", "a.b", "root", "x/y", &"a".repeat(32), "al ice"] {
+        for no in [
+            "",
+            "Alice",
+            "1abc",
+            "a_b",
+            "bob-",
+            "a.b",
+            "root",
+            "x/y",
+            &"a".repeat(32),
+            "al ice",
+        ] {
             assert!(Username::parse(no).is_err(), "{no}");
         }
         let e = Username::parse("Bob").unwrap_err().to_string();
@@ -326,10 +422,26 @@ mod tests {
 
     #[test]
     fn pci_addresses_normalise() {
-        assert_eq!(PciAddress::parse("00000000:17:00.0").unwrap().as_str(), "0000:17:00.0");
-        assert_eq!(PciAddress::parse("0000:AF:1F.7").unwrap().as_str(), "0000:af:1f.7");
-        assert_eq!(PciAddress::parse("3b:00.0").unwrap().as_str(), "0000:3b:00.0");
-        for no in ["", "17:00", "0000:17:00.8", "zz:00.0", "0000:17:20.0", "1:2:3:4.0"] {
+        assert_eq!(
+            PciAddress::parse("00000000:17:00.0").unwrap().as_str(),
+            "0000:17:00.0"
+        );
+        assert_eq!(
+            PciAddress::parse("0000:AF:1F.7").unwrap().as_str(),
+            "0000:af:1f.7"
+        );
+        assert_eq!(
+            PciAddress::parse("3b:00.0").unwrap().as_str(),
+            "0000:3b:00.0"
+        );
+        for no in [
+            "",
+            "17:00",
+            "0000:17:00.8",
+            "zz:00.0",
+            "0000:17:20.0",
+            "1:2:3:4.0",
+        ] {
             assert!(PciAddress::parse(no).is_err(), "{no}");
         }
     }
@@ -338,7 +450,10 @@ mod tests {
     fn ssh_keys() {
         let good = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M alice@lab";
         assert_eq!(SshKey::parse(good).unwrap().as_str(), good);
-        assert!(SshKey::parse("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M").is_err());
+        assert!(SshKey::parse(
+            "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M"
+        )
+        .is_err());
         assert!(SshKey::parse("ssh-ed25519 !!!notbase64").is_err());
         assert!(SshKey::parse("ssh-dss AAAA").is_err());
         assert!(SshKey::parse("hello").is_err());
@@ -375,7 +490,9 @@ mod tests {
         ] {
             assert!(SharedFolder::parse(no, &roots).is_err(), "{no}");
         }
-        let e = SharedFolder::parse("/srv/ssp/shared/../etc:/x", &roots).unwrap_err().to_string();
+        let e = SharedFolder::parse("/srv/ssp/shared/../etc:/x", &roots)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'..'"), "{e}");
     }
 }

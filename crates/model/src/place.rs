@@ -73,7 +73,12 @@ pub fn free_port(state: &State, host: &Host) -> Option<u16> {
     (host.ssh_ports.0..=host.ssh_ports.1).find(|p| !used.contains(p))
 }
 
-fn why_not(state: &State, host: &Host, limits: &Limits, gpus: u32) -> Result<Placement, (String, bool)> {
+fn why_not(
+    state: &State,
+    host: &Host,
+    limits: &Limits,
+    gpus: u32,
+) -> Result<Placement, (String, bool)> {
     let inv = &host.inventory;
     let free = free_gpus(state, host);
     let name = host.name.as_str();
@@ -84,24 +89,38 @@ fn why_not(state: &State, host: &Host, limits: &Limits, gpus: u32) -> Result<Pla
         ));
     }
     if limits.cpus > inv.cpus {
-        return Err((format!("{name}: {} CPUs asked, host has {}", limits.cpus, inv.cpus), false));
+        return Err((
+            format!("{name}: {} CPUs asked, host has {}", limits.cpus, inv.cpus),
+            false,
+        ));
     }
     if limits.memory.0 > inv.memory_bytes {
         return Err((
-            format!("{name}: {} memory asked, host has {}", limits.memory, ByteSize(inv.memory_bytes)),
+            format!(
+                "{name}: {} memory asked, host has {}",
+                limits.memory,
+                ByteSize(inv.memory_bytes)
+            ),
             false,
         ));
     }
     let biggest_pool = inv.pools.iter().map(|p| p.total_bytes).max().unwrap_or(0);
     if biggest_pool > 0 && limits.disk.0 > biggest_pool {
         return Err((
-            format!("{name}: {} disk asked, largest storage pool is {}", limits.disk, ByteSize(biggest_pool)),
+            format!(
+                "{name}: {} disk asked, largest storage pool is {}",
+                limits.disk,
+                ByteSize(biggest_pool)
+            ),
             false,
         ));
     }
     let Some(port) = free_port(state, host) else {
         return Err((
-            format!("{name}: all SSH ports {}-{} are taken", host.ssh_ports.0, host.ssh_ports.1),
+            format!(
+                "{name}: all SSH ports {}-{} are taken",
+                host.ssh_ports.0, host.ssh_ports.1
+            ),
             false,
         ));
     };

@@ -47,17 +47,24 @@ pub enum Command {
     RegisterHost(Host),
     /// Adds a user and places their container.
     AddUser(NewUser),
-    /// Removes a user and their container records.
+    /// Marks a user's containers for removal; the user goes when the last is forgotten.
     RemoveUser { name: String },
+    /// Forgets a container the host has deleted (and its owner, if being removed
+    /// and this was their last container).
+    ForgetInstance { name: String },
 }
 
 /// What an applied command produced.
+// Outcomes are short-lived return values; boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Initialized,
     HostRegistered,
     UserAdded { user: User, instance: Instance },
-    UserRemoved { instances: Vec<Instance> },
+    /// The user's containers are marked for removal (the user is gone if they had none).
+    UserRemoving { instances: Vec<String> },
+    InstanceForgotten { user_removed: bool },
 }
 
 /// Why a command was refused; the state is unchanged.
@@ -69,6 +76,10 @@ pub enum Rejection {
     InstanceExists(String),
     #[error("user {0} does not exist")]
     UnknownUser(String),
+    #[error("container {0} does not exist")]
+    UnknownInstance(String),
+    #[error("container {0} is not marked for removal")]
+    NotDeleting(String),
     #[error("user {0} needs at least one ssh key")]
     NoSshKey(String),
     #[error("cannot place {user}: {reason}")]
@@ -109,17 +120,34 @@ impl State {
             }
             Command::AddUser(req) => self.add_user(req),
             Command::RemoveUser { name } => {
-                if self.users.remove(name).is_none() {
+                if !self.users.contains_key(name) {
                     return Err(Rejection::UnknownUser(name.clone()));
                 }
-                let names: Vec<String> = self
+                let mut instances = Vec::new();
+                for i in self.instances.values_mut().filter(|i| i.owner.as_str() == name) {
+                    i.deleting = true;
+                    instances.push(i.name.clone());
+                }
+                if instances.is_empty() {
+                    self.users.remove(name);
+                }
+                Ok(Outcome::UserRemoving { instances })
+            }
+            Command::ForgetInstance { name } => {
+                let inst = self
                     .instances
-                    .values()
-                    .filter(|i| i.owner.as_str() == name)
-                    .map(|i| i.name.clone())
-                    .collect();
-                let instances = names.iter().filter_map(|n| self.instances.remove(n)).collect();
-                Ok(Outcome::UserRemoved { instances })
+                    .get(name)
+                    .ok_or_else(|| Rejection::UnknownInstance(name.clone()))?;
+                if !inst.deleting {
+                    return Err(Rejection::NotDeleting(name.clone()));
+                }
+                let owner = inst.owner.to_string();
+                self.instances.remove(name);
+                let last = !self.instances.values().any(|i| i.owner.as_str() == owner);
+                if last {
+                    self.users.remove(&owner);
+                }
+                Ok(Outcome::InstanceForgotten { user_removed: last })
             }
         }
     }
@@ -135,10 +163,11 @@ impl State {
         if req.ssh_keys.is_empty() {
             return Err(Rejection::NoSshKey(name.into()));
         }
-        let place = place::choose(self, &req.limits, req.gpus).map_err(|e: NoFit| Rejection::NoFit {
-            user: name.into(),
-            reason: e.to_string(),
-        })?;
+        let place =
+            place::choose(self, &req.limits, req.gpus).map_err(|e: NoFit| Rejection::NoFit {
+                user: name.into(),
+                reason: e.to_string(),
+            })?;
         let s = self.settings();
         let used: BTreeSet<u32> = self.users.values().map(|u| u.uid).collect();
         let uid = (s.uid_first..=s.uid_last)
@@ -164,6 +193,7 @@ impl State {
             limits: req.limits,
             image: req.image.clone(),
             shares: req.shares.clone(),
+            deleting: false,
         };
         self.users.insert(name.into(), user.clone());
         self.instances.insert(name.into(), instance.clone());

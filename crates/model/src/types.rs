@@ -114,6 +114,10 @@ pub struct Instance {
     pub limits: Limits,
     pub image: String,
     pub shares: Vec<SharedFolder>,
+    /// Marked for removal: the reconciler deletes the container, then forgets it.
+    /// Its GPUs and port stay held until then.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 /// A validated request to add a user (defaults already filled in).

@@ -1,1 +1,119 @@
-fn main() {}
+//! Benchmark: `sspctl user add` until SSH answers, against a raw `incus launch` of
+//! the same image with the same config and devices until SSH answers.
+//!
+//! Both run on the same testbed host, interleaved, and the figure is the median of
+//! the per-round ratios. Run: cargo bench -p ssp-integration --bench user_add
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ssp_integration::{ssh_keypair, AgentSpec, Host, Kind, Platform};
+
+const ROUNDS: usize = 7;
+
+/// Waits until an SSH server greets on `addr` (the banner starts with "SSH-").
+fn wait_banner(addr: &str, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(500)) {
+            s.set_read_timeout(Some(Duration::from_millis(1000)))?;
+            let mut buf = [0u8; 4];
+            if s.read_exact(&mut buf).is_ok() && &buf == b"SSH-" {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("no SSH banner on {addr} within {limit:?}")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The instance's own config and devices as YAML for `incus launch`, minus ssp's
+/// and the daemon's bookkeeping keys, with the SSH proxy moved to `port`.
+fn baseline_yaml(host: &Host, from: &str, port: u16) -> Result<String> {
+    let shown = host.cli_run(&["config", "show", from])?;
+    let mut out = String::new();
+    let mut skip_section = false;
+    for line in shown.lines() {
+        let key = line.trim_start();
+        if !line.starts_with(' ') {
+            skip_section = !(key.starts_with("config:") || key.starts_with("devices:"));
+        }
+        if skip_section || key.starts_with("volatile.") || key.starts_with("user.ssp.") || key.starts_with("image.") {
+            continue;
+        }
+        if key.starts_with("listen: tcp:") {
+            let indent = &line[..line.len() - key.len()];
+            out.push_str(&format!("{indent}listen: tcp:0.0.0.0:{port}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let mut host = Host::start("bench", Kind::Incus, 31)?;
+    let inv = host.fake_gpus(&[0, 1, 2, 3])?;
+    let p = Platform::start("bench", &[AgentSpec { host: &host, gpu_inventory: Some(inv) }])?;
+    let key = ssh_keypair(p.scratch.path(), "bench")?;
+    let public = format!("{}.pub", key.display());
+
+    // Warm-up: the first launch unpacks the image into the pool; both paths then clone it.
+    p.ctl_ok(&["user", "add", "warm", "--ssh-key", &public, "--gpus", "1"])?;
+    let yaml = baseline_yaml(&host, "warm", 23000)?;
+    p.ctl_ok(&["user", "remove", "warm"])?;
+
+    let (mut ssp_t, mut raw_t, mut ratios) = (vec![], vec![], vec![]);
+    for round in 0..ROUNDS {
+        let name = format!("u{round}");
+        let t0 = Instant::now();
+        let out = p.ctl_ok(&["-o", "json", "user", "add", &name, "--ssh-key", &public, "--gpus", "1"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let port = v["ssh_port"].as_u64().context("ssh_port in reply")?;
+        let cmd = t0.elapsed().as_secs_f64();
+        wait_banner(&format!("{}:{port}", host.addr), Duration::from_secs(60))?;
+        let ssp = t0.elapsed().as_secs_f64();
+
+        let raw_name = format!("raw{round}");
+        let t0 = Instant::now();
+        let mut child = host
+            .cli()
+            .args(["launch", "debian-ssh", &raw_name, "-q"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("incus launch {raw_name} failed");
+        }
+        wait_banner(&format!("{}:23000", host.addr), Duration::from_secs(60))?;
+        let raw = t0.elapsed().as_secs_f64();
+
+        println!("round {round}: ssp {ssp:.3}s (command {cmd:.3}s), raw incus launch {raw:.3}s, ratio {:.3}", ssp / raw);
+        ssp_t.push(ssp);
+        raw_t.push(raw);
+        ratios.push(ssp / raw);
+        p.ctl_ok(&["user", "remove", &name])?;
+        host.cli_run(&["delete", "--force", &raw_name])?;
+    }
+    println!(
+        "user_add: median sspctl user add→SSH {:.3}s, median raw incus launch→SSH {:.3}s, median ratio {:.3} (target ≤ 1.10, {ROUNDS} rounds)",
+        median(ssp_t),
+        median(raw_t),
+        median(ratios)
+    );
+    Ok(())
+}

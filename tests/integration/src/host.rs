@@ -70,7 +70,8 @@ impl Host {
         h.teardown(); // leftovers of an earlier, killed run
         h.network()?;
         h.daemon()?;
-        h.init(index).with_context(|| format!("initialising host {name}"))?;
+        h.init(index)
+            .with_context(|| format!("initialising host {name}"))?;
         Ok(h)
     }
 
@@ -78,7 +79,10 @@ impl Host {
         let ns = &self.netns;
         let ip = |args: &str| run(Command::new("sh").arg("-c").arg(format!("ip {args}")));
         ip(&format!("netns add {ns}"))?;
-        ip(&format!("link add {} type veth peer name eth0 netns {ns}", self.veth))?;
+        ip(&format!(
+            "link add {} type veth peer name eth0 netns {ns}",
+            self.veth
+        ))?;
         ip(&format!("addr add {}/24 dev {}", self.gateway, self.veth))?;
         ip(&format!("link set {} up", self.veth))?;
         ip(&format!("-n {ns} addr add {}/24 dev eth0", self.addr))?;
@@ -140,19 +144,59 @@ impl Host {
                 .args(["waitready", "--timeout", "60"])
                 .env("LXD_DIR", &self.dir)),
         };
-        waitready.with_context(|| format!("daemon of {} did not become ready; see {}/daemon.log", self.name, self.dir.display()))?;
+        waitready.with_context(|| {
+            format!(
+                "daemon of {} did not become ready; see {}/daemon.log",
+                self.name,
+                self.dir.display()
+            )
+        })?;
         Ok(())
     }
 
     fn init(&self, index: u8) -> anyhow::Result<()> {
         self.cli_run(&["storage", "create", "default", "btrfs", "size=12GiB"])?;
-        self.cli_run(&["profile", "device", "add", "default", "root", "disk", "path=/", "pool=default"])?;
+        self.cli_run(&[
+            "profile",
+            "device",
+            "add",
+            "default",
+            "root",
+            "disk",
+            "path=/",
+            "pool=default",
+        ])?;
         let subnet = format!("ipv4.address=10.232.{index}.1/24");
-        self.cli_run(&["network", "create", "sspbr0", &subnet, "ipv4.nat=false", "ipv6.address=none"])?;
-        self.cli_run(&["profile", "device", "add", "default", "eth0", "nic", "network=sspbr0", "name=eth0"])?;
-        for (file, alias) in [("busybox.tar.gz", "busybox"), ("debian-ssh.tar.gz", "debian-ssh")] {
+        self.cli_run(&[
+            "network",
+            "create",
+            "sspbr0",
+            &subnet,
+            "ipv4.nat=false",
+            "ipv6.address=none",
+        ])?;
+        self.cli_run(&[
+            "profile",
+            "device",
+            "add",
+            "default",
+            "eth0",
+            "nic",
+            "network=sspbr0",
+            "name=eth0",
+        ])?;
+        for (file, alias) in [
+            ("busybox.tar.gz", "busybox"),
+            ("debian-ssh.tar.gz", "debian-ssh"),
+        ] {
             let path = image_cache().join(file);
-            self.cli_run(&["image", "import", path.to_str().unwrap_or_default(), "--alias", alias])?;
+            self.cli_run(&[
+                "image",
+                "import",
+                path.to_str().unwrap_or_default(),
+                "--alias",
+                alias,
+            ])?;
         }
         Ok(())
     }
@@ -164,7 +208,9 @@ impl Host {
         for (i, m) in minors.iter().enumerate() {
             let node = PathBuf::from(format!("/dev/nvidia{m}"));
             if !node.exists() {
-                run(Command::new("mknod").arg(&node).args(["c", "195", &m.to_string()]))?;
+                run(Command::new("mknod")
+                    .arg(&node)
+                    .args(["c", "195", &m.to_string()]))?;
                 run(Command::new("chmod").arg("0666").arg(&node))?;
                 self.gpu_nodes.push(node);
             }
@@ -195,7 +241,11 @@ impl Host {
     /// Names of all instances on this daemon.
     pub fn instance_names(&self) -> anyhow::Result<Vec<String>> {
         let out = self.cli_run(&["list", "--format", "csv", "-c", "n"])?;
-        Ok(out.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+        Ok(out
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
     }
 
     /// Runs `cmd` inside `instance` through the daemon, returning stdout.
@@ -206,7 +256,11 @@ impl Host {
     /// Waits until the daemon answers again (after a restart).
     pub fn wait_ready(&self) -> anyhow::Result<()> {
         wait_for("daemon socket", Duration::from_secs(30), || {
-            self.cli().args(["list", "--format", "csv"]).output().ok().filter(|o| o.status.success())
+            self.cli()
+                .args(["list", "--format", "csv"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
         })
         .map(|_| ())
     }
@@ -220,7 +274,10 @@ impl Host {
             }
         }
         // Every process left in the namespace (daemon, dnsmasq, forkproxy) goes.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.netns]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).output();
             }
@@ -228,8 +285,12 @@ impl Host {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("unix.socket.pid")) {
             let _ = Command::new("kill").args(["-9", pid.trim()]).output();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
         unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
         for n in self.gpu_nodes.drain(..) {
@@ -255,7 +316,11 @@ fn unmount_under(dir: &Path) {
 impl Drop for Host {
     fn drop(&mut self) {
         if std::env::var_os("SSP_TESTBED_KEEP").is_some() {
-            eprintln!("SSP_TESTBED_KEEP: leaving host {} ({}) running", self.name, self.dir.display());
+            eprintln!(
+                "SSP_TESTBED_KEEP: leaving host {} ({}) running",
+                self.name,
+                self.dir.display()
+            );
             return;
         }
         self.teardown();

@@ -45,11 +45,16 @@ pub fn preflight(kind: Kind) -> anyhow::Result<()> {
     }
     for img in ["busybox.tar.gz", "debian-ssh.tar.gz"] {
         if !image_cache().join(img).exists() {
-            bail!("image {} is missing; run scripts/build-images.sh first", image_cache().join(img).display());
+            bail!(
+                "image {} is missing; run scripts/build-images.sh first",
+                image_cache().join(img).display()
+            );
         }
     }
     if !is_mountpoint("/var/lib/lxcfs") {
-        bail!("lxcfs is not running; run scripts/prepare-host.sh (it starts `lxcfs /var/lib/lxcfs`)");
+        bail!(
+            "lxcfs is not running; run scripts/prepare-host.sh (it starts `lxcfs /var/lib/lxcfs`)"
+        );
     }
     let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
     if !subuid.lines().any(|l| l.starts_with("root:10000:")) {
@@ -84,7 +89,11 @@ pub fn sh(line: &str) -> anyhow::Result<String> {
 }
 
 /// Polls `f` until it returns `Some`, or fails after `limit` with `what`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {

@@ -46,7 +46,11 @@ impl Platform {
         let coordinator = Proc::start(
             "coordinator",
             None,
-            &[ssp.bin("ssp-coordinator").to_str().unwrap_or_default(), "--config", cfg_path.to_str().unwrap_or_default()],
+            &[
+                ssp.bin("ssp-coordinator").to_str().unwrap_or_default(),
+                "--config",
+                cfg_path.to_str().unwrap_or_default(),
+            ],
             &dir.join("coordinator.log"),
         )?;
         let addr = format!("http://127.0.0.1:{port}");
@@ -70,7 +74,11 @@ impl Platform {
             procs.push(Proc::start(
                 &format!("agent-{}", h.name),
                 Some(&h.netns),
-                &[ssp.bin("ssp-agent").to_str().unwrap_or_default(), "--config", path.to_str().unwrap_or_default()],
+                &[
+                    ssp.bin("ssp-agent").to_str().unwrap_or_default(),
+                    "--config",
+                    path.to_str().unwrap_or_default(),
+                ],
                 &dir.join(format!("agent-{}.log", h.name)),
             )?);
         }
@@ -90,12 +98,29 @@ impl Platform {
 
     /// Waits until `host` is known to the coordinator.
     pub fn wait_registered(&self, host: &str) -> anyhow::Result<()> {
-        wait_for(&format!("agent of {host} to register"), Duration::from_secs(30), || {
-            let out = self.ctl(&["-o", "json", "hosts"]);
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            v.as_array()?.iter().any(|h| h["name"] == host).then_some(())
+        wait_for(
+            &format!("agent of {host} to register"),
+            Duration::from_secs(30),
+            || {
+                let out = self.ctl(&["-o", "json", "hosts"]);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                v.as_array()?
+                    .iter()
+                    .any(|h| h["name"] == host)
+                    .then_some(())
+            },
+        )
+        .with_context(|| {
+            format!(
+                "coordinator log:\n{}\nagent log:\n{}",
+                self.coordinator.log_tail(),
+                self.agents
+                    .iter()
+                    .map(|a| a.log_tail())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
         })
-        .with_context(|| format!("coordinator log:\n{}\nagent log:\n{}", self.coordinator.log_tail(), self.agents.iter().map(|a| a.log_tail()).collect::<Vec<_>>().join("\n")))
     }
 
     /// Runs `sspctl ARGS` against this platform.
@@ -122,6 +147,7 @@ impl Platform {
         let mut full = vec!["-o", "json"];
         full.extend_from_slice(args);
         let text = self.ctl_ok(&full)?;
-        serde_json::from_str(&text).with_context(|| format!("sspctl {} printed {text}", args.join(" ")))
+        serde_json::from_str(&text)
+            .with_context(|| format!("sspctl {} printed {text}", args.join(" ")))
     }
 }

@@ -59,7 +59,12 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `argv` (run through `ip netns exec NS` when `netns` is given), logging to `log`.
-    pub fn start(name: &str, netns: Option<&str>, argv: &[&str], log: &Path) -> anyhow::Result<Proc> {
+    pub fn start(
+        name: &str,
+        netns: Option<&str>,
+        argv: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Proc> {
         let mut full: Vec<String> = Vec::new();
         if let Some(ns) = netns {
             full.extend(["ip", "netns", "exec", ns].map(String::from));
@@ -76,15 +81,21 @@ impl Proc {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let mut c = Command::new(&self.argv[0]);
         c.args(&self.argv[1..])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", std::env::var("SSP_TEST_LOG").unwrap_or_else(|_| "info".into()));
         new_session(&mut c);
-        self.child = Some(c.spawn().with_context(|| format!("starting {}", self.name))?);
+        self.child = Some(
+            c.spawn()
+                .with_context(|| format!("starting {}", self.name))?,
+        );
         Ok(())
     }
 

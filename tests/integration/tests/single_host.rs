@@ -8,7 +8,11 @@ use ssp_integration::{run, ssh_keypair, AgentSpec, Host, Kind, Platform};
 
 fn names(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x["name"].as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["name"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -30,7 +34,19 @@ fn single_host_end_to_end() -> Result<()> {
     let bob_pub = format!("{}.pub", bob_key.display());
 
     // 1. alice gets two GPUs: exactly two nodes inside, numbered 0 and 1, the ones `gpus` says she holds.
-    p.ctl_ok(&["user", "add", "alice", "--ssh-key", &alice_pub, "--gpus", "2", "--cpus", "2", "--memory", "1536MiB"])?;
+    p.ctl_ok(&[
+        "user",
+        "add",
+        "alice",
+        "--ssh-key",
+        &alice_pub,
+        "--gpus",
+        "2",
+        "--cpus",
+        "2",
+        "--memory",
+        "1536MiB",
+    ])?;
     let gpus = p.ctl_json(&["gpus"])?;
     let held: Vec<u64> = gpus
         .as_array()
@@ -39,12 +55,21 @@ fn single_host_end_to_end() -> Result<()> {
         .filter(|g| g["holder"] == "alice")
         .map(|g| g["minor"].as_u64().unwrap_or(999))
         .collect();
-    ensure!(held.len() == 2, "alice should hold 2 GPUs, sspctl gpus says {held:?}");
+    ensure!(
+        held.len() == 2,
+        "alice should hold 2 GPUs, sspctl gpus says {held:?}"
+    );
     let inside = host.exec("alice", "ls /dev | grep -E '^nvidia[0-9]+$' | sort")?;
-    ensure!(inside.split_whitespace().collect::<Vec<_>>() == ["nvidia0", "nvidia1"], "GPU nodes inside alice: {inside:?}");
+    ensure!(
+        inside.split_whitespace().collect::<Vec<_>>() == ["nvidia0", "nvidia1"],
+        "GPU nodes inside alice: {inside:?}"
+    );
     for (i, minor) in held.iter().enumerate() {
         let rdev = host.exec("alice", &format!("stat -c '%t:%T' /dev/nvidia{i}"))?;
-        ensure!(rdev.trim() == format!("c3:{minor:x}"), "/dev/nvidia{i} inside is {rdev:?}, expected host minor {minor}");
+        ensure!(
+            rdev.trim() == format!("c3:{minor:x}"),
+            "/dev/nvidia{i} inside is {rdev:?}, expected host minor {minor}"
+        );
     }
 
     // A request for 3 GPUs is refused with the number free, and nothing is created.
@@ -53,24 +78,58 @@ fn single_host_end_to_end() -> Result<()> {
     let out = p.ctl(&["user", "add", "carol", "--ssh-key", &bob_pub, "--gpus", "3"]);
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "3 GPUs should be refused");
-    ensure!(err.contains("only 2 free"), "refusal should say how many are free: {err}");
+    ensure!(
+        err.contains("only 2 free"),
+        "refusal should say how many are free: {err}"
+    );
     ensure!(err.lines().count() == 1, "one-line error expected: {err}");
-    ensure!(p.ctl_json(&["user", "list"])? == state_before, "state changed after refusal");
-    ensure!(host.instance_names()? == daemon_before, "daemon instances changed after refusal");
+    ensure!(
+        p.ctl_json(&["user", "list"])? == state_before,
+        "state changed after refusal"
+    );
+    ensure!(
+        host.instance_names()? == daemon_before,
+        "daemon instances changed after refusal"
+    );
 
     // 2. alice logs in with only what `ssh-config` printed; CPU count and memory match the request.
-    let cfg_text = p.ctl_ok(&["ssh-config", "alice", "--identity", alice_key.to_str().unwrap_or_default(), "--known-hosts", dir.join("known_hosts").to_str().unwrap_or_default()])?;
+    let cfg_text = p.ctl_ok(&[
+        "ssh-config",
+        "alice",
+        "--identity",
+        alice_key.to_str().unwrap_or_default(),
+        "--known-hosts",
+        dir.join("known_hosts").to_str().unwrap_or_default(),
+    ])?;
     let cfg = dir.join("ssh_config");
     std::fs::write(&cfg, &cfg_text)?;
     let ssh = |cmd: &str| -> Result<String> {
-        run(Command::new("ssh").arg("-F").arg(&cfg).args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "ssp-alice", cmd]))
+        run(Command::new("ssh").arg("-F").arg(&cfg).args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "ssp-alice",
+            cmd,
+        ]))
     };
-    let who = ssp_integration::wait_for("alice's sshd", std::time::Duration::from_secs(60), || ssh("id -un").ok())?;
+    let who =
+        ssp_integration::wait_for("alice's sshd", std::time::Duration::from_secs(60), || {
+            ssh("id -un").ok()
+        })?;
     ensure!(who.trim() == "alice", "logged in as {who:?}");
     let nproc = ssh("nproc")?;
-    ensure!(nproc.trim() == "2", "nproc inside is {nproc:?}, asked for 2");
-    let mem_kib: u64 = ssh("awk '/MemTotal/ {print $2}' /proc/meminfo")?.trim().parse()?;
-    ensure!(mem_kib == 1536 * 1024, "MemTotal inside is {mem_kib} KiB, asked for 1536MiB");
+    ensure!(
+        nproc.trim() == "2",
+        "nproc inside is {nproc:?}, asked for 2"
+    );
+    let mem_kib: u64 = ssh("awk '/MemTotal/ {print $2}' /proc/meminfo")?
+        .trim()
+        .parse()?;
+    ensure!(
+        mem_kib == 1536 * 1024,
+        "MemTotal inside is {mem_kib} KiB, asked for 1536MiB"
+    );
 
     // 3. A file alice makes in the shared folder belongs to her host uid; bob's container shows it as hers.
     p.ctl_ok(&["user", "add", "bob", "--ssh-key", &bob_pub])?;
@@ -82,23 +141,44 @@ fn single_host_end_to_end() -> Result<()> {
         .context("alice's uid")?;
     ssh("echo hello > /shared/from-alice")?;
     let host_file = p.shared_root.join("team/from-alice");
-    let meta = std::fs::metadata(&host_file).with_context(|| format!("{} on the host", host_file.display()))?;
+    let meta = std::fs::metadata(&host_file)
+        .with_context(|| format!("{} on the host", host_file.display()))?;
     use std::os::unix::fs::MetadataExt;
-    ensure!(meta.uid() as u64 == alice_uid, "host owner uid {} != alice's uid {alice_uid}", meta.uid());
+    ensure!(
+        meta.uid() as u64 == alice_uid,
+        "host owner uid {} != alice's uid {alice_uid}",
+        meta.uid()
+    );
     let in_bob = host.exec("bob", "stat -c '%u' /shared/from-alice")?;
-    ensure!(in_bob.trim() == alice_uid.to_string(), "bob sees owner {in_bob:?}, expected {alice_uid}");
+    ensure!(
+        in_bob.trim() == alice_uid.to_string(),
+        "bob sees owner {in_bob:?}, expected {alice_uid}"
+    );
 
     // 4. Restart coordinator and agent: same state, no container recreated.
     let ls_before = p.ctl_json(&["ls"])?;
-    let uuids: Vec<(String, String)> = names(&ls_before).into_iter().map(|n| (host.uuid(&n).unwrap_or_default(), n)).collect();
+    let uuids: Vec<(String, String)> = names(&ls_before)
+        .into_iter()
+        .map(|n| (host.uuid(&n).unwrap_or_default(), n))
+        .collect();
     p.coordinator.restart()?;
     p.agents[0].restart()?;
     p.wait_registered("one")?;
-    let ls_after = ssp_integration::wait_for("ls after restart", std::time::Duration::from_secs(30), || {
-        let v = p.ctl_json(&["ls"]).ok()?;
-        v.as_array()?.iter().all(|i| i["state"] == "Running").then_some(v)
-    })?;
-    ensure!(ls_after == ls_before, "ls changed across restart:\n{ls_before}\n{ls_after}");
+    let ls_after = ssp_integration::wait_for(
+        "ls after restart",
+        std::time::Duration::from_secs(30),
+        || {
+            let v = p.ctl_json(&["ls"]).ok()?;
+            v.as_array()?
+                .iter()
+                .all(|i| i["state"] == "Running")
+                .then_some(v)
+        },
+    )?;
+    ensure!(
+        ls_after == ls_before,
+        "ls changed across restart:\n{ls_before}\n{ls_after}"
+    );
     for (uuid, n) in uuids {
         ensure!(host.uuid(&n)? == uuid, "{n} was recreated");
     }
@@ -108,33 +188,116 @@ fn single_host_end_to_end() -> Result<()> {
     let daemon_before = host.instance_names()?;
     let bad_key = dir.join("bad.pub");
     std::fs::write(&bad_key, "ssh-ed25519 not-base64!!\n")?;
-    let outside = format!("/etc:/x");
+    let outside = "/etc:/x".to_string();
     let dotdot = format!("{}/../../etc:/x", p.shared_root.display());
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["user", "add", "Bad_Name", "--ssh-key", &bob_pub], "invalid user name"),
-        (vec!["user", "add", "alice", "--ssh-key", &bob_pub], "already exists"),
-        (vec!["user", "add", "dave", "--ssh-key", &bob_pub, "--gpus", "3"], "only 2 free"),
-        (vec!["user", "add", "dave", "--ssh-key", &bob_pub, "--share", &outside], "configured roots"),
-        (vec!["user", "add", "dave", "--ssh-key", &bob_pub, "--share", &dotdot], "'..'"),
-        (vec!["user", "add", "dave", "--ssh-key", bad_key.to_str().unwrap_or_default()], "invalid ssh key"),
-        (vec!["user", "add", "dave", "--ssh-key", &bob_pub, "--cpus", "4096"], "CPUs asked"),
-        (vec!["user", "add", "dave", "--ssh-key", &bob_pub, "--memory", "64TiB"], "memory asked"),
+        (
+            vec!["user", "add", "Bad_Name", "--ssh-key", &bob_pub],
+            "invalid user name",
+        ),
+        (
+            vec!["user", "add", "alice", "--ssh-key", &bob_pub],
+            "already exists",
+        ),
+        (
+            vec!["user", "add", "dave", "--ssh-key", &bob_pub, "--gpus", "3"],
+            "only 2 free",
+        ),
+        (
+            vec![
+                "user",
+                "add",
+                "dave",
+                "--ssh-key",
+                &bob_pub,
+                "--share",
+                &outside,
+            ],
+            "configured roots",
+        ),
+        (
+            vec![
+                "user",
+                "add",
+                "dave",
+                "--ssh-key",
+                &bob_pub,
+                "--share",
+                &dotdot,
+            ],
+            "'..'",
+        ),
+        (
+            vec![
+                "user",
+                "add",
+                "dave",
+                "--ssh-key",
+                bad_key.to_str().unwrap_or_default(),
+            ],
+            "invalid ssh key",
+        ),
+        (
+            vec![
+                "user",
+                "add",
+                "dave",
+                "--ssh-key",
+                &bob_pub,
+                "--cpus",
+                "4096",
+            ],
+            "CPUs asked",
+        ),
+        (
+            vec![
+                "user",
+                "add",
+                "dave",
+                "--ssh-key",
+                &bob_pub,
+                "--memory",
+                "64TiB",
+            ],
+            "memory asked",
+        ),
     ];
     for (args, want) in cases {
         let out = p.ctl(&args);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         ensure!(!out.status.success(), "{args:?} should fail");
-        ensure!(err.contains(want), "{args:?}: error {err:?} should mention {want:?}");
-        ensure!(err.trim().lines().count() == 1, "{args:?}: not one line: {err:?}");
-        ensure!((p.ctl_json(&["user", "list"])?, p.ctl_json(&["ls"])?) == state_before, "{args:?} changed ssp's state");
-        ensure!(host.instance_names()? == daemon_before, "{args:?} changed the daemon's instances");
+        ensure!(
+            err.contains(want),
+            "{args:?}: error {err:?} should mention {want:?}"
+        );
+        ensure!(
+            err.trim().lines().count() == 1,
+            "{args:?}: not one line: {err:?}"
+        );
+        ensure!(
+            (p.ctl_json(&["user", "list"])?, p.ctl_json(&["ls"])?) == state_before,
+            "{args:?} changed ssp's state"
+        );
+        ensure!(
+            host.instance_names()? == daemon_before,
+            "{args:?} changed the daemon's instances"
+        );
     }
 
     // Removing a user deletes the container and frees the GPUs.
     p.ctl_ok(&["user", "remove", "alice"])?;
-    ensure!(!host.instance_names()?.contains(&"alice".to_string()), "alice's container still exists");
-    let free = p.ctl_json(&["gpus"])?.as_array().map(|a| a.iter().filter(|g| g["holder"].is_null()).count());
-    ensure!(free == Some(4), "all 4 GPUs should be free again, got {free:?}");
+    ensure!(
+        !host.instance_names()?.contains(&"alice".to_string()),
+        "alice's container still exists"
+    );
+    let free = p
+        .ctl_json(&["gpus"])?
+        .as_array()
+        .map(|a| a.iter().filter(|g| g["holder"].is_null()).count());
+    ensure!(
+        free == Some(4),
+        "all 4 GPUs should be free again, got {free:?}"
+    );
     drop(p);
     drop(host);
     Ok(())

@@ -20,7 +20,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 g.model,
                 size(g.memory_bytes),
                 g.device_node,
-                if v.holder.is_empty() { "-".into() } else { v.holder.clone() },
+                if v.holder.is_empty() {
+                    "-".into()
+                } else {
+                    v.holder.clone()
+                },
             ]
         })
         .collect();
@@ -33,6 +37,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "holder": if v.holder.is_empty() { serde_json::Value::Null } else { json!(v.holder) }})
         })
         .collect::<Vec<_>>());
-    output::print(cli.output, &["HOST", "INDEX", "PCI", "MODEL", "MEMORY", "NODE", "HOLDER"], rows, js);
+    output::print(
+        cli.output,
+        &["HOST", "INDEX", "PCI", "MODEL", "MEMORY", "NODE", "HOLDER"],
+        rows,
+        js,
+    );
     Ok(())
 }

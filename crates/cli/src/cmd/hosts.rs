@@ -20,7 +20,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 size(inv.memory_bytes),
                 format!("{}/{}", h.gpus_free, h.gpus_total),
                 h.instances.to_string(),
-                if inv.driver_version.is_empty() { "-".into() } else { inv.driver_version.clone() },
+                if inv.driver_version.is_empty() {
+                    "-".into()
+                } else {
+                    inv.driver_version.clone()
+                },
                 h.ssh_host.clone(),
             ]
         })
@@ -35,6 +39,20 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "instances": h.instances, "driver_version": inv.driver_version, "gpu_source": inv.gpu_source})
         })
         .collect::<Vec<_>>());
-    output::print(cli.output, &["NAME", "DAEMON", "CPUS", "MEMORY", "GPUS FREE", "CONTAINERS", "DRIVER", "SSH HOST"], rows, js);
+    output::print(
+        cli.output,
+        &[
+            "NAME",
+            "DAEMON",
+            "CPUS",
+            "MEMORY",
+            "GPUS FREE",
+            "CONTAINERS",
+            "DRIVER",
+            "SSH HOST",
+        ],
+        rows,
+        js,
+    );
     Ok(())
 }

@@ -8,7 +8,11 @@ use crate::Cli;
 
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut c = crate::cmd::coordinator(cli).await?;
-    let list = c.list_instances(ListInstancesViewRequest {}).await?.into_inner().instances;
+    let list = c
+        .list_instances(ListInstancesViewRequest {})
+        .await?
+        .into_inner()
+        .instances;
     let rows = list
         .iter()
         .map(|i| {
@@ -29,6 +33,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                         "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "cpus": i.cpus,
                         "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "image": i.image, "uuid": i.uuid}))
         .collect::<Vec<_>>());
-    output::print(cli.output, &["NAME", "HOST", "STATE", "GPUS", "SSH", "CPUS", "MEMORY"], rows, js);
+    output::print(
+        cli.output,
+        &["NAME", "HOST", "STATE", "GPUS", "SSH", "CPUS", "MEMORY"],
+        rows,
+        js,
+    );
     Ok(())
 }

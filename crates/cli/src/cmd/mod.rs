@@ -11,9 +11,9 @@ use tonic::transport::Channel;
 
 /// Connects to the coordinator named on the command line.
 pub async fn coordinator(cli: &crate::Cli) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let ch = ssp_net::connect(&cli.coordinator)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} (is ssp-coordinator running? set --coordinator or SSP_COORDINATOR)"))?;
+    let ch = ssp_net::connect(&cli.coordinator).await.map_err(|e| {
+        anyhow::anyhow!("{e} (is ssp-coordinator running? set --coordinator or SSP_COORDINATOR)")
+    })?;
     Ok(CoordinatorClient::new(ch))
 }
 

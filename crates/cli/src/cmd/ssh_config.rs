@@ -24,7 +24,12 @@ pub async fn run(cli: &Cli, a: &Args) -> anyhow::Result<()> {
     let identity = a
         .identity
         .as_ref()
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string())
+        .map(|p| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        })
         .unwrap_or_default();
     let mut config = c
         .ssh_config(SshConfigRequest {
@@ -39,7 +44,9 @@ pub async fn run(cli: &Cli, a: &Args) -> anyhow::Result<()> {
         config.push_str(&format!("    UserKnownHostsFile {}\n", k.display()));
     }
     match cli.output {
-        crate::output::Format::Json => println!("{}", json!({"name": a.name, "ssh_config": config})),
+        crate::output::Format::Json => {
+            println!("{}", json!({"name": a.name, "ssh_config": config}))
+        }
         crate::output::Format::Table => print!("{config}"),
     }
     Ok(())

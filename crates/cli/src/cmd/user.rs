@@ -67,7 +67,8 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
         UserCmd::Add(a) => {
             let mut keys = Vec::new();
             for f in &a.ssh_key {
-                let text = std::fs::read_to_string(f).with_context(|| format!("reading --ssh-key {}", f.display()))?;
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading --ssh-key {}", f.display()))?;
                 keys.extend(
                     text.lines()
                         .map(str::trim)
@@ -145,10 +146,18 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 .map(|u| json!({"name": u.name, "uid": u.uid, "role": u.role, "gpus": u.gpus, "cpus": u.cpus,
                                 "memory_bytes": u.memory_bytes, "disk_bytes": u.disk_bytes, "ssh_keys": u.ssh_keys}))
                 .collect::<Vec<_>>());
-            output::print(cli.output, &["NAME", "UID", "ROLE", "GPUS", "CPUS", "MEMORY", "DISK", "KEYS"], rows, js);
+            output::print(
+                cli.output,
+                &[
+                    "NAME", "UID", "ROLE", "GPUS", "CPUS", "MEMORY", "DISK", "KEYS",
+                ],
+                rows,
+                js,
+            );
         }
         UserCmd::Remove { name } => {
-            c.remove_user(RemoveUserRequest { name: name.clone() }).await?;
+            c.remove_user(RemoveUserRequest { name: name.clone() })
+                .await?;
             match cli.output {
                 output::Format::Json => println!("{}", json!({"removed": name})),
                 output::Format::Table => println!("removed {name}"),

@@ -4,7 +4,8 @@ use super::*;
 use crate::names::{ByteSize, HostName, PciAddress, SshKey, Username};
 use crate::types::{Gpu, Inventory, Limits, Pool, Role};
 
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M t";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M t";
 
 fn host(name: &str, gpus: u32) -> Host {
     Host {
@@ -66,7 +67,11 @@ fn state_with(hosts: &[(&str, u32)]) -> State {
 #[test]
 fn add_user_allocates_lowest_free_gpus_port_and_uid() {
     let mut s = state_with(&[("host1", 4)]);
-    let Outcome::UserAdded { user: u, instance: i } = s.apply(&user("alice", 2)).unwrap() else {
+    let Outcome::UserAdded {
+        user: u,
+        instance: i,
+    } = s.apply(&user("alice", 2)).unwrap()
+    else {
         panic!()
     };
     assert_eq!(u.uid, 10000);
@@ -75,10 +80,17 @@ fn add_user_allocates_lowest_free_gpus_port_and_uid() {
         i.gpus.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
         ["0000:17:00.0", "0000:18:00.0"]
     );
-    let Outcome::UserAdded { user: u, instance: i } = s.apply(&user("bob", 1)).unwrap() else {
+    let Outcome::UserAdded {
+        user: u,
+        instance: i,
+    } = s.apply(&user("bob", 1)).unwrap()
+    else {
         panic!()
     };
-    assert_eq!((u.uid, i.ssh_port, i.gpus[0].as_str()), (10001, 22001, "0000:19:00.0"));
+    assert_eq!(
+        (u.uid, i.ssh_port, i.gpus[0].as_str()),
+        (10001, 22001, "0000:19:00.0")
+    );
 }
 
 #[test]
@@ -88,8 +100,16 @@ fn rejections_change_nothing() {
     let before = s.clone();
     let cases: Vec<(Command, &str)> = vec![
         (user("alice", 0), "user alice already exists"),
-        (user("carol", 3), "cannot place carol: 3 GPUs asked but only 2 free (host1: 2 of 4 GPUs free)"),
-        (Command::RemoveUser { name: "nobody2".into() }, "user nobody2 does not exist"),
+        (
+            user("carol", 3),
+            "cannot place carol: 3 GPUs asked but only 2 free (host1: 2 of 4 GPUs free)",
+        ),
+        (
+            Command::RemoveUser {
+                name: "nobody2".into(),
+            },
+            "user nobody2 does not exist",
+        ),
     ];
     for (cmd, want) in cases {
         let err = s.apply(&cmd).unwrap_err().to_string();
@@ -101,7 +121,9 @@ fn rejections_change_nothing() {
 #[test]
 fn limits_beyond_every_host_are_refused_with_the_host_figure() {
     let mut s = state_with(&[("host1", 4)]);
-    let Command::AddUser(mut req) = user("alice", 0) else { unreachable!() };
+    let Command::AddUser(mut req) = user("alice", 0) else {
+        unreachable!()
+    };
     req.limits.cpus = 64;
     let err = s.apply(&Command::AddUser(req)).unwrap_err().to_string();
     assert_eq!(err, "cannot place alice: host1: 64 CPUs asked, host has 8");
@@ -121,19 +143,43 @@ fn ports_run_out() {
 fn pack_prefers_the_fullest_host_that_fits() {
     let mut s = state_with(&[("host1", 4), ("host2", 8)]);
     s.apply(&user("a", 3)).unwrap();
-    let Outcome::UserAdded { instance, .. } = s.apply(&user("b", 1)).unwrap() else { panic!() };
+    let Outcome::UserAdded { instance, .. } = s.apply(&user("b", 1)).unwrap() else {
+        panic!()
+    };
     assert_eq!(instance.host.as_str(), "host1");
-    let Outcome::UserAdded { instance, .. } = s.apply(&user("c", 2)).unwrap() else { panic!() };
+    let Outcome::UserAdded { instance, .. } = s.apply(&user("c", 2)).unwrap() else {
+        panic!()
+    };
     assert_eq!(instance.host.as_str(), "host2");
 }
 
 #[test]
-fn removal_frees_gpus_port_and_uid() {
+fn removal_is_a_state_and_frees_resources_only_when_forgotten() {
     let mut s = state_with(&[("host1", 2)]);
     s.apply(&user("alice", 2)).unwrap();
-    s.apply(&Command::RemoveUser { name: "alice".into() }).unwrap();
+    let remove = Command::RemoveUser { name: "alice".into() };
+    s.apply(&remove).unwrap();
+    assert!(s.instances["alice"].deleting && s.users.contains_key("alice"));
+    // While the container is being deleted its GPUs stay held.
+    let err = s.apply(&user("bob", 1)).unwrap_err().to_string();
+    assert!(err.contains("only 0 free"), "{err}");
+    // Marking twice is harmless; forgetting a live container is refused.
+    s.apply(&remove).unwrap();
+    let mut t = state_with(&[("host1", 2)]);
+    t.apply(&user("carol", 0)).unwrap();
+    let forget_carol = Command::ForgetInstance { name: "carol".into() };
+    assert_eq!(
+        t.apply(&forget_carol).unwrap_err().to_string(),
+        "container carol is not marked for removal"
+    );
+    let out = s.apply(&Command::ForgetInstance { name: "alice".into() }).unwrap();
+    assert_eq!(out, Outcome::InstanceForgotten { user_removed: true });
     assert!(s.instances.is_empty() && s.users.is_empty());
-    let Outcome::UserAdded { user: u, instance: i } = s.apply(&user("bob", 2)).unwrap() else {
+    let Outcome::UserAdded {
+        user: u,
+        instance: i,
+    } = s.apply(&user("bob", 2)).unwrap()
+    else {
         panic!()
     };
     assert_eq!((u.uid, i.ssh_port, i.gpus.len()), (10000, 22000, 2));
@@ -144,7 +190,10 @@ fn apply_is_deterministic() {
     let cmds: Vec<Command> = (0..6).map(|i| user(&format!("u{i}"), i % 3)).collect();
     let run = || {
         let mut s = state_with(&[("host1", 4), ("host2", 4)]);
-        let out: Vec<_> = cmds.iter().map(|c| s.apply(c).map_err(|e| e.to_string())).collect();
+        let out: Vec<_> = cmds
+            .iter()
+            .map(|c| s.apply(c).map_err(|e| e.to_string()))
+            .collect();
         (s, out)
     };
     assert_eq!(run(), run());
@@ -154,5 +203,8 @@ fn apply_is_deterministic() {
 fn no_hosts() {
     let mut s = state_with(&[]);
     let err = s.apply(&user("alice", 0)).unwrap_err().to_string();
-    assert_eq!(err, "cannot place alice: no hosts are registered; start an agent first");
+    assert_eq!(
+        err,
+        "cannot place alice: no hosts are registered; start an agent first"
+    );
 }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: prepares the host (packages, images, subuid, lxcfs), checks
+# formatting and lints, builds, then runs unit tests and the integration tests against
+# real Incus and LXD daemons in network namespaces. Run as root. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+bash scripts/ensure-rust.sh
+bash scripts/prepare-host.sh
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --bins --locked
+# Integration tests share /dev nodes and the daemons' port ranges: one test at a time.
+cargo test --workspace --locked --no-fail-fast -- --test-threads=1

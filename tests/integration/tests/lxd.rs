@@ -1,0 +1,87 @@
+//! The create, SSH and limits path against LXD 5.0 (Debian's package).
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use ssp_integration::{run, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform};
+
+#[test]
+fn lxd_create_ssh_and_limits() -> Result<()> {
+    let mut host = Host::start("lxd1", Kind::Lxd, 21)?;
+    let inv = host.fake_gpus(&[4, 5])?;
+    let p = Platform::start(
+        "lxd",
+        &[AgentSpec {
+            host: &host,
+            gpu_inventory: Some(inv),
+        }],
+    )?;
+    let hosts = p.ctl_json(&["hosts"])?;
+    ensure!(
+        hosts[0]["daemon"] == "lxd",
+        "the agent should detect LXD: {hosts}"
+    );
+
+    let dir = p.scratch.path().to_path_buf();
+    let key = ssh_keypair(&dir, "erin")?;
+    let public = format!("{}.pub", key.display());
+    p.ctl_ok(&[
+        "user",
+        "add",
+        "erin",
+        "--ssh-key",
+        &public,
+        "--gpus",
+        "1",
+        "--cpus",
+        "1",
+        "--memory",
+        "768MiB",
+    ])?;
+    let nodes = host.exec("erin", "ls /dev | grep -E '^nvidia[0-9]+$'")?;
+    ensure!(
+        nodes.split_whitespace().collect::<Vec<_>>() == ["nvidia0"],
+        "GPU nodes inside: {nodes:?}"
+    );
+
+    let cfg = dir.join("ssh_config");
+    let text = p.ctl_ok(&[
+        "ssh-config",
+        "erin",
+        "-i",
+        key.to_str().unwrap_or_default(),
+        "--known-hosts",
+        dir.join("kh").to_str().unwrap_or_default(),
+    ])?;
+    std::fs::write(&cfg, text)?;
+    let ssh = |cmd: &str| {
+        run(Command::new("ssh").arg("-F").arg(&cfg).args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "ssp-erin",
+            cmd,
+        ]))
+    };
+    let who = wait_for("erin's sshd", Duration::from_secs(60), || {
+        ssh("id -un").ok()
+    })?;
+    ensure!(who.trim() == "erin", "logged in as {who:?}");
+    ensure!(ssh("nproc")?.trim() == "1", "nproc should be 1");
+    let mem_kib: u64 = ssh("awk '/MemTotal/ {print $2}' /proc/meminfo")?
+        .trim()
+        .parse()?;
+    ensure!(
+        mem_kib == 768 * 1024,
+        "MemTotal inside is {mem_kib} KiB, asked for 768MiB"
+    );
+
+    p.ctl_ok(&["user", "remove", "erin"])?;
+    ensure!(
+        host.instance_names()?.is_empty(),
+        "erin's container should be gone"
+    );
+    Ok(())
+}
