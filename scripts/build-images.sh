@@ -22,6 +22,8 @@ properties:
   os: $3
   release: "$4"
 META
+  # Extra properties, e.g. ssp.account: boot (the image creates the owner's account at boot).
+  [ -z "${5:-}" ] || printf '  %s\n' "$5" >> "$1/metadata.yaml"
 }
 
 if [ ! -s "$CACHE/busybox.tar.gz" ]; then
@@ -79,11 +81,45 @@ ExecStart=/usr/bin/ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key
 WantedBy=multi-user.target
 UNIT
   ln -sf /etc/systemd/system/ssp-hostkeys.service "$r/etc/systemd/system/multi-user.target.wants/ssp-hostkeys.service"
+  # The owner's account is made at boot, before sshd, by the script ssp puts in the
+  # instance config (user.ssp.account-script), read through the guest API socket.
+  mkdir -p "$r/usr/local/lib/ssp"
+  cat > "$r/usr/local/lib/ssp/account.py" <<'PY'
+import http.client, os, socket, subprocess, sys
+KEY = "user.ssp.account-script"
+path = next((p for p in ("/dev/incus/sock", "/dev/lxd/sock") if os.path.exists(p)), None)
+if path is None:
+    sys.exit(0)
+class Conn(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+c = Conn("localhost", timeout=10)
+c.request("GET", "/1.0/config/" + KEY)
+r = c.getresponse()
+body = r.read().decode()
+if r.status != 200 or not body.strip():
+    sys.exit(0)
+subprocess.run(["/bin/sh", "-c", body], check=True)
+PY
+  cat > "$r/etc/systemd/system/ssp-account.service" <<'UNIT'
+[Unit]
+Description=Create the container owner's account (script from ssp)
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/python3 /usr/local/lib/ssp/account.py
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  ln -sf /etc/systemd/system/ssp-account.service "$r/etc/systemd/system/multi-user.target.wants/ssp-account.service"
   # Key-only SSH; no DNS lookups so logins are quick without a resolver.
   printf 'PasswordAuthentication no\nUseDNS no\nHostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n' > "$r/etc/ssh/sshd_config.d/ssp.conf"
   echo "ssp" > "$r/etc/hostname"
   rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/*
-  metadata "$d" "Debian 12 with openssh-server (ssp)" debian 12
+  metadata "$d" "Debian 12 with openssh-server (ssp)" debian 12 "ssp.account: boot"
   tar -C "$d" --numeric-owner -czf "$CACHE/debian-ssh.tar.gz.tmp" rootfs metadata.yaml
   mv "$CACHE/debian-ssh.tar.gz.tmp" "$CACHE/debian-ssh.tar.gz"
   rm -rf "$d"

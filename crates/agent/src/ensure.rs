@@ -6,6 +6,7 @@ use serde_json::json;
 use ssp_lxd::{Client, Instance};
 use ssp_proto::{InstanceSpec, InstanceStatus};
 
+use crate::account;
 use crate::render::{self, merge_config, merge_devices, HostContext};
 
 /// Why an ensure failed.
@@ -29,9 +30,6 @@ pub enum EnsureError {
         reason: String,
     },
 }
-
-/// The config key recording which account setup was done inside.
-const ACCOUNT_KEY: &str = "user.ssp.account";
 
 /// Creates or updates `spec`'s instance, then starts it and sets up the owner's account.
 pub async fn ensure(
@@ -111,32 +109,34 @@ pub async fn ensure(
         }
     };
     let mut inst = inst;
+    let want = account::hash(spec);
+    let account_done = inst.config.get(account::CONFIG_KEY) == Some(&want);
     if spec.running && !inst.is_running() {
+        // Images that carry ssp's boot unit create the account before sshd from
+        // the script in the instance config: nothing has to run inside afterwards.
+        let at_boot = !account_done && account::created_at_boot(&inst);
         client.set_state(&spec.name, "start", false).await?;
         changed.push("started".into());
         step("started");
         inst.status = "Running".into();
         inst.status_code = 103;
+        if at_boot {
+            mark_account(client, spec, &mut inst, &want).await?;
+            changed.push("account".into());
+        }
     } else if !spec.running && inst.is_running() {
         client.set_state(&spec.name, "stop", true).await?;
         changed.push("stopped".into());
         inst.status = "Stopped".into();
         inst.status_code = 102;
     }
-    if spec.running {
-        let want = account_hash(spec);
-        if inst.config.get(ACCOUNT_KEY) != Some(&want) {
-            setup_account(client, spec).await?;
-            client
-                .patch(
-                    &format!("/1.0/instances/{}", spec.name),
-                    json!({"config": {ACCOUNT_KEY: want}}),
-                )
-                .await?;
-            inst.config.insert(ACCOUNT_KEY.into(), want);
-            changed.push("account".into());
-            step("account");
-        }
+    if spec.running && inst.config.get(account::CONFIG_KEY) != Some(&want) {
+        account::exec(client, spec)
+            .await
+            .map_err(|e| account_error(spec, e))?;
+        mark_account(client, spec, &mut inst, &want).await?;
+        changed.push("account".into());
+        step("account");
     }
     let mut st = status_of(&inst);
     st.changed = changed;
@@ -168,73 +168,28 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
     }
 }
 
-fn account_hash(spec: &InstanceSpec) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(format!(
-        "{}:{}:{}",
-        spec.owner,
-        spec.owner_uid,
-        spec.ssh_keys.join("\n")
-    ));
-    h.finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+fn account_error(spec: &InstanceSpec, reason: String) -> EnsureError {
+    EnsureError::Account {
+        user: spec.owner.clone(),
+        name: spec.name.clone(),
+        reason,
+    }
 }
 
-/// Creates the owner's account (same uid as on the host) with their keys and sudo.
-/// Works on full distributions (useradd) and on busybox (adduser).
-const ACCOUNT_SCRIPT: &str = r#"
-set -e
-u="$SSP_USER"; uid="$SSP_UID"
-if ! id -u "$u" >/dev/null 2>&1; then
-  if command -v useradd >/dev/null 2>&1; then
-    getent group "$uid" >/dev/null 2>&1 || groupadd -g "$uid" "$u"
-    useradd -m -u "$uid" -g "$uid" -s /bin/bash "$u"
-  else
-    addgroup -g "$uid" "$u" 2>/dev/null || true
-    adduser -D -u "$uid" -G "$u" -s /bin/sh "$u"
-  fi
-fi
-# A locked account refuses even key logins in OpenSSH; mark it key-only instead.
-if command -v usermod >/dev/null 2>&1; then usermod -p '*' "$u"; fi
-if [ -d /etc/sudoers.d ]; then
-  printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$u" > "/etc/sudoers.d/ssp-$u"
-  chmod 0440 "/etc/sudoers.d/ssp-$u"
-fi
-home=$(getent passwd "$u" 2>/dev/null | cut -d: -f6)
-[ -n "$home" ] || home="/home/$u"
-mkdir -p "$home/.ssh"
-printf '%s\n' "$SSP_KEYS" > "$home/.ssh/authorized_keys.new"
-mv "$home/.ssh/authorized_keys.new" "$home/.ssh/authorized_keys"
-chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
-chown -R "$uid:$(id -g "$u")" "$home/.ssh"
-"#;
-
-async fn setup_account(client: &Client, spec: &InstanceSpec) -> Result<(), EnsureError> {
-    let uid = spec.owner_uid.to_string();
-    let keys = spec.ssh_keys.join("\n");
-    let out = client
-        .exec(
-            &spec.name,
-            &["/bin/sh", "-c", ACCOUNT_SCRIPT],
-            &[
-                ("SSP_USER", &spec.owner),
-                ("SSP_UID", &uid),
-                ("SSP_KEYS", &keys),
-                ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            ],
+async fn mark_account(
+    client: &Client,
+    spec: &InstanceSpec,
+    inst: &mut Instance,
+    want: &str,
+) -> Result<(), EnsureError> {
+    client
+        .patch(
+            &format!("/1.0/instances/{}", spec.name),
+            json!({"config": {account::CONFIG_KEY: want}}),
         )
         .await?;
-    if out.code != 0 {
-        return Err(EnsureError::Account {
-            user: spec.owner.clone(),
-            name: spec.name.clone(),
-            reason: format!("exit {}: {}", out.code, out.stderr.trim()),
-        });
-    }
+    inst.config
+        .insert(account::CONFIG_KEY.into(), want.to_string());
     Ok(())
 }
 

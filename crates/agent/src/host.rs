@@ -3,12 +3,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use ssp_lxd::Client;
 use ssp_proto::{HostInventory, InstanceEvent};
-use tokio::sync::{broadcast, Mutex, OwnedMutexGuard};
+use tokio::sync::{broadcast, Mutex, OwnedMutexGuard, RwLock};
 
 use crate::convert;
 use crate::inventory::{self, GpuSource};
@@ -22,7 +22,20 @@ pub struct HostState {
     pub ssh_listen: String,
     pub events: broadcast::Sender<InstanceEvent>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    facts: RwLock<Option<Facts>>,
 }
+
+/// Host facts gathered from the daemon and the GPU source. `/1.0/resources`
+/// scans the hardware and is slow, so facts are cached, not read per request.
+#[derive(Clone)]
+pub struct Facts {
+    pub inventory: HostInventory,
+    pub context: HostContext,
+    at: Instant,
+}
+
+/// How long host facts are reused before they are read again.
+const FACTS_TTL: Duration = Duration::from_secs(60);
 
 /// Control nodes passed along with GPUs when they exist on the host.
 const CONTROL_NODES: &[&str] = &["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"];
@@ -37,6 +50,7 @@ impl HostState {
             ssh_listen,
             events,
             locks: Mutex::new(HashMap::new()),
+            facts: RwLock::new(None),
         })
     }
 
@@ -49,34 +63,57 @@ impl HostState {
         m.lock_owned().await
     }
 
-    /// The host inventory as the wire type.
-    pub async fn inventory(&self) -> anyhow::Result<HostInventory> {
-        let inv = inventory::collect(&self.client, &self.gpus).await?;
-        Ok(convert::inventory_to_wire(&hostname(), &inv))
+    /// The host's facts, read again when older than a minute.
+    pub async fn facts(&self) -> anyhow::Result<Facts> {
+        if let Some(f) = self
+            .facts
+            .read()
+            .await
+            .as_ref()
+            .filter(|f| f.at.elapsed() < FACTS_TTL)
+        {
+            return Ok(f.clone());
+        }
+        let (inv, daemon_gpus) = inventory::collect(&self.client, &self.gpus).await?;
+        let context = self.context_for(&inv.gpus, &daemon_gpus);
+        let f = Facts {
+            inventory: convert::inventory_to_wire(&hostname(), &inv),
+            context,
+            at: Instant::now(),
+        };
+        *self.facts.write().await = Some(f.clone());
+        Ok(f)
     }
 
-    /// How GPUs are attached here: by PCI address when the daemon sees every GPU, else as device nodes.
-    pub async fn context(&self) -> HostContext {
-        let report = self.gpus.read().ok();
-        let gpus = report.map(|r| r.gpus).unwrap_or_default();
-        let seen = inventory::daemon_gpus(&self.client).await;
+    /// The host inventory as the wire type.
+    pub async fn inventory(&self) -> anyhow::Result<HostInventory> {
+        Ok(self.facts().await?.inventory)
+    }
+
+    /// How GPUs are attached here: by PCI address when the daemon sees every
+    /// GPU (NVML hosts), else as device nodes.
+    fn context_for(&self, gpus: &[ssp_model::Gpu], daemon_gpus: &[String]) -> HostContext {
         let nvml = matches!(self.gpus, GpuSource::Nvml);
-        let gpu_mode =
-            if nvml && !gpus.is_empty() && gpus.iter().all(|g| seen.contains(&g.pci.to_string())) {
-                GpuMode::Pci
-            } else {
-                GpuMode::DeviceNodes {
-                    minors: gpus
-                        .iter()
-                        .map(|g| (g.pci.to_string(), g.minor))
-                        .collect::<BTreeMap<_, _>>(),
-                    control: CONTROL_NODES
-                        .iter()
-                        .filter(|n| Path::new("/dev").join(n).exists())
-                        .map(|n| n.to_string())
-                        .collect(),
-                }
-            };
+        let gpu_mode = if nvml
+            && !gpus.is_empty()
+            && gpus
+                .iter()
+                .all(|g| daemon_gpus.contains(&g.pci.to_string()))
+        {
+            GpuMode::Pci
+        } else {
+            GpuMode::DeviceNodes {
+                minors: gpus
+                    .iter()
+                    .map(|g| (g.pci.to_string(), g.minor))
+                    .collect::<BTreeMap<_, _>>(),
+                control: CONTROL_NODES
+                    .iter()
+                    .filter(|n| Path::new("/dev").join(n).exists())
+                    .map(|n| n.to_string())
+                    .collect(),
+            }
+        };
         HostContext {
             pool: self.pool.clone(),
             ssh_listen: self.ssh_listen.clone(),

@@ -116,9 +116,14 @@ fn read_nvml() -> Result<GpuReport, String> {
     })
 }
 
-/// Builds the full inventory from the daemon and the GPU source.
-pub async fn collect(client: &Client, gpus: &GpuSource) -> anyhow::Result<Inventory> {
+/// Builds the full inventory from the daemon and the GPU source; also returns
+/// the PCI addresses of the GPUs the daemon itself detects.
+pub async fn collect(
+    client: &Client,
+    gpus: &GpuSource,
+) -> anyhow::Result<(Inventory, Vec<String>)> {
     let res = client.get("/1.0/resources").await?;
+    let daemon_gpus = daemon_gpus(&res);
     let cpus = res["cpu"]["total"].as_u64().unwrap_or(0) as u32;
     let memory_bytes = res["memory"]["total"].as_u64().unwrap_or(0);
     let mut pools = Vec::new();
@@ -139,7 +144,7 @@ pub async fn collect(client: &Client, gpus: &GpuSource) -> anyhow::Result<Invent
         });
     }
     let report = gpus.read()?;
-    Ok(Inventory {
+    let inv = Inventory {
         cpus,
         memory_bytes,
         pools,
@@ -148,14 +153,12 @@ pub async fn collect(client: &Client, gpus: &GpuSource) -> anyhow::Result<Invent
         daemon: client.kind().as_str().into(),
         daemon_version: client.info().version.clone(),
         driver_version: report.driver_version,
-    })
+    };
+    Ok((inv, daemon_gpus))
 }
 
-/// PCI addresses of GPUs the daemon itself detects (`/1.0/resources`), lower case.
-pub async fn daemon_gpus(client: &Client) -> Vec<String> {
-    let Ok(res) = client.get("/1.0/resources").await else {
-        return vec![];
-    };
+/// PCI addresses of GPUs the daemon itself detects (from `/1.0/resources`), normalised.
+fn daemon_gpus(res: &serde_json::Value) -> Vec<String> {
     res["gpu"]["cards"]
         .as_array()
         .map(|cards| {

@@ -2,6 +2,7 @@
 //! gRPC, makes instances match the specs it is given, and registers with the
 //! coordinators.
 
+pub mod account;
 pub mod config;
 pub mod convert;
 pub mod ensure;

@@ -21,6 +21,7 @@ pub const MANAGED_KEYS: &[&str] = &[
     "user.ssp.managed",
     "user.ssp.owner",
     "user.ssp.spec-hash",
+    crate::account::SCRIPT_KEY,
 ];
 
 /// Device names ssp owns start with this (plus the root disk).
@@ -85,6 +86,7 @@ pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, Strin
     }
     set("user.ssp.managed", "true".into());
     set("user.ssp.owner", spec.owner.clone());
+    set(crate::account::SCRIPT_KEY, crate::account::script(spec));
 
     let mut devices: BTreeMap<String, Device> = BTreeMap::new();
     let size = format!("{}MiB", spec.disk_bytes.div_ceil(1 << 20));

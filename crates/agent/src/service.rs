@@ -69,7 +69,12 @@ impl Agent for AgentService {
     ) -> Result<Response<InstanceStatus>, Status> {
         let spec = req.into_inner();
         check_name(&spec.name)?;
-        let ctx = self.host.context().await;
+        let ctx = self
+            .host
+            .facts()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read host facts: {e:#}")))?
+            .context;
         let _guard = self.host.lock(&spec.name).await;
         let st = ensure::ensure(self.client(), &ctx, &spec)
             .await

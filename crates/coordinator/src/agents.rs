@@ -10,7 +10,6 @@ use ssp_proto::{DeleteInstanceRequest, InstanceSpec, InstanceStatus, ListInstanc
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-
 /// Long operations (image unpack, first start) may take this long.
 const ENSURE_TIMEOUT: Duration = Duration::from_secs(180);
 const QUICK_TIMEOUT: Duration = Duration::from_secs(5);

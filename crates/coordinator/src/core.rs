@@ -44,11 +44,19 @@ pub enum Converged {
 pub fn apply_status(e: ApplyError) -> Status {
     match e {
         ApplyError::Rejected(r) => match &r {
-            Rejection::UserExists(_) | Rejection::InstanceExists(_) => Status::already_exists(r.to_string()),
-            Rejection::UnknownUser(_) | Rejection::UnknownInstance(_) => Status::not_found(r.to_string()),
-            Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => Status::resource_exhausted(r.to_string()),
+            Rejection::UserExists(_) | Rejection::InstanceExists(_) => {
+                Status::already_exists(r.to_string())
+            }
+            Rejection::UnknownUser(_) | Rejection::UnknownInstance(_) => {
+                Status::not_found(r.to_string())
+            }
+            Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => {
+                Status::resource_exhausted(r.to_string())
+            }
             Rejection::NotDeleting(_) => Status::failed_precondition(r.to_string()),
-            Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => Status::invalid_argument(r.to_string()),
+            Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
+                Status::invalid_argument(r.to_string())
+            }
         },
         ApplyError::Store(s) => Status::internal(s.to_string()),
     }
@@ -66,17 +74,29 @@ impl Core {
 
     /// Applies a command durably.
     pub fn apply(&self, cmd: &Command) -> Result<Outcome, Status> {
-        let mut store = self.store.lock().map_err(|_| Status::internal("state store lock poisoned"))?;
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| Status::internal("state store lock poisoned"))?;
         store.apply(cmd).map_err(apply_status)
     }
 
     /// A copy of the current state.
     pub fn snapshot(&self) -> State {
-        self.store.lock().map(|s| s.state().clone()).unwrap_or_default()
+        self.store
+            .lock()
+            .map(|s| s.state().clone())
+            .unwrap_or_default()
     }
 
     async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self.locks.lock().await.entry(name.to_string()).or_default().clone();
+        let m = self
+            .locks
+            .lock()
+            .await
+            .entry(name.to_string())
+            .or_default()
+            .clone();
         m.lock_owned().await
     }
 

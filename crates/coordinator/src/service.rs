@@ -101,7 +101,10 @@ impl Coordinator for CoordinatorService {
         req: Request<RemoveUserRequest>,
     ) -> Result<Response<RemoveUserReply>, Status> {
         let name = req.into_inner().name;
-        let Outcome::UserRemoving { instances } = self.core.apply(&Command::RemoveUser { name: name.clone() })? else {
+        let Outcome::UserRemoving { instances } = self
+            .core
+            .apply(&Command::RemoveUser { name: name.clone() })?
+        else {
             return Err(Status::internal("unexpected outcome of RemoveUser"));
         };
         // Removal is recorded; deleting the containers now is the fast path, and
@@ -119,7 +122,8 @@ impl Coordinator for CoordinatorService {
 
     async fn list_users(&self, _: Request<ListUsersRequest>) -> Result<Response<UserList>, Status> {
         let users = self
-            .core.snapshot()
+            .core
+            .snapshot()
             .users
             .values()
             .map(convert::user_to_wire)

@@ -276,7 +276,8 @@ impl Client {
         self.call(
             Method::PUT,
             &path,
-            Some(json!({"action": action, "timeout": 30, "force": force})),
+            // As the daemons' own CLIs do: a forced change waits for no clean shutdown.
+            Some(json!({"action": action, "timeout": if force { -1 } else { 30 }, "force": force})),
             &[],
         )
         .await?;

@@ -61,10 +61,17 @@ pub enum Command {
 pub enum Outcome {
     Initialized,
     HostRegistered,
-    UserAdded { user: User, instance: Instance },
+    UserAdded {
+        user: User,
+        instance: Instance,
+    },
     /// The user's containers are marked for removal (the user is gone if they had none).
-    UserRemoving { instances: Vec<String> },
-    InstanceForgotten { user_removed: bool },
+    UserRemoving {
+        instances: Vec<String>,
+    },
+    InstanceForgotten {
+        user_removed: bool,
+    },
 }
 
 /// Why a command was refused; the state is unchanged.
@@ -124,7 +131,11 @@ impl State {
                     return Err(Rejection::UnknownUser(name.clone()));
                 }
                 let mut instances = Vec::new();
-                for i in self.instances.values_mut().filter(|i| i.owner.as_str() == name) {
+                for i in self
+                    .instances
+                    .values_mut()
+                    .filter(|i| i.owner.as_str() == name)
+                {
                     i.deleting = true;
                     instances.push(i.name.clone());
                 }

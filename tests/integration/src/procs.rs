@@ -90,7 +90,10 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("RUST_LOG", std::env::var("SSP_TEST_LOG").unwrap_or_else(|_| "info".into()));
+            .env(
+                "RUST_LOG",
+                std::env::var("SSP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            );
         new_session(&mut c);
         self.child = Some(
             c.spawn()

@@ -157,7 +157,9 @@ fn pack_prefers_the_fullest_host_that_fits() {
 fn removal_is_a_state_and_frees_resources_only_when_forgotten() {
     let mut s = state_with(&[("host1", 2)]);
     s.apply(&user("alice", 2)).unwrap();
-    let remove = Command::RemoveUser { name: "alice".into() };
+    let remove = Command::RemoveUser {
+        name: "alice".into(),
+    };
     s.apply(&remove).unwrap();
     assert!(s.instances["alice"].deleting && s.users.contains_key("alice"));
     // While the container is being deleted its GPUs stay held.
@@ -167,12 +169,18 @@ fn removal_is_a_state_and_frees_resources_only_when_forgotten() {
     s.apply(&remove).unwrap();
     let mut t = state_with(&[("host1", 2)]);
     t.apply(&user("carol", 0)).unwrap();
-    let forget_carol = Command::ForgetInstance { name: "carol".into() };
+    let forget_carol = Command::ForgetInstance {
+        name: "carol".into(),
+    };
     assert_eq!(
         t.apply(&forget_carol).unwrap_err().to_string(),
         "container carol is not marked for removal"
     );
-    let out = s.apply(&Command::ForgetInstance { name: "alice".into() }).unwrap();
+    let out = s
+        .apply(&Command::ForgetInstance {
+            name: "alice".into(),
+        })
+        .unwrap();
     assert_eq!(out, Outcome::InstanceForgotten { user_removed: true });
     assert!(s.instances.is_empty() && s.users.is_empty());
     let Outcome::UserAdded {

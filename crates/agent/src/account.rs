@@ -1,0 +1,118 @@
+//! The owner's account inside a container: same uid as on the host, their SSH
+//! keys, and sudo. One generated script does it. It lives in the instance config
+//! ([`SCRIPT_KEY`]); images that carry ssp's `ssp-account` unit read it through
+//! the guest API socket and run it at boot, before sshd. For other images, and
+//! for changes to a running container, the agent runs it through exec.
+
+use sha2::{Digest, Sha256};
+use ssp_lxd::{Client, Instance};
+use ssp_proto::InstanceSpec;
+
+/// Instance config key recording which account setup was done.
+pub const CONFIG_KEY: &str = "user.ssp.account";
+/// Image property (seen as `image.ssp.account` on instances) saying the image
+/// runs /etc/ssp/account.sh at boot, before sshd.
+const BOOT_PROPERTY: &str = "image.ssp.account";
+/// Instance config key holding the script (readable inside through the guest API).
+pub const SCRIPT_KEY: &str = "user.ssp.account-script";
+
+/// A hash of what the account should be.
+pub fn hash(spec: &InstanceSpec) -> String {
+    let mut h = Sha256::new();
+    h.update(script(spec));
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// True when the instance's image creates the account at boot.
+pub fn created_at_boot(inst: &Instance) -> bool {
+    inst.config.get(BOOT_PROPERTY).map(String::as_str) == Some("boot")
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The script with the owner's name, uid and keys filled in.
+/// Works on full distributions (useradd) and on busybox (adduser).
+pub fn script(spec: &InstanceSpec) -> String {
+    format!(
+        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\n{BODY}",
+        quote(&spec.owner),
+        spec.owner_uid,
+        quote(&spec.ssh_keys.join("\n"))
+    )
+}
+
+const BODY: &str = r#"set -e
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+if ! id -u "$u" >/dev/null 2>&1; then
+  if command -v useradd >/dev/null 2>&1; then
+    getent group "$uid" >/dev/null 2>&1 || groupadd -g "$uid" "$u"
+    useradd -m -u "$uid" -g "$uid" -s /bin/bash "$u"
+  else
+    addgroup -g "$uid" "$u" 2>/dev/null || true
+    adduser -D -u "$uid" -G "$u" -s /bin/sh "$u"
+  fi
+fi
+# A locked account refuses even key logins in OpenSSH; make it key-only instead.
+if command -v usermod >/dev/null 2>&1; then usermod -p '*' "$u"; fi
+if [ -d /etc/sudoers.d ]; then
+  printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$u" > "/etc/sudoers.d/ssp-$u"
+  chmod 0440 "/etc/sudoers.d/ssp-$u"
+fi
+home=$(getent passwd "$u" 2>/dev/null | cut -d: -f6)
+[ -n "$home" ] || home="/home/$u"
+mkdir -p "$home/.ssh"
+printf '%s\n' "$keys" > "$home/.ssh/authorized_keys.new"
+mv "$home/.ssh/authorized_keys.new" "$home/.ssh/authorized_keys"
+chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+chown -R "$uid:$(id -g "$u")" "$home/.ssh"
+"#;
+
+/// Runs the script inside the running container now.
+pub async fn exec(client: &Client, spec: &InstanceSpec) -> Result<(), String> {
+    let out = client
+        .exec(&spec.name, &["/bin/sh", "-c", &script(spec)], &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    if out.code != 0 {
+        return Err(format!("exit {}: {}", out.code, out.stderr.trim()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_quoted_for_the_shell() {
+        let spec = InstanceSpec {
+            owner: "alice".into(),
+            owner_uid: 10000,
+            ssh_keys: vec![
+                "ssh-ed25519 AAAA it's mine".into(),
+                "ssh-ed25519 BBBB".into(),
+            ],
+            ..Default::default()
+        };
+        let s = script(&spec);
+        assert!(
+            s.contains(
+                "u='alice'\nuid=10000\nkeys='ssh-ed25519 AAAA it'\\''s mine\nssh-ed25519 BBBB'\n"
+            ),
+            "{s}"
+        );
+        assert_ne!(
+            hash(&spec),
+            hash(&InstanceSpec {
+                owner_uid: 10001,
+                ..spec.clone()
+            })
+        );
+    }
+}
