@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages ssp needs on a Debian 12 host. Idempotent.
 # Incus 6.0 LTS comes from bookworm-backports, derived from the host's own apt source.
+#   install-deps.sh           what a platform host needs
+#   install-deps.sh --test    also what the test suite needs (LXD 5.0 for the LXD tests)
 set -euo pipefail
 
-need_pkgs=(incus lxd iptables btrfs-progs debootstrap busybox-static protobuf-compiler
-           openssh-client openssh-server iproute2 lxcfs curl jq uidmap)
+need_pkgs=(incus iptables btrfs-progs debootstrap busybox-static openssh-client
+           iproute2 lxcfs uidmap)
+if [ "${1:-}" = "--test" ]; then
+  need_pkgs+=(lxd)
+fi
 
 missing=()
 for p in "${need_pkgs[@]}"; do

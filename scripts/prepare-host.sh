@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Host preparation shared by the setup and the test suite. Idempotent.
+# Arguments go to install-deps.sh (--test adds the test suite's packages).
 #  - the Debian packages (install-deps.sh) and offline images (build-images.sh)
 #  - /etc/subuid and /etc/subgid entries: root may map ssp's user uid range 1:1 into
 #    containers (shared-folder ownership), beside the large range for isolated idmaps
 #  - lxcfs running, so free/top inside a container show its own limits
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-bash "$here/install-deps.sh"
+bash "$here/install-deps.sh" "$@"
 bash "$here/build-images.sh" >/dev/null
 
 SSP_UID_FIRST=${SSP_UID_FIRST:-10000}

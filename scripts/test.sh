@@ -7,10 +7,14 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 bash scripts/ensure-rust.sh
-bash scripts/prepare-host.sh
+bash scripts/prepare-host.sh --test
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 # Integration tests share /dev nodes and the daemons' port ranges: one test at a time.
 cargo test --workspace --locked --no-fail-fast -- --test-threads=1
+
+# Benchmarks print figures; they do not pass or fail on them.
+cargo build --release --workspace --bins --locked
+cargo bench -p ssp-integration --bench user_add --locked

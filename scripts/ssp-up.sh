@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# One command for a fresh Debian 12 host (as root): installs what ssp needs, uses the
+# Incus or LXD daemon already there (or installs, starts and initialises Incus),
+# builds and installs ssp, starts a single-node coordinator and an agent, adds a
+# demo user and prints the ssh command that logs in. Idempotent: run it again at will.
+#
+# Settings (environment):
+#   SSP_ETC        config dir                       (/etc/ssp)
+#   SSP_POOL_SIZE  size of a new btrfs pool          (30GiB)
+#   SSP_SSH_HOST   address users ssh to              (first address of `hostname -I`)
+#   SSP_DEMO_USER  name of the demo user             (demo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ETC=${SSP_ETC:-/etc/ssp}
+LOG=/var/log/ssp
+RUN=/run/ssp
+DEMO=${SSP_DEMO_USER:-demo}
+mkdir -p "$ETC" "$LOG" "$RUN" /srv/ssp/shared
+
+say() { printf 'ssp-up: %s\n' "$*"; }
+
+bash scripts/ensure-rust.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/prepare-host.sh
+
+systemd_pid1() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
+
+# --- the daemon: the one that is there, else Incus -------------------------------
+CLI=""; SOCKET=""
+if [ -S "${INCUS_DIR:-/var/lib/incus}/unix.socket" ] && incus info >/dev/null 2>&1; then
+  CLI=incus; SOCKET="${INCUS_DIR:-/var/lib/incus}/unix.socket"
+elif [ -S /var/snap/lxd/common/lxd/unix.socket ] && lxc info >/dev/null 2>&1; then
+  CLI=lxc; SOCKET=/var/snap/lxd/common/lxd/unix.socket
+elif [ -S /var/lib/lxd/unix.socket ] && lxc info >/dev/null 2>&1; then
+  CLI=lxc; SOCKET=/var/lib/lxd/unix.socket
+else
+  say "starting Incus"
+  if systemd_pid1; then
+    systemctl enable --now incus.socket incus.service
+  else
+    mkdir -p /var/log/incus
+    setsid /usr/libexec/incus/incusd --group root --logfile /var/log/incus/incusd.log \
+      </dev/null >>"$LOG/incusd.out" 2>&1 &
+  fi
+  incus admin waitready --timeout 60
+  CLI=incus; SOCKET="${INCUS_DIR:-/var/lib/incus}/unix.socket"
+fi
+say "using $CLI at $SOCKET"
+
+# Storage that clones rather than copies, a bridge without NAT, and a default profile.
+if [ -z "$($CLI storage list -f csv | head -n1)" ]; then
+  say "creating btrfs storage pool 'default' (${SSP_POOL_SIZE:-30GiB}, loop file)"
+  $CLI storage create default btrfs "size=${SSP_POOL_SIZE:-30GiB}"
+fi
+POOL=$($CLI profile device get default root pool 2>/dev/null || true)
+if [ -z "$POOL" ]; then
+  POOL=$($CLI storage list -f csv | head -n1 | cut -d, -f1)
+  $CLI profile device add default root disk path=/ "pool=$POOL"
+fi
+if ! $CLI profile device show default | grep -q '^eth0:'; then
+  if ! $CLI network show sspbr0 >/dev/null 2>&1; then
+    # An explicit subnet (no auto-detection) and no NAT: containers reach this host only.
+    $CLI network create sspbr0 ipv4.address=10.211.0.1/24 ipv4.nat=false ipv6.address=none
+  fi
+  $CLI profile device add default eth0 nic network=sspbr0 name=eth0
+fi
+CACHE=${SSP_IMAGE_CACHE:-/var/cache/ssp/images}
+for img in busybox debian-ssh; do
+  $CLI image show "$img" >/dev/null 2>&1 || $CLI image import "$CACHE/$img.tar.gz" --alias "$img"
+done
+
+# --- ssp itself --------------------------------------------------------------------
+say "building ssp (release)"
+cargo build --release --locked --bins -q
+install -m 0755 target/release/ssp-agent target/release/ssp-coordinator target/release/sspctl /usr/local/bin/
+
+HOST=$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)
+SSH_HOST=${SSP_SSH_HOST:-$(hostname -I 2>/dev/null | awk '{print $1}')}
+SSH_HOST=${SSH_HOST:-127.0.0.1}
+[ -f "$ETC/coordinator.toml" ] || cat > "$ETC/coordinator.toml" <<CFG
+listen = "0.0.0.0:7400"
+data_dir = "/var/lib/ssp-coordinator"
+shared_roots = ["/srv/ssp/shared"]
+default_shares = ["/srv/ssp/shared:/shared"]
+CFG
+[ -f "$ETC/agent.toml" ] || cat > "$ETC/agent.toml" <<CFG
+name = "$HOST"
+listen = "0.0.0.0:7401"
+advertise = "http://127.0.0.1:7401"
+coordinators = ["http://127.0.0.1:7400"]
+socket = "$SOCKET"
+ssh_host = "$SSH_HOST"
+storage_pool = "$POOL"
+CFG
+
+if systemd_pid1; then
+  install -m 0644 deploy/systemd/ssp-coordinator.service deploy/systemd/ssp-agent.service /etc/systemd/system/
+  systemctl daemon-reload
+  systemctl enable --now ssp-coordinator.service ssp-agent.service
+else
+  start() { # name, binary, config
+    if [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; then return; fi
+    setsid "$2" --config "$3" </dev/null >>"$LOG/$1.log" 2>&1 &
+    echo $! > "$RUN/$1.pid"
+  }
+  start ssp-coordinator /usr/local/bin/ssp-coordinator "$ETC/coordinator.toml"
+  start ssp-agent /usr/local/bin/ssp-agent "$ETC/agent.toml"
+fi
+
+for _ in $(seq 1 100); do
+  sspctl -o json hosts 2>/dev/null | grep -q "\"name\": \"$HOST\"" && break
+  sleep 0.3
+done
+sspctl -o json hosts | grep -q "\"name\": \"$HOST\"" || { say "the agent did not register; see $LOG"; exit 1; }
+
+# --- a demo user you can ssh into -----------------------------------------------------
+KEY=$HOME/.ssh/ssp-$DEMO
+mkdir -p "$HOME/.ssh"
+[ -f "$KEY" ] || ssh-keygen -q -t ed25519 -N "" -C "ssp-$DEMO" -f "$KEY"
+if ! sspctl -o json user list | grep -q "\"name\": \"$DEMO\""; then
+  sspctl user add "$DEMO" --ssh-key "$KEY.pub"
+fi
+sspctl ssh-config "$DEMO" --identity "$KEY" > "$HOME/.ssh/ssp-$DEMO.conf"
+for _ in $(seq 1 60); do
+  ssh -F "$HOME/.ssh/ssp-$DEMO.conf" -o BatchMode=yes -o ConnectTimeout=3 "ssp-$DEMO" true 2>/dev/null && break
+  sleep 1
+done
+sspctl ls
+say "ready. Log in with:"
+echo "  ssh -F $HOME/.ssh/ssp-$DEMO.conf ssp-$DEMO"
