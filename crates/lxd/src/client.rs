@@ -47,7 +47,13 @@ impl Client {
                 reason: "no such socket (is the daemon running?)".into(),
             });
         }
-        let http = HyperClient::builder(TokioExecutor::new()).build(UnixConnector);
+        // No idle connections: the daemons' unix listener peeks at the first bytes of
+        // each connection inside its accept loop, so one connection that is open but
+        // has sent nothing (hyper pools the loser of a connect/checkout race that way)
+        // stalls every other client of the daemon until it is used or closed.
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(UnixConnector);
         let placeholder = ServerInfo::from_json(json!({}));
         let mut c = Client {
             socket,

@@ -47,6 +47,7 @@ pub struct Host {
     pub gateway: String,
     veth: String,
     gpu_nodes: Vec<PathBuf>,
+    daemon: Option<std::process::Child>,
 }
 
 impl Host {
@@ -66,6 +67,7 @@ impl Host {
             netns,
             veth,
             gpu_nodes: vec![],
+            daemon: None,
         };
         h.teardown(); // leftovers of an earlier, killed run
         h.network()?;
@@ -120,7 +122,7 @@ impl Host {
         c
     }
 
-    fn daemon(&self) -> anyhow::Result<()> {
+    fn daemon(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let log = std::fs::File::create(self.dir.join("daemon.log"))?;
         let mut c = self.in_ns("sh");
@@ -135,7 +137,7 @@ impl Host {
             .stdout(log.try_clone()?)
             .stderr(log);
         crate::procs::new_session(&mut c);
-        c.spawn().context("starting the daemon")?;
+        self.daemon = Some(c.spawn().context("starting the daemon")?);
         let waitready = match self.kind {
             Kind::Incus => run(Command::new("incus")
                 .args(["admin", "waitready", "--timeout", "60"])
@@ -251,6 +253,15 @@ impl Host {
     /// Runs `cmd` inside `instance` through the daemon, returning stdout.
     pub fn exec(&self, instance: &str, cmd: &str) -> anyhow::Result<String> {
         self.cli_run(&["exec", instance, "--", "sh", "-c", cmd])
+    }
+
+    /// Kills the daemon with SIGKILL (its containers keep running) and starts it again.
+    pub fn restart_daemon(&mut self) -> anyhow::Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        self.daemon()
     }
 
     /// Waits until the daemon answers again (after a restart).

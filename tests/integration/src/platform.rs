@@ -15,6 +15,8 @@ pub struct Platform {
     /// Address `sspctl` uses.
     pub addr: String,
     pub agents: Vec<Proc>,
+    /// gRPC address of each agent, in the order given.
+    pub agent_addrs: Vec<String>,
     /// Root under which shared folders may live.
     pub shared_root: PathBuf,
     pub scratch: Scratch,
@@ -55,6 +57,7 @@ impl Platform {
         )?;
         let addr = format!("http://127.0.0.1:{port}");
         let mut procs = Vec::new();
+        let mut agent_addrs = Vec::new();
         for a in agents {
             let h = a.host;
             let aport = free_port();
@@ -69,6 +72,7 @@ impl Platform {
             if let Some(inv) = &a.gpu_inventory {
                 cfg.push_str(&format!("gpu_inventory = \"{}\"\n", inv.display()));
             }
+            agent_addrs.push(format!("http://{}:{aport}", h.addr));
             let path = dir.join(format!("agent-{}.toml", h.name));
             std::fs::write(&path, cfg)?;
             procs.push(Proc::start(
@@ -87,6 +91,7 @@ impl Platform {
             coordinator,
             addr,
             agents: procs,
+            agent_addrs,
             shared_root,
             scratch,
         };
