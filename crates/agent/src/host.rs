@@ -10,7 +10,6 @@ use ssp_lxd::Client;
 use ssp_proto::{HostInventory, InstanceEvent};
 use tokio::sync::{broadcast, Mutex, OwnedMutexGuard, RwLock};
 
-use crate::convert;
 use crate::inventory::{self, GpuSource};
 use crate::render::{GpuMode, HostContext};
 
@@ -77,7 +76,7 @@ impl HostState {
         let (inv, daemon_gpus) = inventory::collect(&self.client, &self.gpus).await?;
         let context = self.context_for(&inv.gpus, &daemon_gpus);
         let f = Facts {
-            inventory: convert::inventory_to_wire(&hostname(), &inv),
+            inventory: ssp_wire::inventory_to_wire(&hostname(), &inv),
             context,
             at: Instant::now(),
         };

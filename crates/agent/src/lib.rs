@@ -4,7 +4,6 @@
 
 pub mod account;
 pub mod config;
-pub mod convert;
 pub mod ensure;
 pub mod host;
 pub mod inventory;

@@ -7,7 +7,6 @@ use ssp_model::{
 use ssp_proto as pb;
 
 use crate::config::CoordinatorConfig;
-use crate::convert;
 
 /// Most GPUs one request may ask for; a sanity bound, not a policy.
 const MAX_GPUS: u32 = 64;
@@ -138,7 +137,7 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
             reason: "first port must not be above last".into(),
         });
     }
-    let mut inventory = convert::inventory_from_wire(
+    let mut inventory = ssp_wire::inventory_from_wire(
         req.inventory
             .as_ref()
             .unwrap_or(&pb::HostInventory::default()),

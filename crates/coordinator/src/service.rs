@@ -179,7 +179,7 @@ impl Coordinator for CoordinatorService {
             for g in &h.inventory.gpus {
                 gpus.push(GpuView {
                     host: h.name.to_string(),
-                    gpu: Some(convert::gpu_to_wire(g)),
+                    gpu: Some(ssp_wire::gpu_to_wire(g)),
                     holder: state
                         .gpu_holder(h.name.as_str(), &g.pci)
                         .map(|i| i.name.clone())
@@ -204,7 +204,7 @@ impl Coordinator for CoordinatorService {
                 ssh_host: h.ssh_host.clone(),
                 gpus_total: h.inventory.gpus.len() as u32,
                 gpus_free: ssp_model::place::free_gpus(&state, h).len() as u32,
-                inventory: Some(convert::inventory_to_wire(&h.inventory)),
+                inventory: Some(ssp_wire::inventory_to_wire("", &h.inventory)),
                 instances: state
                     .instances
                     .values()

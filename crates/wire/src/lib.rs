@@ -1,0 +1,80 @@
+//! Conversions between the domain model (`ssp-model`) and the wire messages
+//! (`ssp-proto`) that both the agent and the coordinator need.
+
+use ssp_model::{Gpu, Inventory, PciAddress, Pool};
+use ssp_proto as pb;
+
+/// Parses an agent's inventory report.
+pub fn inventory_from_wire(w: &pb::HostInventory) -> Result<Inventory, ssp_model::InputError> {
+    let gpus = w
+        .gpus
+        .iter()
+        .map(|g| {
+            Ok(Gpu {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                pci: PciAddress::parse(&g.pci_address)?,
+                model: g.model.clone(),
+                memory_bytes: g.memory_bytes,
+                minor: g.minor,
+                device_node: g.device_node.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, ssp_model::InputError>>()?;
+    Ok(Inventory {
+        cpus: w.cpus,
+        memory_bytes: w.memory_bytes,
+        pools: w
+            .pools
+            .iter()
+            .map(|p| Pool {
+                name: p.name.clone(),
+                driver: p.driver.clone(),
+                total_bytes: p.total_bytes,
+                used_bytes: p.used_bytes,
+            })
+            .collect(),
+        gpus,
+        gpu_source: w.gpu_source.clone(),
+        daemon: w.daemon.clone(),
+        daemon_version: w.daemon_version.clone(),
+        driver_version: w.driver_version.clone(),
+    })
+}
+
+/// An inventory as the wire type.
+pub fn inventory_to_wire(hostname: &str, inv: &Inventory) -> pb::HostInventory {
+    pb::HostInventory {
+        hostname: hostname.to_string(),
+        cpus: inv.cpus,
+        memory_bytes: inv.memory_bytes,
+        pools: inv
+            .pools
+            .iter()
+            .map(|p| pb::StoragePool {
+                name: p.name.clone(),
+                driver: p.driver.clone(),
+                total_bytes: p.total_bytes,
+                used_bytes: p.used_bytes,
+            })
+            .collect(),
+        gpus: inv.gpus.iter().map(gpu_to_wire).collect(),
+        gpu_source: inv.gpu_source.clone(),
+        daemon: inv.daemon.clone(),
+        daemon_version: inv.daemon_version.clone(),
+        driver_version: inv.driver_version.clone(),
+    }
+}
+
+/// A GPU as the wire type.
+pub fn gpu_to_wire(g: &Gpu) -> pb::Gpu {
+    pb::Gpu {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        pci_address: g.pci.to_string(),
+        model: g.model.clone(),
+        memory_bytes: g.memory_bytes,
+        minor: g.minor,
+        device_node: g.device_node.clone(),
+    }
+}
