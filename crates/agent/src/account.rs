@@ -39,11 +39,17 @@ fn quote(s: &str) -> String {
 /// The script with the owner's name, uid and keys filled in.
 /// Works on full distributions (useradd) and on busybox (adduser).
 pub fn script(spec: &InstanceSpec) -> String {
+    let members: Vec<String> = spec
+        .members
+        .iter()
+        .map(|m| format!("{} {}", m.name, m.uid))
+        .collect();
     format!(
-        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\n{BODY}",
+        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nmembers={}\n{BODY}",
         quote(&spec.owner),
         spec.owner_uid,
-        quote(&spec.ssh_keys.join("\n"))
+        quote(&spec.ssh_keys.join("\n")),
+        quote(&members.join("\n")),
     )
 }
 
@@ -71,6 +77,25 @@ printf '%s\n' "$keys" > "$home/.ssh/authorized_keys.new"
 mv "$home/.ssh/authorized_keys.new" "$home/.ssh/authorized_keys"
 chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
 chown -R "$uid:$(id -g "$u")" "$home/.ssh"
+# The lab's other users get their names for their uids (no login, no home), so
+# files in shared folders show who owns them. Entries ssp made are marked.
+printf '%s\n' "$members" | while read -r m muid; do
+  [ -n "$m" ] || continue
+  if ! getent passwd "$muid" >/dev/null 2>&1 && ! getent passwd "$m" >/dev/null 2>&1; then
+    if command -v useradd >/dev/null 2>&1; then
+      getent group "$muid" >/dev/null 2>&1 || groupadd -g "$muid" "$m"
+      useradd -M -N -g "$muid" -u "$muid" -c "ssp lab member" -s /usr/sbin/nologin "$m"
+    else
+      addgroup -g "$muid" "$m" 2>/dev/null || true
+      adduser -H -D -u "$muid" -G "$m" -g "ssp lab member" -s /sbin/nologin "$m"
+    fi
+  fi
+done
+# Members who left the lab lose the entries ssp made for them.
+getent passwd | awk -F: '$5 == "ssp lab member" {print $1}' | while read -r m; do
+  printf '%s\n' "$members" | grep -q "^$m " && continue
+  if command -v userdel >/dev/null 2>&1; then userdel "$m" 2>/dev/null || true; else deluser "$m" 2>/dev/null || true; fi
+done
 "#;
 
 /// Runs the script inside the running container now.

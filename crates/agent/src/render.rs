@@ -222,6 +222,7 @@ mod tests {
             }],
             running: true,
             uid_range: "10000-19999".into(),
+            members: vec![],
         }
     }
 

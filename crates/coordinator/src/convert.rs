@@ -17,8 +17,14 @@ pub fn user_to_wire(u: &User) -> pb::User {
     }
 }
 
-/// The spec an agent needs to run `inst`.
-pub fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceSpec {
+/// The spec an agent needs to run `inst`. `members` are the lab's users, so files
+/// in shared folders show their owners' names inside every container.
+pub fn spec_for<'a>(
+    inst: &Instance,
+    owner: &User,
+    settings: &Settings,
+    members: impl IntoIterator<Item = &'a User>,
+) -> pb::InstanceSpec {
     pb::InstanceSpec {
         name: inst.name.clone(),
         owner: owner.name.to_string(),
@@ -41,6 +47,14 @@ pub fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::Insta
             .collect(),
         running: true,
         uid_range: format!("{}-{}", settings.uid_first, settings.uid_last),
+        members: members
+            .into_iter()
+            .filter(|u| u.name != owner.name)
+            .map(|u| pb::LabMember {
+                name: u.name.to_string(),
+                uid: u.uid,
+            })
+            .collect(),
     }
 }
 

@@ -119,7 +119,7 @@ impl Core {
         let Some(owner) = state.users.get(inst.owner.as_str()) else {
             return Ok(Converged::Gone);
         };
-        let spec = convert::spec_for(inst, owner, &state.settings());
+        let spec = convert::spec_for(inst, owner, &state.settings(), state.users.values());
         let st = self.agents.ensure(&state, inst.host.as_str(), spec).await?;
         Ok(Converged::Ensured(st))
     }

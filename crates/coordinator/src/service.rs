@@ -83,6 +83,9 @@ impl Coordinator for CoordinatorService {
                 format!("user {} is recorded, but the container is not running yet ({e}); ssp keeps retrying", user.name),
             ),
         };
+        // Every other container learns the new member's name for their uid.
+        let core = self.core.clone();
+        tokio::spawn(async move { core.reconcile(None).await });
         let view = convert::instance_view(
             &instance,
             state.hosts.get(instance.host.as_str()),
@@ -117,6 +120,8 @@ impl Coordinator for CoordinatorService {
             })?;
         }
         tracing::info!(user = %name, "user removed");
+        let core = self.core.clone();
+        tokio::spawn(async move { core.reconcile(None).await });
         Ok(Response::new(RemoveUserReply {}))
     }
 
