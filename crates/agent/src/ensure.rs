@@ -18,6 +18,8 @@ pub enum EnsureError {
     Foreign(String),
     #[error("cannot render {name}: {reason}")]
     Render { name: String, reason: String },
+    #[error("this host is not set up for ssp: {0}")]
+    Host(String),
     #[error("shared folder {path}: {source}")]
     Share {
         path: String,
@@ -41,6 +43,9 @@ pub async fn ensure(
         name: spec.name.clone(),
         reason,
     })?;
+    if !spec.uid_range.is_empty() {
+        crate::subid::check(&spec.uid_range).map_err(EnsureError::Host)?;
+    }
     for s in &spec.shares {
         ensure_share_dir(Path::new(&s.host_path))?;
     }

@@ -10,6 +10,7 @@ pub mod inventory;
 pub mod register;
 pub mod render;
 pub mod service;
+pub mod subid;
 
 use std::sync::Arc;
 

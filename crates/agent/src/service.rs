@@ -20,7 +20,9 @@ pub struct AgentService {
 
 fn to_status(e: EnsureError) -> Status {
     match &e {
-        EnsureError::Foreign(_) => Status::failed_precondition(e.to_string()),
+        EnsureError::Foreign(_) | EnsureError::Host(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         EnsureError::Render { .. } => Status::invalid_argument(e.to_string()),
         EnsureError::Daemon(d) if d.is_not_found() => Status::not_found(e.to_string()),
         _ => Status::internal(e.to_string()),
