@@ -25,13 +25,6 @@ pub enum Error {
     /// A reply could not be understood.
     #[error("unexpected reply to {path}: {reason}")]
     Protocol { path: String, reason: String },
-    /// An exec'd command failed inside the instance.
-    #[error("command in {instance} exited with {code}: {stderr}")]
-    Exec {
-        instance: String,
-        code: i64,
-        stderr: String,
-    },
 }
 
 impl Error {

@@ -75,11 +75,6 @@ impl ServerInfo {
             raw,
         }
     }
-
-    /// True when the daemon lists `ext` among its API extensions.
-    pub fn has_extension(&self, ext: &str) -> bool {
-        self.api_extensions.iter().any(|e| e == ext)
-    }
 }
 
 /// An instance as returned by `GET /1.0/instances?recursion=1`.

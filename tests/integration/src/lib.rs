@@ -83,11 +83,6 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-/// Runs a shell line, failing on a non-zero exit.
-pub fn sh(line: &str) -> anyhow::Result<String> {
-    run(Command::new("sh").arg("-c").arg(line))
-}
-
 /// Polls `f` until it returns `Some`, or fails after `limit` with `what`.
 pub fn wait_for<T>(
     what: &str,
