@@ -81,6 +81,14 @@ impl Core {
         store.apply(cmd).map_err(apply_status)
     }
 
+    /// Reads the current state in place, without copying it.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        match self.store.lock() {
+            Ok(s) => f(s.state()),
+            Err(poisoned) => f(poisoned.get_ref().state()),
+        }
+    }
+
     /// A copy of the current state.
     pub fn snapshot(&self) -> State {
         self.store

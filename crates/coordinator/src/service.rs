@@ -31,23 +31,21 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<RegisterHostReply>, Status> {
         let cmd = request::register_host(req.get_ref()).map_err(input_status)?;
         let name = req.get_ref().name.clone();
-        let changed = {
-            let state = self.core.snapshot();
-            let Command::RegisterHost(h) = &cmd else {
-                unreachable!()
-            };
-            state.hosts.get(&name) != Some(h)
+        // Heartbeats arrive every few seconds: read the state in place, and write
+        // only when the host's record really changed.
+        let Command::RegisterHost(h) = &cmd else {
+            unreachable!()
         };
-        if changed {
+        if self.core.read(|s| s.hosts.get(&name) != Some(h)) {
             self.core.apply(&cmd)?;
             tracing::info!(host = %name, "host registered or changed");
         }
-        let state = self.core.snapshot();
-        let count = state
-            .instances
-            .values()
-            .filter(|i| i.host.as_str() == name)
-            .count() as u32;
+        let count = self.core.read(|s| {
+            s.instances
+                .values()
+                .filter(|i| i.host.as_str() == name)
+                .count() as u32
+        });
         let first = self
             .seen_hosts
             .lock()

@@ -10,7 +10,7 @@ pub mod platform;
 pub mod procs;
 
 pub use host::{Host, Kind};
-pub use platform::{AgentSpec, Platform};
+pub use platform::{AgentSpec, Platform, SshClient};
 pub use procs::{free_port, sspctl, Proc, Ssp};
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! A whole ssp platform on testbed hosts: one coordinator, one agent per host.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
@@ -20,6 +20,31 @@ pub struct Platform {
     /// Root under which shared folders may live.
     pub shared_root: PathBuf,
     pub scratch: Scratch,
+}
+
+/// The real OpenSSH client, driven by an ssh_config file that `sspctl ssh-config` printed.
+pub struct SshClient {
+    pub config: PathBuf,
+    pub alias: String,
+}
+
+impl SshClient {
+    /// Runs `cmd` in the container over SSH, returning stdout.
+    pub fn run(&self, cmd: &str) -> anyhow::Result<String> {
+        crate::run(
+            std::process::Command::new("ssh")
+                .arg("-F")
+                .arg(&self.config)
+                .args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "ConnectTimeout=5",
+                    &self.alias,
+                    cmd,
+                ]),
+        )
+    }
 }
 
 /// What one agent is given.
@@ -145,6 +170,35 @@ impl Platform {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Writes what `sspctl ssh-config NAME` prints (with `key` as the identity) and
+    /// returns an OpenSSH client that uses only that file, once a login as NAME works.
+    pub fn ssh_login(&self, name: &str, key: &Path) -> anyhow::Result<SshClient> {
+        let dir = self.scratch.path();
+        let config = self.ctl_ok(&[
+            "ssh-config",
+            name,
+            "--identity",
+            key.to_str().unwrap_or_default(),
+            "--known-hosts",
+            dir.join(format!("known_hosts-{name}"))
+                .to_str()
+                .unwrap_or_default(),
+        ])?;
+        let path = dir.join(format!("ssh_config-{name}"));
+        std::fs::write(&path, config)?;
+        let client = SshClient {
+            config: path,
+            alias: format!("ssp-{name}"),
+        };
+        let who = wait_for(&format!("{name}'s sshd"), Duration::from_secs(60), || {
+            client.run("id -un").ok()
+        })?;
+        if who.trim() != name {
+            bail!("logged in as {who:?}, expected {name}");
+        }
+        Ok(client)
     }
 
     /// `sspctl -o json ARGS`, parsed.

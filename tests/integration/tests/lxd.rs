@@ -1,10 +1,7 @@
 //! The create, SSH and limits path against LXD 5.0 (Debian's package).
 
-use std::process::Command;
-use std::time::Duration;
-
 use anyhow::{ensure, Result};
-use ssp_integration::{run, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform};
+use ssp_integration::{ssh_keypair, AgentSpec, Host, Kind, Platform};
 
 #[test]
 fn lxd_create_ssh_and_limits() -> Result<()> {
@@ -45,30 +42,8 @@ fn lxd_create_ssh_and_limits() -> Result<()> {
         "GPU nodes inside: {nodes:?}"
     );
 
-    let cfg = dir.join("ssh_config");
-    let text = p.ctl_ok(&[
-        "ssh-config",
-        "erin",
-        "-i",
-        key.to_str().unwrap_or_default(),
-        "--known-hosts",
-        dir.join("kh").to_str().unwrap_or_default(),
-    ])?;
-    std::fs::write(&cfg, text)?;
-    let ssh = |cmd: &str| {
-        run(Command::new("ssh").arg("-F").arg(&cfg).args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            "ssp-erin",
-            cmd,
-        ]))
-    };
-    let who = wait_for("erin's sshd", Duration::from_secs(60), || {
-        ssh("id -un").ok()
-    })?;
-    ensure!(who.trim() == "erin", "logged in as {who:?}");
+    let client = p.ssh_login("erin", &key)?;
+    let ssh = |cmd: &str| client.run(cmd);
     ensure!(ssh("nproc")?.trim() == "1", "nproc should be 1");
     let mem_kib: u64 = ssh("awk '/MemTotal/ {print $2}' /proc/meminfo")?
         .trim()

@@ -1,10 +1,8 @@
 //! One host, end to end, on a real Incus daemon: user add → coordinator → agent →
 //! a running container with its GPUs, limits and shared folder, reached over real SSH.
 
-use std::process::Command;
-
 use anyhow::{ensure, Context, Result};
-use ssp_integration::{run, ssh_keypair, AgentSpec, Host, Kind, Platform};
+use ssp_integration::{ssh_keypair, AgentSpec, Host, Kind, Platform};
 
 fn names(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
@@ -93,31 +91,8 @@ fn single_host_end_to_end() -> Result<()> {
     );
 
     // 2. alice logs in with only what `ssh-config` printed; CPU count and memory match the request.
-    let cfg_text = p.ctl_ok(&[
-        "ssh-config",
-        "alice",
-        "--identity",
-        alice_key.to_str().unwrap_or_default(),
-        "--known-hosts",
-        dir.join("known_hosts").to_str().unwrap_or_default(),
-    ])?;
-    let cfg = dir.join("ssh_config");
-    std::fs::write(&cfg, &cfg_text)?;
-    let ssh = |cmd: &str| -> Result<String> {
-        run(Command::new("ssh").arg("-F").arg(&cfg).args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            "ssp-alice",
-            cmd,
-        ]))
-    };
-    let who =
-        ssp_integration::wait_for("alice's sshd", std::time::Duration::from_secs(60), || {
-            ssh("id -un").ok()
-        })?;
-    ensure!(who.trim() == "alice", "logged in as {who:?}");
+    let client = p.ssh_login("alice", &alice_key)?;
+    let ssh = |cmd: &str| client.run(cmd);
     let nproc = ssh("nproc")?;
     ensure!(
         nproc.trim() == "2",
