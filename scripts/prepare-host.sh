@@ -18,10 +18,19 @@ for f in /etc/subuid /etc/subgid; do
   grep -qx "root:$SSP_UID_FIRST:$SSP_UID_COUNT" "$f" || echo "root:$SSP_UID_FIRST:$SSP_UID_COUNT" >> "$f"
 done
 
-if ! mountpoint -q /var/lib/lxcfs 2>/dev/null; then
+# A live lxcfs answers under /var/lib/lxcfs/proc. After lxcfs dies its FUSE mount stays
+# behind and every stat of it fails ("Transport endpoint is not connected"): detach
+# that stale mount before starting a new lxcfs.
+lxcfs_live() { [ -r /var/lib/lxcfs/proc/meminfo ] 2>/dev/null; }
+if ! lxcfs_live; then
+  if grep -q ' /var/lib/lxcfs ' /proc/mounts; then
+    echo "prepare-host: detaching a stale lxcfs mount" >&2
+    umount -l /var/lib/lxcfs 2>/dev/null || fusermount -uz /var/lib/lxcfs 2>/dev/null || true
+  fi
+  pkill -x lxcfs 2>/dev/null || true
   mkdir -p /var/lib/lxcfs /var/log/ssp
   setsid lxcfs /var/lib/lxcfs >/var/log/ssp/lxcfs.log 2>&1 < /dev/null &
-  for _ in $(seq 1 50); do mountpoint -q /var/lib/lxcfs && break; sleep 0.1; done
-  mountpoint -q /var/lib/lxcfs || { echo "prepare-host: lxcfs did not start; see /var/log/ssp/lxcfs.log" >&2; exit 1; }
+  for _ in $(seq 1 50); do lxcfs_live && break; sleep 0.1; done
+  lxcfs_live || { echo "prepare-host: lxcfs did not start; see /var/log/ssp/lxcfs.log" >&2; exit 1; }
 fi
 echo "prepare-host: ready"

@@ -51,9 +51,9 @@ pub fn preflight(kind: Kind) -> anyhow::Result<()> {
             );
         }
     }
-    if !is_mountpoint("/var/lib/lxcfs") {
+    if std::fs::metadata("/var/lib/lxcfs/proc/meminfo").is_err() {
         bail!(
-            "lxcfs is not running; run scripts/prepare-host.sh (it starts `lxcfs /var/lib/lxcfs`)"
+            "lxcfs is not running (or its mount is stale); run scripts/prepare-host.sh (it starts `lxcfs /var/lib/lxcfs`)"
         );
     }
     let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
@@ -61,12 +61,6 @@ pub fn preflight(kind: Kind) -> anyhow::Result<()> {
         bail!("/etc/subuid lacks root:10000:10000 (ssp's uid range); run scripts/prepare-host.sh");
     }
     Ok(())
-}
-
-fn is_mountpoint(p: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(p)))
-        .unwrap_or(false)
 }
 
 /// Runs a command, failing with its stderr when it exits non-zero.
