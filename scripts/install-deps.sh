@@ -8,7 +8,7 @@ set -euo pipefail
 need_pkgs=(incus iptables btrfs-progs debootstrap busybox-static openssh-client
            iproute2 lxcfs uidmap)
 if [ "${1:-}" = "--test" ]; then
-  need_pkgs+=(lxd)
+  need_pkgs+=(lxd etcd-server etcd-client protobuf-compiler)
 fi
 
 missing=()

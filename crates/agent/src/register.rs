@@ -37,15 +37,16 @@ async fn register_once(cfg: &AgentConfig, host: &HostState, addr: &str) -> anyho
     let inventory = host.inventory().await?;
     let channel = ssp_net::connect(addr).await?;
     let mut c = CoordinatorClient::new(channel);
-    let reply = c
-        .register_host(RegisterHostRequest {
-            name: cfg.name.clone(),
-            agent_address: cfg.advertise.clone(),
-            ssh_host: cfg.ssh_host.clone(),
-            ssh_port_first: cfg.ssh_ports.0 as u32,
-            ssh_port_last: cfg.ssh_ports.1 as u32,
-            inventory: Some(inventory),
-        })
-        .await?;
+    let mut req = tonic::Request::new(RegisterHostRequest {
+        name: cfg.name.clone(),
+        agent_address: cfg.advertise.clone(),
+        ssh_host: cfg.ssh_host.clone(),
+        ssh_port_first: cfg.ssh_ports.0 as u32,
+        ssh_port_last: cfg.ssh_ports.1 as u32,
+        inventory: Some(inventory),
+    });
+    // A coordinator that is paused or cut off must not hold the heartbeat up.
+    req.set_timeout(Duration::from_secs(5));
+    let reply = c.register_host(req).await?;
     Ok(reply.into_inner().instances)
 }

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "sspctl", version, about)]
 pub struct Cli {
-    /// Coordinator address.
+    /// Coordinator address(es), comma-separated; any member of the cluster will do.
     #[arg(
         long,
         global = true,
@@ -17,6 +17,10 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7400"
     )]
     coordinator: String,
+    /// Let a coordinator answer reads from its own replica without asking the
+    /// leader (works without a quorum; may be behind).
+    #[arg(long, global = true)]
+    stale: bool,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = output::Format::Table)]
     output: output::Format,
@@ -37,6 +41,9 @@ enum Commands {
     Hosts,
     /// Print an ssh_config block for a user's container.
     SshConfig(cmd::ssh_config::Args),
+    /// The replicated coordinators: init, join, leave, status.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -48,6 +55,7 @@ async fn main() {
         Commands::Gpus => cmd::gpus::run(&cli).await,
         Commands::Hosts => cmd::hosts::run(&cli).await,
         Commands::SshConfig(ref a) => cmd::ssh_config::run(&cli, a).await,
+        Commands::Cluster(ref c) => cmd::cluster::run(&cli, c).await,
     };
     if let Err(e) = res {
         eprintln!("sspctl: {}", cmd::one_line(&e));

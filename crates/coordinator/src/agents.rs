@@ -27,6 +27,8 @@ pub enum AgentError {
     UnknownHost { host: String },
     #[error("host {host} did not answer in {secs}s")]
     Timeout { host: String, secs: u64 },
+    #[error("host {host} cannot be reached: {message}")]
+    Unreachable { host: String, message: String },
     #[error("host {host}: {message}")]
     Call { host: String, message: String },
 }
@@ -108,6 +110,10 @@ async fn call<T>(
         Err(_) => Err(AgentError::Timeout {
             host: host.into(),
             secs: limit.as_secs(),
+        }),
+        Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Err(AgentError::Unreachable {
+            host: host.into(),
+            message: s.message().to_string(),
         }),
         Ok(Err(s)) => Err(AgentError::Call {
             host: host.into(),

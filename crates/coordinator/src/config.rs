@@ -28,6 +28,39 @@ pub struct CoordinatorConfig {
     /// Seconds between full reconcile passes over every instance.
     #[serde(default = "default_reconcile")]
     pub reconcile_secs: u64,
+    /// The address other coordinators, agents and sspctl reach this one at
+    /// (`http://IP:PORT`); defaults to `listen` when that is not a wildcard.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// On first start with an empty data_dir, form a one-node cluster of this
+    /// coordinator. Leave it off for a coordinator that will be added with
+    /// `sspctl cluster join`, or start it and run `sspctl cluster init`.
+    #[serde(default)]
+    pub bootstrap: bool,
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+/// Raft timing; the defaults give failover well under two seconds on a LAN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Log entries between snapshots; older entries are then compacted away.
+    pub snapshot_every: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 100,
+            election_min_ms: 400,
+            election_max_ms: 800,
+            snapshot_every: 5000,
+        }
+    }
 }
 
 /// Limits and image a user gets when the request leaves them out.
@@ -85,7 +118,37 @@ impl CoordinatorConfig {
                 path.display()
             );
         }
+        if cfg.raft.heartbeat_ms == 0
+            || cfg.raft.election_min_ms <= cfg.raft.heartbeat_ms
+            || cfg.raft.election_max_ms <= cfg.raft.election_min_ms
+        {
+            anyhow::bail!(
+                "[raft] in {}: expected 0 < heartbeat_ms < election_min_ms < election_max_ms",
+                path.display()
+            );
+        }
+        if cfg.raft.snapshot_every < 10 {
+            anyhow::bail!(
+                "[raft] snapshot_every in {}: expected at least 10",
+                path.display()
+            );
+        }
+        cfg.advertise_address()
+            .with_context(|| format!("advertise in {}", path.display()))?;
         Ok(cfg)
+    }
+
+    /// The address peers and clients use for this coordinator.
+    pub fn advertise_address(&self) -> anyhow::Result<String> {
+        match &self.advertise {
+            Some(a) if a.starts_with("http://") => Ok(a.clone()),
+            Some(a) => anyhow::bail!("{a:?}: expected http://IP:PORT"),
+            // A lone coordinator is reached on loopback; a cluster needs advertise.
+            None if self.listen.ip().is_unspecified() => {
+                Ok(format!("http://127.0.0.1:{}", self.listen.port()))
+            }
+            None => Ok(format!("http://{}", self.listen)),
+        }
     }
 
     /// The default limits, parsed.

@@ -1,32 +1,37 @@
-//! The coordinator's core: the durable store, the agents, and converging one
+//! The coordinator's core: the replicated state, the agents, and converging one
 //! instance at a time towards its desired state.
 //!
-//! Every path that acts on a container (adding a user, removing one, the
-//! periodic reconcile) goes through [`Core::converge`], which holds that
-//! instance's lock and re-reads the desired state under it. So a reconcile pass
-//! working from an old snapshot can never re-create a container that was just
-//! removed, and two passes never work on one container at once.
+//! Only the raft leader drives agents. Every path that acts on a container
+//! (adding a user, removing one, the periodic reconcile) goes through
+//! [`Core::converge`], which holds that instance's lock and re-reads the desired
+//! state under it. So a reconcile pass working from an old snapshot can never
+//! re-create a container that was just removed, and two passes never work on one
+//! container at once.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
 
+use openraft::error::{ClientWriteError, RaftError};
 use ssp_model::{Command, Outcome, Rejection, State};
 use ssp_proto::InstanceStatus;
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tonic::Status;
 
 use crate::agents::{AgentError, Agents};
 use crate::config::CoordinatorConfig;
 use crate::convert;
-use crate::store::{ApplyError, Store};
+use crate::raft::{Replica, Reply, Request};
 
-/// Shared by the gRPC service and the reconcile loop.
+/// Shared by the gRPC services and the reconcile loop.
 #[derive(Clone)]
 pub struct Core {
-    pub store: Arc<Mutex<Store>>,
+    pub replica: Replica,
     pub agents: Agents,
     pub cfg: Arc<CoordinatorConfig>,
+    pub peers: crate::cluster::Peers,
     locks: Arc<AsyncMutex<HashMap<String, Arc<AsyncMutex<()>>>>>,
+    kick: Arc<Notify>,
 }
 
 /// What converging an instance did.
@@ -40,61 +45,94 @@ pub enum Converged {
     Gone,
 }
 
-/// The one mapping from state-machine errors to gRPC status codes.
-pub fn apply_status(e: ApplyError) -> Status {
-    match e {
-        ApplyError::Rejected(r) => match &r {
-            Rejection::UserExists(_) | Rejection::InstanceExists(_) => {
-                Status::already_exists(r.to_string())
-            }
-            Rejection::UnknownUser(_) | Rejection::UnknownInstance(_) => {
-                Status::not_found(r.to_string())
-            }
-            Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => {
-                Status::resource_exhausted(r.to_string())
-            }
-            Rejection::NotDeleting(_) => Status::failed_precondition(r.to_string()),
-            Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
-                Status::invalid_argument(r.to_string())
-            }
-        },
-        ApplyError::Store(s) => Status::internal(s.to_string()),
+/// A write's result: its outcome, or `Earlier` when the same request id was
+/// applied before (a client retry) and succeeded then.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Applied {
+    Now(Outcome),
+    Earlier { index: u64 },
+}
+
+/// The one mapping from state-machine rejections to gRPC status codes.
+pub fn rejection_status(r: Rejection) -> Status {
+    match &r {
+        Rejection::UserExists(_) | Rejection::InstanceExists(_) => {
+            Status::already_exists(r.to_string())
+        }
+        Rejection::UnknownUser(_) | Rejection::UnknownInstance(_) => {
+            Status::not_found(r.to_string())
+        }
+        Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => {
+            Status::resource_exhausted(r.to_string())
+        }
+        Rejection::NotDeleting(_) => Status::failed_precondition(r.to_string()),
+        Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
+            Status::invalid_argument(r.to_string())
+        }
     }
 }
 
 impl Core {
-    pub fn new(store: Store, cfg: CoordinatorConfig) -> Self {
+    pub fn new(replica: Replica, cfg: CoordinatorConfig) -> Self {
         Core {
-            store: Arc::new(Mutex::new(store)),
+            replica,
             agents: Agents::default(),
             cfg: Arc::new(cfg),
+            peers: Default::default(),
             locks: Default::default(),
+            kick: Default::default(),
         }
     }
 
-    /// Applies a command durably.
-    pub fn apply(&self, cmd: &Command) -> Result<Outcome, Status> {
-        let mut store = self
-            .store
-            .lock()
-            .map_err(|_| Status::internal("state store lock poisoned"))?;
-        store.apply(cmd).map_err(apply_status)
+    /// Whether this node is the leader right now (as far as it knows).
+    pub fn is_leader(&self) -> bool {
+        self.replica.raft.metrics().borrow().current_leader == Some(self.replica.id)
     }
 
-    /// Reads the current state in place, without copying it.
+    /// Replicates `cmd` through raft; returns once a quorum stored it and this
+    /// node applied it. `id` makes a retried request apply once.
+    pub async fn apply(&self, cmd: Command, id: Option<String>) -> Result<Applied, Status> {
+        match self.replica.raft.client_write(Request { id, cmd }).await {
+            Ok(resp) => match resp.data {
+                Reply::Done(o) => Ok(Applied::Now(o)),
+                Reply::Rejected(r) => Err(rejection_status(r)),
+                Reply::AlreadyApplied {
+                    rejected: Some(r), ..
+                } => Err(rejection_status(r)),
+                Reply::AlreadyApplied {
+                    index,
+                    rejected: None,
+                } => Ok(Applied::Earlier { index }),
+                Reply::None => Err(Status::internal("a command produced no reply")),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Status::unavailable(format!(
+                    "this coordinator stopped being the leader{}; retry",
+                    f.leader_node
+                        .map(|n| format!(" (the leader is now {})", n.addr))
+                        .unwrap_or_default()
+                )))
+            }
+            Err(e) => Err(Status::unavailable(format!(
+                "replication failed: {e}; retry"
+            ))),
+        }
+    }
+
+    /// Reads this node's replica of the state in place (callers decide how current it must be).
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        match self.store.lock() {
-            Ok(s) => f(s.state()),
-            Err(poisoned) => f(poisoned.get_ref().state()),
-        }
+        self.replica.read(|m| f(&m.state))
     }
 
-    /// A copy of the current state.
+    /// A copy of this node's replica of the state.
     pub fn snapshot(&self) -> State {
-        self.store
-            .lock()
-            .map(|s| s.state().clone())
-            .unwrap_or_default()
+        self.read(State::clone)
+    }
+
+    /// Asks the reconcile loop for a pass soon; passes asked for together run once.
+    pub fn kick(&self) {
+        self.kick.notify_one();
     }
 
     async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
@@ -117,11 +155,19 @@ impl Core {
         };
         if inst.deleting {
             self.agents.delete(&state, inst.host.as_str(), name).await?;
-            self.apply(&Command::ForgetInstance { name: name.into() })
-                .map_err(|s| AgentError::Call {
-                    host: inst.host.to_string(),
-                    message: s.message().to_string(),
-                })?;
+            match self
+                .apply(Command::ForgetInstance { name: name.into() }, None)
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => {
+                    return Err(AgentError::Call {
+                        host: inst.host.to_string(),
+                        message: s.message().to_string(),
+                    })
+                }
+            }
             return Ok(Converged::Deleted);
         }
         let Some(owner) = state.users.get(inst.owner.as_str()) else {
@@ -132,24 +178,68 @@ impl Core {
         Ok(Converged::Ensured(st))
     }
 
-    /// One pass over every instance (or those of `only_host`).
+    /// One pass over every instance (or those of `only_host`). A host that fails
+    /// to answer is skipped for the rest of the pass.
     pub async fn reconcile(&self, only_host: Option<&str>) {
-        let names: Vec<String> = self
-            .snapshot()
-            .instances
-            .values()
-            .filter(|i| only_host.is_none_or(|h| h == i.host.as_str()))
-            .map(|i| i.name.clone())
-            .collect();
-        for name in names {
+        if !self.is_leader() {
+            return;
+        }
+        let names: Vec<(String, String)> = self.read(|s| {
+            s.instances
+                .values()
+                .filter(|i| only_host.is_none_or(|h| h == i.host.as_str()))
+                .map(|i| (i.name.clone(), i.host.to_string()))
+                .collect()
+        });
+        let mut down: BTreeSet<String> = BTreeSet::new();
+        for (name, host) in names {
+            if down.contains(&host) || !self.is_leader() {
+                continue;
+            }
             match self.converge(&name).await {
                 Ok(Converged::Ensured(st)) if !st.changed.is_empty() => {
                     tracing::info!(instance = %name, changed = ?st.changed, "reconciled")
                 }
                 Ok(Converged::Deleted) => tracing::info!(instance = %name, "deleted and forgotten"),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(instance = %name, "reconcile: {e}"),
+                Err(e) => {
+                    if matches!(
+                        e,
+                        AgentError::Timeout { .. } | AgentError::Unreachable { .. }
+                    ) {
+                        down.insert(host);
+                    }
+                    tracing::warn!(instance = %name, "reconcile: {e}")
+                }
             }
+        }
+    }
+
+    /// The leader's background duties: settle the settings once, then reconcile
+    /// every `every` and whenever kicked.
+    pub async fn leader_loop(self, every: Duration) {
+        let mut was_leader = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.kick.notified() => {}
+            }
+            let leader = self.is_leader();
+            if leader && !was_leader {
+                tracing::info!(node = self.replica.id, "this coordinator is the leader");
+                if self.read(|s| s.settings.is_none()) {
+                    let init = Command::Init(ssp_model::Settings {
+                        uid_first: self.cfg.uid_range.0,
+                        uid_last: self.cfg.uid_range.1,
+                    });
+                    if let Err(e) = self.apply(init, None).await {
+                        tracing::warn!("recording the settings failed: {}", e.message());
+                        continue;
+                    }
+                }
+            }
+            was_leader = leader;
+            self.reconcile(None).await;
         }
     }
 }

@@ -2,20 +2,20 @@
 //! state machine, and the loop that drives agents towards it.
 
 pub mod agents;
+pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod core;
+pub mod raft;
 pub mod request;
 pub mod service;
 pub mod sshconfig;
-pub mod store;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use ssp_model::{Command, Settings};
 
 use crate::config::CoordinatorConfig;
 use crate::service::CoordinatorService;
@@ -24,39 +24,59 @@ use crate::service::CoordinatorService;
 pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let path = cfg.data_dir.join("state.redb");
-    let mut store =
-        store::Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    if store.state().settings.is_none() {
-        store.apply(&Command::Init(Settings {
-            uid_first: cfg.uid_range.0,
-            uid_last: cfg.uid_range.1,
-        }))?;
+    let address = cfg.advertise_address()?;
+    // Bind before raft starts, so peers reach us as soon as we vote or lead.
+    let listener = ssp_net::Listener::bind(cfg.listen).await?;
+    let replica = raft::Replica::start(&cfg.data_dir, address.clone(), &cfg.raft).await?;
+    let initialized = replica.initialized().await;
+    if !initialized && cfg.bootstrap {
+        replica.init().await?;
+        tracing::info!(
+            node = replica.id,
+            "formed a one-node cluster (bootstrap = true)"
+        );
+    } else if !initialized {
+        tracing::info!(
+            node = replica.id,
+            %address,
+            "not part of a cluster yet: waiting for `sspctl cluster init` or `sspctl cluster join {address}`"
+        );
     }
-    tracing::info!(
-        users = store.state().users.len(),
-        hosts = store.state().hosts.len(),
-        index = store.index(),
-        "state loaded"
-    );
-    let core = core::Core::new(store, cfg.clone());
+    replica.read(|m| {
+        tracing::info!(
+            node = replica.id,
+            users = m.state.users.len(),
+            hosts = m.state.hosts.len(),
+            applied = ?m.last_applied.map(|l| l.index),
+            "state loaded"
+        )
+    });
+    let raft_svc = raft::network::RaftService {
+        id: replica.id,
+        raft: replica.raft.clone(),
+    };
+    let core = core::Core::new(replica.clone(), cfg.clone());
     let svc = CoordinatorService {
         core: core.clone(),
         seen_hosts: Arc::new(Mutex::new(BTreeSet::new())),
     };
+    let cluster = cluster::ClusterService { core: core.clone() };
     let every = Duration::from_secs(cfg.reconcile_secs.max(1));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            core.reconcile(None).await;
-        }
-    });
-    let listener = ssp_net::Listener::bind(cfg.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "coordinator listening");
+    core.kick();
+    tokio::spawn(core.clone().leader_loop(every));
+    tracing::info!(addr = %listener.local_addr()?, node = replica.id, "coordinator listening");
+    let max = raft::network::MAX_MESSAGE;
     ssp_net::Listener::server()
         .add_service(ssp_proto::coordinator_server::CoordinatorServer::new(svc))
+        .add_service(ssp_proto::cluster_server::ClusterServer::new(cluster))
+        .add_service(
+            ssp_proto::raft_server::RaftServer::new(raft_svc)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
         .serve_with_incoming_shutdown(listener.incoming(), shutdown())
         .await?;
+    let _ = replica.raft.shutdown().await;
     Ok(())
 }
 

@@ -1,4 +1,7 @@
-//! The coordinator's gRPC service: parse, apply to the store, drive agents.
+//! The coordinator's gRPC service: parse, replicate, drive agents.
+//!
+//! Writes run on the raft leader (a follower forwards them there); reads are
+//! served here, linearizable unless the client asked for a local read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -8,7 +11,8 @@ use ssp_proto::coordinator_server::Coordinator;
 use ssp_proto::*;
 use tonic::{Request, Response, Status};
 
-use crate::core::{Converged, Core};
+use crate::cluster::{annotate, forwarded, request_id, Route};
+use crate::core::{Applied, Converged, Core};
 use crate::{convert, request};
 
 /// The coordinator's gRPC service.
@@ -29,6 +33,14 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<RegisterHostRequest>,
     ) -> Result<Response<RegisterHostReply>, Status> {
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .register_host(forwarded(req))
+                .await;
+        }
         let cmd = request::register_host(req.get_ref()).map_err(input_status)?;
         let name = req.get_ref().name.clone();
         // Heartbeats arrive every few seconds: read the state in place, and write
@@ -37,7 +49,7 @@ impl Coordinator for CoordinatorService {
             unreachable!()
         };
         if self.core.read(|s| s.hosts.get(&name) != Some(h)) {
-            self.core.apply(&cmd)?;
+            self.core.apply(cmd, None).await?;
             tracing::info!(host = %name, "host registered or changed");
         }
         let count = self.core.read(|s| {
@@ -62,11 +74,52 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<AddUserRequest>,
     ) -> Result<Response<AddUserReply>, Status> {
-        let cmd = request::add_user(req.get_ref(), &self.core.cfg).map_err(input_status)?;
-        let Outcome::UserAdded { user, instance } = self.core.apply(&cmd)? else {
-            return Err(Status::internal("unexpected outcome of AddUser"));
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .add_user(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let cmd = request::add_user(&r, &self.core.cfg).map_err(input_status)?;
+        let (user, instance) = match self.core.apply(cmd, id).await? {
+            Applied::Now(Outcome::UserAdded { user, instance }) => (user, instance),
+            Applied::Earlier { index } => self
+                .core
+                .read(|s| {
+                    Some((s.users.get(&r.name)?.clone(), s.instances.get(&r.name)?.clone()))
+                })
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "this request added {} earlier (log index {index}), and {} has been removed since",
+                        r.name, r.name
+                    ))
+                })?,
+            Applied::Now(other) => {
+                return Err(Status::internal(format!(
+                    "unexpected outcome of AddUser: {other:?}"
+                )))
+            }
         };
         tracing::info!(user = %user.name, host = %instance.host, gpus = ?instance.gpus, port = instance.ssh_port, "user added");
+        if r.no_wait {
+            self.core.kick();
+            let state = self.core.snapshot();
+            let view = convert::instance_view(
+                &instance,
+                state.hosts.get(instance.host.as_str()),
+                "pending",
+                "",
+            );
+            return Ok(Response::new(AddUserReply {
+                user: Some(convert::user_to_wire(&user)),
+                instance: Some(view),
+                warning: String::new(),
+            }));
+        }
         let state = self.core.snapshot();
         let (view_state, uuid, warning) = match self.core.converge(&instance.name).await {
             Ok(Converged::Ensured(st)) => (st.status, st.uuid, String::new()),
@@ -82,8 +135,7 @@ impl Coordinator for CoordinatorService {
             ),
         };
         // Every other container learns the new member's name for their uid.
-        let core = self.core.clone();
-        tokio::spawn(async move { core.reconcile(None).await });
+        self.core.kick();
         let view = convert::instance_view(
             &instance,
             state.hosts.get(instance.host.as_str()),
@@ -101,13 +153,39 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<RemoveUserRequest>,
     ) -> Result<Response<RemoveUserReply>, Status> {
-        let name = req.into_inner().name;
-        let Outcome::UserRemoving { instances } = self
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .remove_user(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let RemoveUserRequest { name, no_wait } = req.into_inner();
+        let instances = match self
             .core
-            .apply(&Command::RemoveUser { name: name.clone() })?
-        else {
-            return Err(Status::internal("unexpected outcome of RemoveUser"));
+            .apply(Command::RemoveUser { name: name.clone() }, id)
+            .await?
+        {
+            Applied::Now(Outcome::UserRemoving { instances }) => instances,
+            Applied::Earlier { .. } => self.core.read(|s| {
+                s.instances
+                    .values()
+                    .filter(|i| i.owner.as_str() == name && i.deleting)
+                    .map(|i| i.name.clone())
+                    .collect()
+            }),
+            Applied::Now(other) => {
+                return Err(Status::internal(format!(
+                    "unexpected outcome of RemoveUser: {other:?}"
+                )))
+            }
         };
+        if no_wait {
+            self.core.kick();
+            return Ok(Response::new(RemoveUserReply {}));
+        }
         // Removal is recorded; deleting the containers now is the fast path, and
         // the reconciler finishes it if a host cannot be reached.
         for inst in &instances {
@@ -118,26 +196,30 @@ impl Coordinator for CoordinatorService {
             })?;
         }
         tracing::info!(user = %name, "user removed");
-        let core = self.core.clone();
-        tokio::spawn(async move { core.reconcile(None).await });
+        self.core.kick();
         Ok(Response::new(RemoveUserReply {}))
     }
 
-    async fn list_users(&self, _: Request<ListUsersRequest>) -> Result<Response<UserList>, Status> {
+    async fn list_users(
+        &self,
+        req: Request<ListUsersRequest>,
+    ) -> Result<Response<UserList>, Status> {
+        let kind = self.core.prepare_read(req.metadata()).await?;
         let users = self
             .core
-            .snapshot()
-            .users
-            .values()
-            .map(convert::user_to_wire)
-            .collect();
-        Ok(Response::new(UserList { users }))
+            .read(|s| s.users.values().map(convert::user_to_wire).collect());
+        Ok(annotate(
+            Response::new(UserList { users }),
+            &self.core,
+            kind,
+        ))
     }
 
     async fn list_instances(
         &self,
-        _: Request<ListInstancesViewRequest>,
+        req: Request<ListInstancesViewRequest>,
     ) -> Result<Response<InstanceViewList>, Status> {
+        let kind = self.core.prepare_read(req.metadata()).await?;
         let state = self.core.snapshot();
         let hosts: BTreeSet<&str> = state.instances.values().map(|i| i.host.as_str()).collect();
         let observed = futures::future::join_all(hosts.iter().map(|h| {
@@ -169,13 +251,18 @@ impl Coordinator for CoordinatorService {
                 convert::instance_view(i, state.hosts.get(i.host.as_str()), &st, &uuid)
             })
             .collect();
-        Ok(Response::new(InstanceViewList { instances }))
+        Ok(annotate(
+            Response::new(InstanceViewList { instances }),
+            &self.core,
+            kind,
+        ))
     }
 
     async fn list_gpus(
         &self,
-        _: Request<ListGpusRequest>,
+        req: Request<ListGpusRequest>,
     ) -> Result<Response<GpuViewList>, Status> {
+        let kind = self.core.prepare_read(req.metadata()).await?;
         let state = self.core.snapshot();
         let mut gpus = Vec::new();
         for h in state.hosts.values() {
@@ -190,13 +277,18 @@ impl Coordinator for CoordinatorService {
                 });
             }
         }
-        Ok(Response::new(GpuViewList { gpus }))
+        Ok(annotate(
+            Response::new(GpuViewList { gpus }),
+            &self.core,
+            kind,
+        ))
     }
 
     async fn list_hosts(
         &self,
-        _: Request<ListHostsRequest>,
+        req: Request<ListHostsRequest>,
     ) -> Result<Response<HostViewList>, Status> {
+        let kind = self.core.prepare_read(req.metadata()).await?;
         let state = self.core.snapshot();
         let hosts = state
             .hosts
@@ -215,13 +307,18 @@ impl Coordinator for CoordinatorService {
                     .count() as u32,
             })
             .collect();
-        Ok(Response::new(HostViewList { hosts }))
+        Ok(annotate(
+            Response::new(HostViewList { hosts }),
+            &self.core,
+            kind,
+        ))
     }
 
     async fn ssh_config(
         &self,
         req: Request<SshConfigRequest>,
     ) -> Result<Response<SshConfigReply>, Status> {
+        let kind = self.core.prepare_read(req.metadata()).await?;
         let r = req.into_inner();
         let state = self.core.snapshot();
         let inst = state
@@ -235,6 +332,10 @@ impl Coordinator for CoordinatorService {
             ))
         })?;
         let config = crate::sshconfig::render(inst, host, &r.identity_file);
-        Ok(Response::new(SshConfigReply { config }))
+        Ok(annotate(
+            Response::new(SshConfigReply { config }),
+            &self.core,
+            kind,
+        ))
     }
 }

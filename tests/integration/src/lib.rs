@@ -5,6 +5,7 @@
 //! loop file, bridge without NAT) and ssp's offline images imported. Tests run
 //! the real ssp binaries against it. Everything is torn down on drop.
 
+pub mod cluster;
 pub mod host;
 pub mod platform;
 pub mod procs;

@@ -64,7 +64,7 @@ impl Platform {
         std::fs::create_dir_all(&shared_root)?;
         let port = free_port();
         let cfg = format!(
-            "listen = \"0.0.0.0:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
+            "listen = \"0.0.0.0:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\nbootstrap = true\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
             data = dir.join("coordinator").display(),
             root = shared_root.display(),
         );

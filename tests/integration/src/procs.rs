@@ -114,6 +114,30 @@ impl Proc {
         }
     }
 
+    /// Sends `sig` without waiting (SIGSTOP, SIGCONT).
+    pub fn send(&self, sig: i32) {
+        if let Some(ch) = &self.child {
+            // SAFETY: kill(2) on a pid we own and have not reaped.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(ch.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Whether the process was started and not yet killed through this handle.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts the process again if it is not running.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_none() {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
     /// kill -9, then start again.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.signal(libc::SIGKILL);

@@ -7,8 +7,15 @@ use crate::output::{self, size};
 use crate::Cli;
 
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
-    let mut c = crate::cmd::coordinator(cli).await?;
-    let list = c.list_gpus(ListGpusRequest {}).await?.into_inner().gpus;
+    let list = crate::cmd::Conn::new(cli)?
+        .call(ListGpusRequest {}, |ch, r| async move {
+            ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                .list_gpus(r)
+                .await
+        })
+        .await?
+        .into_inner()
+        .gpus;
     let rows = list
         .iter()
         .map(|v| {

@@ -7,8 +7,15 @@ use crate::output::{self, size};
 use crate::Cli;
 
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
-    let mut c = crate::cmd::coordinator(cli).await?;
-    let list = c.list_hosts(ListHostsRequest {}).await?.into_inner().hosts;
+    let list = crate::cmd::Conn::new(cli)?
+        .call(ListHostsRequest {}, |ch, r| async move {
+            ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                .list_hosts(r)
+                .await
+        })
+        .await?
+        .into_inner()
+        .hosts;
     let rows = list
         .iter()
         .map(|h| {

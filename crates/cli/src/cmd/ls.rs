@@ -7,9 +7,12 @@ use crate::output::{self, size};
 use crate::Cli;
 
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
-    let mut c = crate::cmd::coordinator(cli).await?;
-    let list = c
-        .list_instances(ListInstancesViewRequest {})
+    let list = crate::cmd::Conn::new(cli)?
+        .call(ListInstancesViewRequest {}, |ch, r| async move {
+            ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                .list_instances(r)
+                .await
+        })
         .await?
         .into_inner()
         .instances;

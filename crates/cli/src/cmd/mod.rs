@@ -1,20 +1,135 @@
-//! One module per subcommand.
+//! One module per subcommand, and the connection to the coordinators they share.
 
+pub mod cluster;
 pub mod gpus;
 pub mod hosts;
 pub mod ls;
 pub mod ssh_config;
 pub mod user;
 
-use ssp_proto::coordinator_client::CoordinatorClient;
-use tonic::transport::Channel;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
-/// Connects to the coordinator named on the command line.
-pub async fn coordinator(cli: &crate::Cli) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let ch = ssp_net::connect(&cli.coordinator).await.map_err(|e| {
-        anyhow::anyhow!("{e} (is ssp-coordinator running? set --coordinator or SSP_COORDINATOR)")
-    })?;
-    Ok(CoordinatorClient::new(ch))
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+/// How long a command keeps retrying while coordinators are unreachable or
+/// electing a leader.
+const RETRY_FOR: Duration = Duration::from_secs(20);
+
+/// The coordinators named on the command line, tried in turn.
+pub struct Conn {
+    addrs: Vec<String>,
+    stale: bool,
+    /// Sent with every attempt of this command, so a retried write applies once.
+    request_id: String,
+}
+
+impl Conn {
+    pub fn new(cli: &crate::Cli) -> anyhow::Result<Self> {
+        let addrs: Vec<String> = cli
+            .coordinator
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+        if addrs.is_empty() {
+            anyhow::bail!(
+                "--coordinator is empty: give one or more http://HOST:PORT, comma-separated"
+            );
+        }
+        Ok(Conn {
+            addrs,
+            stale: cli.stale,
+            request_id: request_id()?,
+        })
+    }
+
+    /// Calls `f` on the first coordinator that answers; a coordinator that is down,
+    /// not the leader's peer, or between leaders is skipped, and the whole list
+    /// retried until [`RETRY_FOR`] passes.
+    pub async fn call<T, R, F, Fut>(&self, body: T, f: F) -> anyhow::Result<Response<R>>
+    where
+        T: Clone,
+        F: Fn(Channel, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let start = Instant::now();
+        let mut last = String::new();
+        let mut round = 0u32;
+        loop {
+            for addr in &self.addrs {
+                let ch = match tokio::time::timeout(Duration::from_secs(2), ssp_net::connect(addr))
+                    .await
+                {
+                    Ok(Ok(ch)) => ch,
+                    Ok(Err(e)) => {
+                        last = e.to_string();
+                        continue;
+                    }
+                    Err(_) => {
+                        last = format!("{addr} did not answer in 2s");
+                        continue;
+                    }
+                };
+                let mut req = Request::new(body.clone());
+                if let Ok(v) = self.request_id.parse() {
+                    req.metadata_mut().insert("ssp-request-id", v);
+                }
+                if self.stale {
+                    req.metadata_mut().insert(
+                        "ssp-read",
+                        tonic::metadata::MetadataValue::from_static("stale"),
+                    );
+                }
+                match f(ch, req).await {
+                    Ok(r) => {
+                        note_read(&r, addr);
+                        return Ok(r);
+                    }
+                    Err(s) if retryable(&s) => last = format!("{addr}: {}", s.message()),
+                    Err(s) => return Err(s.into()),
+                }
+            }
+            if start.elapsed() > RETRY_FOR {
+                anyhow::bail!(
+                    "no coordinator could serve the request within {}s; last error: {last} (is ssp-coordinator running? set --coordinator or SSP_COORDINATOR)",
+                    RETRY_FOR.as_secs()
+                );
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(100 * round.min(5) as u64)).await;
+        }
+    }
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+    ) || (s.code() == Code::Unknown && s.message().contains("transport"))
+}
+
+/// Says on stderr when a read came from one coordinator's own replica.
+fn note_read<R>(r: &Response<R>, addr: &str) {
+    let md = r.metadata();
+    if md.get("ssp-read").and_then(|v| v.to_str().ok()) == Some("local") {
+        let by = md
+            .get("ssp-served-by")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?");
+        eprintln!(
+            "sspctl: note: served locally by coordinator {by} ({addr}) from its own replica, without asking the leader; it may lag behind"
+        );
+    }
+}
+
+fn request_id() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// An error on one line: gRPC errors show just their message.

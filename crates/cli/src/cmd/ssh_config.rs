@@ -20,7 +20,6 @@ pub struct Args {
 }
 
 pub async fn run(cli: &Cli, a: &Args) -> anyhow::Result<()> {
-    let mut c = crate::cmd::coordinator(cli).await?;
     let identity = a
         .identity
         .as_ref()
@@ -31,10 +30,15 @@ pub async fn run(cli: &Cli, a: &Args) -> anyhow::Result<()> {
                 .to_string()
         })
         .unwrap_or_default();
-    let mut config = c
-        .ssh_config(SshConfigRequest {
-            name: a.name.clone(),
-            identity_file: identity,
+    let body = SshConfigRequest {
+        name: a.name.clone(),
+        identity_file: identity,
+    };
+    let mut config = crate::cmd::Conn::new(cli)?
+        .call(body, |ch, r| async move {
+            ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                .ssh_config(r)
+                .await
         })
         .await?
         .into_inner()

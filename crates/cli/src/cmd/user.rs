@@ -21,6 +21,9 @@ pub enum UserCmd {
     Remove {
         /// The user's name.
         name: String,
+        /// Answer once the removal is recorded; ssp deletes the container in the background.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -55,6 +58,9 @@ pub struct AddArgs {
     /// Role: user or admin.
     #[arg(long, default_value = "user")]
     role: String,
+    /// Answer once the user is recorded; ssp creates the container in the background.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -62,7 +68,7 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 }
 
 pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
-    let mut c = crate::cmd::coordinator(cli).await?;
+    let c = crate::cmd::Conn::new(cli)?;
     match cmd {
         UserCmd::Add(a) => {
             let mut keys = Vec::new();
@@ -87,18 +93,24 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                     }
                 })
                 .collect();
+            let body = AddUserRequest {
+                name: a.name.clone(),
+                ssh_keys: keys,
+                gpus: a.gpus,
+                cpus: a.cpus.unwrap_or(0),
+                memory_bytes: a.memory.map(|m| m.0).unwrap_or(0),
+                disk_bytes: a.disk.map(|m| m.0).unwrap_or(0),
+                image: a.image.clone().unwrap_or_default(),
+                shares,
+                no_default_shares: a.no_default_shares,
+                role: a.role.clone(),
+                no_wait: a.no_wait,
+            };
             let reply = c
-                .add_user(AddUserRequest {
-                    name: a.name.clone(),
-                    ssh_keys: keys,
-                    gpus: a.gpus,
-                    cpus: a.cpus.unwrap_or(0),
-                    memory_bytes: a.memory.map(|m| m.0).unwrap_or(0),
-                    disk_bytes: a.disk.map(|m| m.0).unwrap_or(0),
-                    image: a.image.clone().unwrap_or_default(),
-                    shares,
-                    no_default_shares: a.no_default_shares,
-                    role: a.role.clone(),
+                .call(body, |ch, r| async move {
+                    ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                        .add_user(r)
+                        .await
                 })
                 .await?
                 .into_inner();
@@ -125,7 +137,15 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
             }
         }
         UserCmd::List => {
-            let users = c.list_users(ListUsersRequest {}).await?.into_inner().users;
+            let users = c
+                .call(ListUsersRequest {}, |ch, r| async move {
+                    ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                        .list_users(r)
+                        .await
+                })
+                .await?
+                .into_inner()
+                .users;
             let rows = users
                 .iter()
                 .map(|u| {
@@ -155,9 +175,17 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 js,
             );
         }
-        UserCmd::Remove { name } => {
-            c.remove_user(RemoveUserRequest { name: name.clone() })
-                .await?;
+        UserCmd::Remove { name, no_wait } => {
+            let body = RemoveUserRequest {
+                name: name.clone(),
+                no_wait: *no_wait,
+            };
+            c.call(body, |ch, r| async move {
+                ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                    .remove_user(r)
+                    .await
+            })
+            .await?;
             match cli.output {
                 output::Format::Json => println!("{}", json!({"removed": name})),
                 output::Format::Table => println!("removed {name}"),
