@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ssp_model::State;
+use ssp_model::Host;
 use ssp_proto::agent_client::AgentClient;
 use ssp_proto::{DeleteInstanceRequest, InstanceSpec, InstanceStatus, ListInstancesRequest};
 use tokio::sync::Mutex;
@@ -46,13 +46,10 @@ impl Agents {
 
     async fn for_host(
         &self,
-        state: &State,
+        record: Option<&Host>,
         host: &str,
     ) -> Result<AgentClient<Channel>, AgentError> {
-        let h = state
-            .hosts
-            .get(host)
-            .ok_or_else(|| AgentError::UnknownHost { host: host.into() })?;
+        let h = record.ok_or_else(|| AgentError::UnknownHost { host: host.into() })?;
         self.client(&h.agent_address)
             .await
             .map_err(|e| AgentError::Call {
@@ -64,17 +61,22 @@ impl Agents {
     /// Asks `host`'s agent to make `spec` true.
     pub async fn ensure(
         &self,
-        state: &State,
+        record: Option<&Host>,
         host: &str,
         spec: InstanceSpec,
     ) -> Result<InstanceStatus, AgentError> {
-        let mut c = self.for_host(state, host).await?;
+        let mut c = self.for_host(record, host).await?;
         call(host, ENSURE_TIMEOUT, c.ensure_instance(spec)).await
     }
 
     /// Deletes `name` on `host`.
-    pub async fn delete(&self, state: &State, host: &str, name: &str) -> Result<bool, AgentError> {
-        let mut c = self.for_host(state, host).await?;
+    pub async fn delete(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+    ) -> Result<bool, AgentError> {
+        let mut c = self.for_host(record, host).await?;
         let r = call(
             host,
             ENSURE_TIMEOUT,
@@ -87,10 +89,10 @@ impl Agents {
     /// What `host` reports about its ssp instances.
     pub async fn observe(
         &self,
-        state: &State,
+        record: Option<&Host>,
         host: &str,
     ) -> Result<Vec<InstanceStatus>, AgentError> {
-        let mut c = self.for_host(state, host).await?;
+        let mut c = self.for_host(record, host).await?;
         let r = call(
             host,
             QUICK_TIMEOUT,

@@ -21,6 +21,8 @@ pub const REQUEST_ID: &str = "ssp-request-id";
 pub const READ: &str = "ssp-read";
 /// Header naming the node that served a read.
 pub const SERVED_BY: &str = "ssp-served-by";
+/// Header naming the leader's address on replies, so clients can go there directly.
+pub const LEADER: &str = "ssp-leader";
 /// Set on a request a follower forwarded, so it is never forwarded twice.
 const FORWARDED: &str = "ssp-forwarded";
 /// How long a request waits for a leader to be elected.
@@ -90,6 +92,14 @@ pub fn forwarded<T>(req: Request<T>) -> Request<T> {
     out.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     out
+}
+
+/// Tells the client where the leader is (this node answered as leader).
+pub fn from_leader<T>(mut resp: Response<T>, core: &Core) -> Response<T> {
+    if let Ok(v) = core.replica.address.parse() {
+        resp.metadata_mut().insert(LEADER, v);
+    }
+    resp
 }
 
 /// Marks a read reply with who served it and how.

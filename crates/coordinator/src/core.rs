@@ -12,7 +12,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
 use ssp_model::{Command, Outcome, Rejection, State};
 use ssp_proto::InstanceStatus;
 use tokio::sync::{Mutex as AsyncMutex, Notify};
@@ -21,6 +20,7 @@ use tonic::Status;
 use crate::agents::{AgentError, Agents};
 use crate::config::CoordinatorConfig;
 use crate::convert;
+use crate::raft::batch::WriteError;
 use crate::raft::{Replica, Reply, Request};
 
 /// Shared by the gRPC services and the reconcile loop.
@@ -93,28 +93,23 @@ impl Core {
     /// Replicates `cmd` through raft; returns once a quorum stored it and this
     /// node applied it. `id` makes a retried request apply once.
     pub async fn apply(&self, cmd: Command, id: Option<String>) -> Result<Applied, Status> {
-        match self.replica.raft.client_write(Request { id, cmd }).await {
-            Ok(resp) => match resp.data {
-                Reply::Done(o) => Ok(Applied::Now(o)),
-                Reply::Rejected(r) => Err(rejection_status(r)),
-                Reply::AlreadyApplied {
-                    rejected: Some(r), ..
-                } => Err(rejection_status(r)),
-                Reply::AlreadyApplied {
-                    index,
-                    rejected: None,
-                } => Ok(Applied::Earlier { index }),
-                Reply::None => Err(Status::internal("a command produced no reply")),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(Status::unavailable(format!(
-                    "this coordinator stopped being the leader{}; retry",
-                    f.leader_node
-                        .map(|n| format!(" (the leader is now {})", n.addr))
-                        .unwrap_or_default()
-                )))
-            }
-            Err(e) => Err(Status::unavailable(format!(
+        match self.replica.writer.write(Request { id, cmd }).await {
+            Ok(Reply::Done(o)) => Ok(Applied::Now(o)),
+            Ok(Reply::Rejected(r)) => Err(rejection_status(r)),
+            Ok(Reply::AlreadyApplied {
+                rejected: Some(r), ..
+            }) => Err(rejection_status(r)),
+            Ok(Reply::AlreadyApplied {
+                index,
+                rejected: None,
+            }) => Ok(Applied::Earlier { index }),
+            Err(WriteError::NotLeader(leader)) => Err(Status::unavailable(format!(
+                "this coordinator stopped being the leader{}; retry",
+                leader
+                    .map(|a| format!(" (the leader is now {a})"))
+                    .unwrap_or_default()
+            ))),
+            Err(WriteError::Failed(e)) => Err(Status::unavailable(format!(
                 "replication failed: {e}; retry"
             ))),
         }
@@ -149,33 +144,52 @@ impl Core {
     /// Drives one instance towards its desired state: ensure it, or delete and forget it.
     pub async fn converge(&self, name: &str) -> Result<Converged, AgentError> {
         let _guard = self.lock(name).await;
-        let state = self.snapshot();
-        let Some(inst) = state.instances.get(name) else {
-            return Ok(Converged::Gone);
-        };
-        if inst.deleting {
-            self.agents.delete(&state, inst.host.as_str(), name).await?;
-            match self
-                .apply(Command::ForgetInstance { name: name.into() }, None)
-                .await
-            {
-                Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::NotFound => {}
-                Err(s) => {
-                    return Err(AgentError::Call {
-                        host: inst.host.to_string(),
+        // Take only what this instance needs from the state, under the read lock.
+        enum Plan {
+            Gone,
+            Delete(String),
+            Ensure(String, Box<ssp_proto::InstanceSpec>),
+        }
+        let (plan, state_for_host) = self.read(|state| {
+            let Some(inst) = state.instances.get(name) else {
+                return (Plan::Gone, None);
+            };
+            let host = state.hosts.get(inst.host.as_str()).cloned();
+            if inst.deleting {
+                return (Plan::Delete(inst.host.to_string()), host);
+            }
+            let Some(owner) = state.users.get(inst.owner.as_str()) else {
+                return (Plan::Gone, None);
+            };
+            let spec = convert::spec_for(inst, owner, &state.settings(), state.users.values());
+            (Plan::Ensure(inst.host.to_string(), Box::new(spec)), host)
+        });
+        match plan {
+            Plan::Gone => Ok(Converged::Gone),
+            Plan::Delete(host) => {
+                self.agents
+                    .delete(state_for_host.as_ref(), &host, name)
+                    .await?;
+                match self
+                    .apply(Command::ForgetInstance { name: name.into() }, None)
+                    .await
+                {
+                    Ok(_) => Ok(Converged::Deleted),
+                    Err(s) if s.code() == tonic::Code::NotFound => Ok(Converged::Deleted),
+                    Err(s) => Err(AgentError::Call {
+                        host,
                         message: s.message().to_string(),
-                    })
+                    }),
                 }
             }
-            return Ok(Converged::Deleted);
+            Plan::Ensure(host, spec) => {
+                let st = self
+                    .agents
+                    .ensure(state_for_host.as_ref(), &host, *spec)
+                    .await?;
+                Ok(Converged::Ensured(st))
+            }
         }
-        let Some(owner) = state.users.get(inst.owner.as_str()) else {
-            return Ok(Converged::Gone);
-        };
-        let spec = convert::spec_for(inst, owner, &state.settings(), state.users.values());
-        let st = self.agents.ensure(&state, inst.host.as_str(), spec).await?;
-        Ok(Converged::Ensured(st))
     }
 
     /// One pass over every instance (or those of `only_host`). A host that fails
@@ -240,6 +254,9 @@ impl Core {
             }
             was_leader = leader;
             self.reconcile(None).await;
+            // Kicks that arrive during a pass are served by one more pass, and a
+            // stream of writes does not keep the leader reconciling back to back.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

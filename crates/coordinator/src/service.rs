@@ -11,7 +11,7 @@ use ssp_proto::coordinator_server::Coordinator;
 use ssp_proto::*;
 use tonic::{Request, Response, Status};
 
-use crate::cluster::{annotate, forwarded, request_id, Route};
+use crate::cluster::{annotate, forwarded, from_leader, request_id, Route};
 use crate::core::{Applied, Converged, Core};
 use crate::{convert, request};
 
@@ -67,7 +67,10 @@ impl Coordinator for CoordinatorService {
             let core = self.core.clone();
             tokio::spawn(async move { core.reconcile(Some(&name)).await });
         }
-        Ok(Response::new(RegisterHostReply { instances: count }))
+        Ok(from_leader(
+            Response::new(RegisterHostReply { instances: count }),
+            &self.core,
+        ))
     }
 
     async fn add_user(
@@ -105,22 +108,19 @@ impl Coordinator for CoordinatorService {
             }
         };
         tracing::info!(user = %user.name, host = %instance.host, gpus = ?instance.gpus, port = instance.ssh_port, "user added");
+        let host = self
+            .core
+            .read(|s| s.hosts.get(instance.host.as_str()).cloned());
         if r.no_wait {
             self.core.kick();
-            let state = self.core.snapshot();
-            let view = convert::instance_view(
-                &instance,
-                state.hosts.get(instance.host.as_str()),
-                "pending",
-                "",
-            );
-            return Ok(Response::new(AddUserReply {
+            let view = convert::instance_view(&instance, host.as_ref(), "pending", "");
+            let reply = Response::new(AddUserReply {
                 user: Some(convert::user_to_wire(&user)),
                 instance: Some(view),
                 warning: String::new(),
-            }));
+            });
+            return Ok(from_leader(reply, &self.core));
         }
-        let state = self.core.snapshot();
         let (view_state, uuid, warning) = match self.core.converge(&instance.name).await {
             Ok(Converged::Ensured(st)) => (st.status, st.uuid, String::new()),
             Ok(other) => (
@@ -136,12 +136,7 @@ impl Coordinator for CoordinatorService {
         };
         // Every other container learns the new member's name for their uid.
         self.core.kick();
-        let view = convert::instance_view(
-            &instance,
-            state.hosts.get(instance.host.as_str()),
-            &view_state,
-            &uuid,
-        );
+        let view = convert::instance_view(&instance, host.as_ref(), &view_state, &uuid);
         Ok(Response::new(AddUserReply {
             user: Some(convert::user_to_wire(&user)),
             instance: Some(view),
@@ -184,7 +179,7 @@ impl Coordinator for CoordinatorService {
         };
         if no_wait {
             self.core.kick();
-            return Ok(Response::new(RemoveUserReply {}));
+            return Ok(from_leader(Response::new(RemoveUserReply {}), &self.core));
         }
         // Removal is recorded; deleting the containers now is the fast path, and
         // the reconciler finishes it if a host cannot be reached.
@@ -225,7 +220,7 @@ impl Coordinator for CoordinatorService {
         let observed = futures::future::join_all(hosts.iter().map(|h| {
             let agents = self.core.agents.clone();
             let state = &state;
-            async move { (h.to_string(), agents.observe(state, h).await) }
+            async move { (h.to_string(), agents.observe(state.hosts.get(*h), h).await) }
         }))
         .await;
         let mut seen: BTreeMap<(String, String), InstanceStatus> = BTreeMap::new();

@@ -48,29 +48,48 @@ impl std::fmt::Display for NoFit {
 
 /// GPUs of `host` that no instance holds, in index order.
 pub fn free_gpus(state: &State, host: &Host) -> Vec<PciAddress> {
-    let held: BTreeSet<&PciAddress> = state
-        .instances
-        .values()
-        .filter(|i| i.host == host.name)
-        .flat_map(|i| i.gpus.iter())
-        .collect();
     let mut gpus: Vec<_> = host.inventory.gpus.iter().collect();
     gpus.sort_by_key(|g| g.index);
+    let free = |g: &&crate::types::Gpu| match state.usage() {
+        Some(u) => !u
+            .hosts
+            .get(host.name.as_str())
+            .is_some_and(|h| h.gpus.contains_key(&g.pci)),
+        None => !state
+            .instances
+            .values()
+            .any(|i| i.host == host.name && i.gpus.contains(&g.pci)),
+    };
     gpus.into_iter()
-        .filter(|g| !held.contains(&g.pci))
+        .filter(free)
         .map(|g| g.pci.clone())
         .collect()
 }
 
 /// The lowest SSH port of `host`'s range that no instance on it uses.
 pub fn free_port(state: &State, host: &Host) -> Option<u16> {
-    let used: BTreeSet<u16> = state
-        .instances
-        .values()
-        .filter(|i| i.host == host.name)
-        .map(|i| i.ssh_port)
-        .collect();
-    (host.ssh_ports.0..=host.ssh_ports.1).find(|p| !used.contains(p))
+    let (first, last) = host.ssh_ports;
+    if first > last {
+        return None;
+    }
+    match state.usage() {
+        Some(u) => match u.hosts.get(host.name.as_str()) {
+            Some(h) => h
+                .ports
+                .lowest_free(first.into(), last.into())
+                .and_then(|p| u16::try_from(p).ok()),
+            None => Some(first),
+        },
+        None => {
+            let used: BTreeSet<u16> = state
+                .instances
+                .values()
+                .filter(|i| i.host == host.name)
+                .map(|i| i.ssh_port)
+                .collect();
+            (first..=last).find(|p| !used.contains(p))
+        }
+    }
 }
 
 fn why_not(

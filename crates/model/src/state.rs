@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::names::PciAddress;
 use crate::place::{self, NoFit};
 use crate::types::{Host, Instance, NewUser, User};
 
@@ -30,12 +31,152 @@ impl Default for Settings {
 }
 
 /// Everything the coordinator knows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct State {
     pub settings: Option<Settings>,
     pub users: BTreeMap<String, User>,
     pub hosts: BTreeMap<String, Host>,
     pub instances: BTreeMap<String, Instance>,
+    /// Derived from `users` and `instances`; never stored. See [`Usage`].
+    #[serde(skip)]
+    usage: Usage,
+}
+
+impl PartialEq for State {
+    fn eq(&self, o: &Self) -> bool {
+        self.settings == o.settings
+            && self.users == o.users
+            && self.hosts == o.hosts
+            && self.instances == o.instances
+    }
+}
+
+impl Eq for State {}
+
+/// What is handed out, by host, and the uids in use: an index over `instances`
+/// and `users` that keeps placement from scanning every instance. `apply` keeps
+/// it current and rebuilds it when it does not match (after deserializing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub hosts: BTreeMap<String, HostUsage>,
+    pub uids: Numbers,
+    instances: usize,
+}
+
+/// One host's ports and GPUs in use (GPU → holding instance).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    pub ports: Numbers,
+    pub gpus: BTreeMap<PciAddress, String>,
+}
+
+/// Numbers in use, with the unused ones between the smallest and the largest, so
+/// the lowest free number in a range is found in O(log n), not by walking.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Numbers {
+    used: BTreeSet<u32>,
+    holes: BTreeSet<u32>,
+}
+
+impl Numbers {
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
+    pub fn contains(&self, x: u32) -> bool {
+        self.used.contains(&x)
+    }
+
+    pub fn insert(&mut self, x: u32) {
+        if !self.used.insert(x) {
+            return;
+        }
+        self.holes.remove(&x);
+        let below = self.used.range(..x).next_back().copied();
+        let above = self.used.range(x + 1..).next().copied();
+        match (below, above) {
+            // A new largest: the gap up to it becomes holes.
+            (Some(b), None) => self.holes.extend(b + 1..x),
+            // A new smallest: the gap above it becomes holes.
+            (None, Some(a)) => self.holes.extend(x + 1..a),
+            _ => {}
+        }
+    }
+
+    pub fn remove(&mut self, x: u32) {
+        if !self.used.remove(&x) {
+            return;
+        }
+        match (self.used.first().copied(), self.used.last().copied()) {
+            (Some(_), Some(max)) if x > max => {
+                self.holes.split_off(&max);
+            }
+            (Some(min), Some(_)) if x < min => {
+                self.holes = self.holes.split_off(&min);
+            }
+            (Some(_), Some(_)) => {
+                self.holes.insert(x);
+            }
+            _ => self.holes.clear(),
+        }
+    }
+
+    /// The lowest number in `first..=last` not in use.
+    pub fn lowest_free(&self, first: u32, last: u32) -> Option<u32> {
+        if first > last {
+            return None;
+        }
+        let (Some(&min), Some(&max)) = (self.used.first(), self.used.last()) else {
+            return Some(first);
+        };
+        let cand = if first < min || first > max || !self.used.contains(&first) {
+            first
+        } else {
+            match self.holes.range(first..).next() {
+                Some(&h) => h,
+                None => max.checked_add(1)?,
+            }
+        };
+        (cand <= last).then_some(cand)
+    }
+}
+
+impl Usage {
+    fn build(users: &BTreeMap<String, User>, instances: &BTreeMap<String, Instance>) -> Usage {
+        let mut u = Usage {
+            ..Default::default()
+        };
+        for user in users.values() {
+            u.uids.insert(user.uid);
+        }
+        for i in instances.values() {
+            u.add(i);
+        }
+        u
+    }
+
+    fn add(&mut self, i: &Instance) {
+        let h = self.hosts.entry(i.host.to_string()).or_default();
+        h.ports.insert(i.ssh_port.into());
+        for g in &i.gpus {
+            h.gpus.insert(g.clone(), i.name.clone());
+        }
+        self.instances += 1;
+    }
+
+    fn remove(&mut self, i: &Instance) {
+        if let Some(h) = self.hosts.get_mut(i.host.as_str()) {
+            h.ports.remove(i.ssh_port.into());
+            for g in &i.gpus {
+                h.gpus.remove(g);
+            }
+        }
+        self.instances -= 1;
+    }
 }
 
 /// A change to the state.
@@ -103,8 +244,21 @@ impl State {
         self.settings.clone().unwrap_or_default()
     }
 
+    /// The usage index, when it matches the state (always, after `apply`).
+    pub fn usage(&self) -> Option<&Usage> {
+        (self.usage.instances == self.instances.len() && self.usage.uids.len() == self.users.len())
+            .then_some(&self.usage)
+    }
+
+    fn ensure_usage(&mut self) {
+        if self.usage().is_none() {
+            self.usage = Usage::build(&self.users, &self.instances);
+        }
+    }
+
     /// Applies `cmd`, or rejects it without changing anything.
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, Rejection> {
+        self.ensure_usage();
         match cmd {
             Command::Init(s) => {
                 if self.settings.is_none() {
@@ -140,7 +294,9 @@ impl State {
                     instances.push(i.name.clone());
                 }
                 if instances.is_empty() {
-                    self.users.remove(name);
+                    if let Some(u) = self.users.remove(name) {
+                        self.usage.uids.remove(u.uid);
+                    }
                 }
                 Ok(Outcome::UserRemoving { instances })
             }
@@ -153,10 +309,14 @@ impl State {
                     return Err(Rejection::NotDeleting(name.clone()));
                 }
                 let owner = inst.owner.to_string();
-                self.instances.remove(name);
+                if let Some(gone) = self.instances.remove(name) {
+                    self.usage.remove(&gone);
+                }
                 let last = !self.instances.values().any(|i| i.owner.as_str() == owner);
                 if last {
-                    self.users.remove(&owner);
+                    if let Some(u) = self.users.remove(&owner) {
+                        self.usage.uids.remove(u.uid);
+                    }
                 }
                 Ok(Outcome::InstanceForgotten { user_removed: last })
             }
@@ -180,13 +340,14 @@ impl State {
                 reason: e.to_string(),
             })?;
         let s = self.settings();
-        let used: BTreeSet<u32> = self.users.values().map(|u| u.uid).collect();
-        let uid = (s.uid_first..=s.uid_last)
-            .find(|u| !used.contains(u))
-            .ok_or(Rejection::NoFreeUid {
-                first: s.uid_first,
-                last: s.uid_last,
-            })?;
+        let uid =
+            self.usage
+                .uids
+                .lowest_free(s.uid_first, s.uid_last)
+                .ok_or(Rejection::NoFreeUid {
+                    first: s.uid_first,
+                    last: s.uid_last,
+                })?;
         let user = User {
             name: req.name.clone(),
             uid,
@@ -206,6 +367,8 @@ impl State {
             shares: req.shares.clone(),
             deleting: false,
         };
+        self.usage.uids.insert(uid);
+        self.usage.add(&instance);
         self.users.insert(name.into(), user.clone());
         self.instances.insert(name.into(), instance.clone());
         Ok(Outcome::UserAdded { user, instance })
@@ -213,9 +376,17 @@ impl State {
 
     /// The instance holding GPU `pci` on `host`, if any.
     pub fn gpu_holder(&self, host: &str, pci: &crate::PciAddress) -> Option<&Instance> {
-        self.instances
-            .values()
-            .find(|i| i.host.as_str() == host && i.gpus.contains(pci))
+        match self.usage() {
+            Some(u) => u
+                .hosts
+                .get(host)
+                .and_then(|h| h.gpus.get(pci))
+                .and_then(|name| self.instances.get(name)),
+            None => self
+                .instances
+                .values()
+                .find(|i| i.host.as_str() == host && i.gpus.contains(pci)),
+        }
     }
 }
 

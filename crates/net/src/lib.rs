@@ -57,8 +57,19 @@ impl Listener {
     }
 
     /// Turns the listener into the incoming stream a tonic router serves.
-    pub fn incoming(self) -> TcpListenerStream {
-        TcpListenerStream::new(self.inner)
+    ///
+    /// Every accepted connection gets TCP_NODELAY: the server builder's own
+    /// setting applies only to listeners it binds itself, and without it a reply
+    /// split into headers and body can wait out the peer's delayed ACK (40 ms).
+    pub fn incoming(
+        self,
+    ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+        use tokio_stream::StreamExt;
+        TcpListenerStream::new(self.inner).map(|conn| {
+            let conn = conn?;
+            conn.set_nodelay(true)?;
+            Ok(conn)
+        })
     }
 }
 

@@ -427,6 +427,8 @@ pub enum Outcome {
 pub struct Client {
     channels: Arc<Vec<(String, Channel)>>,
     next: Arc<AtomicUsize>,
+    /// The node the last reply named as leader (`usize::MAX`: none known).
+    leader: Arc<AtomicUsize>,
     pub attempt_timeout: Duration,
     pub give_up_after: Duration,
 }
@@ -440,6 +442,7 @@ impl Client {
         Ok(Client {
             channels: Arc::new(channels),
             next: Default::default(),
+            leader: Arc::new(AtomicUsize::new(usize::MAX)),
             attempt_timeout: Duration::from_secs(2),
             give_up_after: Duration::from_secs(40),
         })
@@ -453,7 +456,12 @@ impl Client {
     {
         let start = Instant::now();
         loop {
-            let k = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+            let hint = self.leader.swap(usize::MAX, Ordering::Relaxed);
+            let k = if hint < self.channels.len() {
+                hint
+            } else {
+                self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()
+            };
             let (addr, ch) = &self.channels[k];
             let mut req = Request::new(body.clone());
             if let Ok(v) = id.parse() {
@@ -461,7 +469,15 @@ impl Client {
             }
             req.set_timeout(self.attempt_timeout);
             let last = match tokio::time::timeout(self.attempt_timeout, f(ch.clone(), req)).await {
-                Ok(Ok(r)) => return (Outcome::Ok, Some(r.into_inner())),
+                Ok(Ok(r)) => {
+                    let leader = r.metadata().get("ssp-leader").and_then(|v| v.to_str().ok());
+                    if let Some(i) =
+                        leader.and_then(|l| self.channels.iter().position(|(a, _)| a == l))
+                    {
+                        self.leader.store(i, Ordering::Relaxed);
+                    }
+                    return (Outcome::Ok, Some(r.into_inner()));
+                }
                 Ok(Err(s))
                     if matches!(
                         s.code(),
@@ -607,7 +623,7 @@ pub struct Report {
     pub rejected: usize,
     pub unknown: usize,
     pub users: usize,
-    /// Refusals by gRPC code and first words (e.g. GPUs running out).
+    /// Refusals by gRPC code (ResourceExhausted: GPUs ran out).
     pub refusals: BTreeMap<String, usize>,
 }
 
@@ -637,17 +653,7 @@ pub fn check(history: &[Event], machine: &serde_json::Value) -> anyhow::Result<R
             Outcome::Ok => report.acked += 1,
             Outcome::Rejected(code, msg) => {
                 report.rejected += 1;
-                let gist: String = msg
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .chars()
-                    .take(40)
-                    .collect();
-                *report
-                    .refusals
-                    .entry(format!("{code:?}: {gist}"))
-                    .or_default() += 1;
+                *report.refusals.entry(format!("{code:?}")).or_default() += 1;
                 // The client's own retry being refused as a duplicate means it applied twice.
                 if matches!(code, Code::AlreadyExists | Code::NotFound) {
                     errors.push(format!(
@@ -701,12 +707,15 @@ pub fn check(history: &[Event], machine: &serde_json::Value) -> anyhow::Result<R
 
 /// `ops` user additions and removals from `workers` concurrent clients; each
 /// worker removes only users it added itself, after their addition was acknowledged.
+/// Each worker pauses up to `pace` between operations, so a fault schedule has
+/// time to run while the stream lasts.
 pub async fn workload(
     client: Client,
     prefix: &str,
     ops: usize,
     workers: usize,
     seed: u64,
+    pace: Duration,
 ) -> Vec<Event> {
     let per = ops.div_ceil(workers);
     let mut tasks = Vec::new();
@@ -741,6 +750,8 @@ pub async fn workload(
                     Op::Remove { name } => client.remove_user(&id, name).await,
                 };
                 events.push(Event { id, op, outcome });
+                let pause = rng.range(0, pace.as_millis() as u64 + 1);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
             events
         }));

@@ -30,6 +30,7 @@ fn under_load(
     prefix: &str,
     ops: usize,
     seed: u64,
+    pace: Duration,
     during: impl FnOnce(&mut Coordinators, &dyn Fn() -> bool),
 ) -> Vec<Event> {
     let client = c.client().expect("client");
@@ -40,7 +41,7 @@ fn under_load(
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(workload(client, &prefix, ops, 12, seed))
+            .block_on(workload(client, &prefix, ops, 12, seed, pace))
     });
     let done = || handle.is_finished();
     during(c, &done);
@@ -55,48 +56,55 @@ fn fault_schedule_loses_nothing() {
         register_hosts(&c);
         let started = Instant::now();
         let mut faults: Vec<String> = Vec::new();
-        let history = under_load(&mut c, &format!("s{seed}"), 300, seed, |c, done| {
-            let mut rng = Rng::new(seed);
-            while !done() {
-                std::thread::sleep(Duration::from_millis(rng.range(200, 700)));
-                let t = started.elapsed().as_secs_f64();
-                let Some(leader) = c.leader() else { continue };
-                let follower = (leader + 1 + rng.range(0, 2) as usize) % 3;
-                let hold = Duration::from_millis(rng.range(300, 1500));
-                match rng.range(0, 4) {
-                    0 => {
-                        faults.push(format!(
-                            "{t:.1}s kill -9 leader n{} for {hold:?}",
-                            leader + 1
-                        ));
-                        c.kill(leader);
-                        std::thread::sleep(hold);
-                        c.start_node(leader).expect("restart");
-                    }
-                    1 => {
-                        faults.push(format!(
-                            "{t:.1}s cut leader n{}'s link for {hold:?}",
-                            leader + 1
-                        ));
-                        c.cut(leader).expect("cut");
-                        std::thread::sleep(hold);
-                        c.heal(leader).expect("heal");
-                    }
-                    2 => {
-                        faults.push(format!("{t:.1}s restart follower n{}", follower + 1));
-                        c.kill(follower);
-                        c.start_node(follower).expect("restart");
-                    }
-                    _ => {
-                        let who = rng.range(0, 3) as usize;
-                        faults.push(format!("{t:.1}s SIGSTOP n{} for {hold:?}", who + 1));
-                        c.pause(who);
-                        std::thread::sleep(hold);
-                        c.resume(who);
+        let history = under_load(
+            &mut c,
+            &format!("s{seed}"),
+            300,
+            seed,
+            Duration::from_millis(600),
+            |c, done| {
+                let mut rng = Rng::new(seed);
+                while !done() {
+                    std::thread::sleep(Duration::from_millis(rng.range(200, 700)));
+                    let t = started.elapsed().as_secs_f64();
+                    let Some(leader) = c.leader() else { continue };
+                    let follower = (leader + 1 + rng.range(0, 2) as usize) % 3;
+                    let hold = Duration::from_millis(rng.range(300, 1500));
+                    match rng.range(0, 4) {
+                        0 => {
+                            faults.push(format!(
+                                "{t:.1}s kill -9 leader n{} for {hold:?}",
+                                leader + 1
+                            ));
+                            c.kill(leader);
+                            std::thread::sleep(hold);
+                            c.start_node(leader).expect("restart");
+                        }
+                        1 => {
+                            faults.push(format!(
+                                "{t:.1}s cut leader n{}'s link for {hold:?}",
+                                leader + 1
+                            ));
+                            c.cut(leader).expect("cut");
+                            std::thread::sleep(hold);
+                            c.heal(leader).expect("heal");
+                        }
+                        2 => {
+                            faults.push(format!("{t:.1}s restart follower n{}", follower + 1));
+                            c.kill(follower);
+                            c.start_node(follower).expect("restart");
+                        }
+                        _ => {
+                            let who = rng.range(0, 3) as usize;
+                            faults.push(format!("{t:.1}s SIGSTOP n{} for {hold:?}", who + 1));
+                            c.pause(who);
+                            std::thread::sleep(hold);
+                            c.resume(who);
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         c.heal_all().expect("heal");
         let machine = c
             .wait_identical(&[0, 1, 2], Duration::from_secs(60))
@@ -153,7 +161,7 @@ fn wiped_member_rejoins_and_membership_changes_under_load_lose_nothing() {
     let mut c = Coordinators::start("members", 122, 3, 50).expect("three coordinators");
     register_hosts(&c);
     // Enough writes that the log is compacted: a wiped node must catch up from a snapshot.
-    let first = under_load(&mut c, "a", 150, 11, |_, _| {});
+    let first = under_load(&mut c, "a", 150, 11, Duration::ZERO, |_, _| {});
     let leader = c.wait_leader(Duration::from_secs(10)).expect("leader");
     let victim = (leader + 1) % 3;
     c.wipe(victim).expect("wipe");
@@ -177,7 +185,7 @@ fn wiped_member_rejoins_and_membership_changes_under_load_lose_nothing() {
 
     // A fourth coordinator joins, and a follower leaves, while clients write.
     let mut leaving = 0;
-    let second = under_load(&mut c, "b", 300, 12, |c, _| {
+    let second = under_load(&mut c, "b", 300, 12, Duration::from_millis(200), |c, _| {
         std::thread::sleep(Duration::from_millis(300));
         let fourth = c.add_node(false).expect("fourth node");
         c.join(fourth).expect("join under load");
@@ -209,18 +217,25 @@ fn wiped_member_rejoins_and_membership_changes_under_load_lose_nothing() {
 fn killing_all_at_once_loses_no_acknowledged_write() {
     let mut c = Coordinators::start("allkill", 123, 3, 100).expect("three coordinators");
     register_hosts(&c);
-    let history = under_load(&mut c, "k", 200, 5, |c, done| {
-        // Kill all three in the middle of the stream, then start all three.
-        std::thread::sleep(Duration::from_millis(800));
-        if !done() {
-            for i in 0..3 {
-                c.kill(i);
+    let history = under_load(
+        &mut c,
+        "k",
+        200,
+        5,
+        Duration::from_millis(100),
+        |c, done| {
+            // Kill all three in the middle of the stream, then start all three.
+            std::thread::sleep(Duration::from_millis(800));
+            if !done() {
+                for i in 0..3 {
+                    c.kill(i);
+                }
+                for i in 0..3 {
+                    c.start_node(i).expect("start");
+                }
             }
-            for i in 0..3 {
-                c.start_node(i).expect("start");
-            }
-        }
-    });
+        },
+    );
     let machine = c
         .wait_identical(&[0, 1, 2], Duration::from_secs(60))
         .expect("replicas agree after restart");

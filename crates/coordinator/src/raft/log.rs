@@ -160,27 +160,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        // Kept in memory for `cluster status` only. Not persisting it costs nothing
+        // in safety: after a restart the state machine resumes from its snapshot
+        // and applies the rest as the leader tells this node what is committed.
         if let Some(c) = committed {
             self.committed.store(c.index, Ordering::Relaxed);
         }
-        // Not fsynced on its own: a lost value only means re-applying from the snapshot.
-        let bytes = serde_json::to_vec(&committed).map_err(w)?;
-        let mut tx = self.db.begin_write().map_err(w)?;
-        tx.set_durability(redb::Durability::Eventual);
-        {
-            let mut meta = tx.open_table(META).map_err(w)?;
-            meta.insert("committed", bytes.as_slice()).map_err(w)?;
-        }
-        tx.commit().map_err(w)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
-        let c: Option<Option<LogId<NodeId>>> = self.get_meta("committed")?;
-        let c = c.flatten();
-        if let Some(c) = c {
-            self.committed.store(c.index, Ordering::Relaxed);
-        }
-        Ok(c)
+        Ok(())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
@@ -193,7 +179,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             rows.push((e.log_id.index, serde_json::to_vec(&e).map_err(w)?));
         }
         let db = self.db.clone();
-        let res = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+        // The raft core waits for this write anyway; block_in_place spares a thread hop.
+        let res = tokio::task::block_in_place(move || -> Result<(), redb::Error> {
             let tx = db.begin_write()?;
             {
                 let mut log = tx.open_table(LOG)?;
@@ -204,9 +191,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // Durability::Immediate (the default): fsynced before commit returns.
             tx.commit()?;
             Ok(())
-        })
-        .await
-        .map_err(w)?;
+        });
         match res {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));

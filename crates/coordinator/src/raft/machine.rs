@@ -213,7 +213,7 @@ impl RaftStateMachine<TypeConfig> for MachineStore {
         Ok((m.last_applied, m.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, SErr>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Reply>>, SErr>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -223,11 +223,17 @@ impl RaftStateMachine<TypeConfig> for MachineStore {
         for e in entries {
             m.last_applied = Some(e.log_id);
             match e.payload {
-                EntryPayload::Blank => out.push(Reply::None),
-                EntryPayload::Normal(req) => out.push(m.apply_request(e.log_id.index, &req)),
+                EntryPayload::Blank => out.push(Vec::new()),
+                EntryPayload::Normal(batch) => out.push(
+                    batch
+                        .0
+                        .iter()
+                        .map(|req| m.apply_request(e.log_id.index, req))
+                        .collect(),
+                ),
                 EntryPayload::Membership(mem) => {
                     m.membership = StoredMembership::new(Some(e.log_id), mem);
-                    out.push(Reply::None);
+                    out.push(Vec::new());
                 }
             }
         }

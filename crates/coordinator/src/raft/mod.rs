@@ -6,9 +6,12 @@
 //! state machine itself lives in memory; it is rebuilt at start from the latest
 //! snapshot (also in redb) and the committed log after it.
 //!
+//! Writes arriving together share one log entry (see [`batch`]).
+//!
 //! A request may carry a client-chosen id: the state machine remembers the ids it
 //! applied, so a write retried after a timeout or a leader change is applied once.
 
+pub mod batch;
 pub mod log;
 pub mod machine;
 pub mod network;
@@ -32,8 +35,8 @@ pub type NodeId = u64;
 openraft::declare_raft_types!(
     /// ssp's raft types.
     pub TypeConfig:
-        D = Request,
-        R = Reply,
+        D = Batch,
+        R = Vec<Reply>,
         NodeId = NodeId,
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
@@ -50,9 +53,14 @@ pub struct Request {
     pub cmd: Command,
 }
 
-impl std::fmt::Display for Request {
+/// One log entry: requests that arrived together, applied in order (group commit:
+/// one fsync and one replication round for the lot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Request>);
+
+impl std::fmt::Display for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self.id)
+        write!(f, "batch of {}", self.0.len())
     }
 }
 
@@ -67,8 +75,6 @@ pub enum Reply {
         index: u64,
         rejected: Option<Rejection>,
     },
-    /// Blank and membership entries.
-    None,
 }
 
 /// This node's raft: the handle, its state machine and what it stored.
@@ -77,6 +83,7 @@ pub struct Replica {
     pub id: NodeId,
     pub address: String,
     pub raft: Raft,
+    pub writer: batch::Writer,
     pub machine: Arc<RwLock<Machine>>,
     /// Highest index openraft told the log store is committed.
     pub committed: Arc<AtomicU64>,
@@ -121,6 +128,7 @@ impl Replica {
         Ok(Replica {
             id,
             address,
+            writer: batch::Writer::start(raft.clone()),
             raft,
             machine: shared,
             committed,
@@ -137,12 +145,20 @@ impl Replica {
 
     /// Whether this node has a log or membership of its own.
     pub async fn initialized(&self) -> bool {
-        self.raft.is_initialized().await.unwrap_or(false)
+        // The metrics answer without a round trip through raft's core; they start
+        // empty, so only a "no" is checked with the core.
+        let known = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.last_log_index.is_some() || m.membership_config.membership().nodes().next().is_some()
+        };
+        known || self.raft.is_initialized().await.unwrap_or(false)
     }
 
     /// The current leader, as this node knows it.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics();
+        let m = m.borrow();
         let id = m.current_leader?;
         let addr = m
             .membership_config

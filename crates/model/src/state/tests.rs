@@ -216,3 +216,75 @@ fn no_hosts() {
         "cannot place alice: no hosts are registered; start an agent first"
     );
 }
+
+#[test]
+fn numbers_find_the_lowest_free_in_a_range() {
+    let mut n = Numbers::default();
+    assert_eq!(n.lowest_free(10, 12), Some(10));
+    for x in [10, 11] {
+        n.insert(x);
+    }
+    assert_eq!(n.lowest_free(10, 12), Some(12));
+    n.insert(12);
+    assert_eq!(n.lowest_free(10, 12), None);
+    assert_eq!(n.lowest_free(5, 12), Some(5));
+    n.remove(11);
+    assert_eq!(n.lowest_free(10, 12), Some(11));
+    n.remove(12);
+    n.remove(10);
+    assert_eq!(n.lowest_free(10, 12), Some(10));
+    // Against a plain scan, over a pseudo-random mix of inserts and removes.
+    let mut plain = BTreeSet::new();
+    let mut x: u64 = 7;
+    for _ in 0..5000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = 100 + (x % 200) as u32;
+        if x.is_multiple_of(3) {
+            n.remove(v);
+            plain.remove(&v);
+        } else {
+            n.insert(v);
+            plain.insert(v);
+        }
+        let (a, b) = (100 + (x % 50) as u32, 150 + (x % 200) as u32);
+        assert_eq!(n.lowest_free(a, b), (a..=b).find(|p| !plain.contains(p)));
+    }
+}
+
+#[test]
+fn the_usage_index_matches_a_rebuild_and_survives_serialization() {
+    let mut s = state_with(&[("host1", 4), ("host2", 8)]);
+    for (i, g) in [2, 1, 0, 3, 4, 1].iter().enumerate() {
+        s.apply(&user(&format!("u{i}"), *g)).unwrap();
+    }
+    s.apply(&Command::RemoveUser { name: "u1".into() }).unwrap();
+    s.apply(&Command::ForgetInstance { name: "u1".into() })
+        .unwrap();
+    s.apply(&Command::RemoveUser { name: "u3".into() }).unwrap();
+    let live = s.usage().cloned().expect("index is current after apply");
+    // A replica restored from a snapshot has no index until its next apply,
+    // and then places exactly as the live one does.
+    let mut restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(restored, s);
+    assert!(restored.usage().is_none());
+    let next = user("late", 1);
+    let a = s.apply(&next).unwrap();
+    let b = restored.apply(&next).unwrap();
+    assert_eq!(a, b);
+    let rebuilt = Usage::build(&s.users, &s.instances);
+    assert_eq!(s.usage(), Some(&rebuilt));
+    assert_ne!(Some(&live), s.usage());
+    // GPU holders come from the index.
+    let Outcome::UserAdded { instance, .. } = a else {
+        panic!()
+    };
+    for g in &instance.gpus {
+        assert_eq!(
+            s.gpu_holder(instance.host.as_str(), g)
+                .map(|i| i.name.as_str()),
+            Some("late")
+        );
+    }
+}
