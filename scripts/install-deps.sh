@@ -38,3 +38,7 @@ fi
 apt-get update -q
 apt-get install -y -q -t bookworm-backports incus
 apt-get install -y -q "${need_pkgs[@]}"
+# etcd is only a benchmark baseline: the suite starts its own members on loopback.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled etcd >/dev/null 2>&1; then
+  systemctl disable --now etcd >/dev/null 2>&1 || true
+fi

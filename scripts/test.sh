@@ -18,3 +18,5 @@ cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 # Benchmarks print figures; they do not pass or fail on them.
 cargo build --release --workspace --bins --locked
 cargo bench -p ssp-integration --bench user_add --locked
+cargo bench -p ssp-integration --bench failover --locked
+cargo bench -p ssp-integration --bench raft_vs_etcd --locked
