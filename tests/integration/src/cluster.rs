@@ -384,6 +384,13 @@ impl Coordinators {
             .join("\n")
     }
 
+    /// Writes `text` to a file in this cluster's scratch directory; returns its path.
+    pub fn scratch_file(&self, name: &str, text: &str) -> String {
+        let p = self.scratch.path().join(name);
+        std::fs::write(&p, text).expect("scratch file");
+        p.display().to_string()
+    }
+
     /// A client of every node.
     pub fn client(&self) -> anyhow::Result<Client> {
         let _rt = self.rt.enter();

@@ -1,4 +1,5 @@
-//! A whole ssp platform on testbed hosts: one coordinator, one agent per host.
+//! A whole ssp platform on testbed hosts: one coordinator (or a cluster of them),
+//! one agent per host.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -11,8 +12,12 @@ use crate::{free_port, sspctl, wait_for, Host, Proc, Scratch, Ssp};
 /// The coordinator, the agents and the scratch space of one test.
 pub struct Platform {
     pub ssp: Ssp,
+    /// The first coordinator (the one that formed the cluster).
     pub coordinator: Proc,
-    /// Address `sspctl` uses.
+    /// Further coordinators of a cluster, and every coordinator's port.
+    pub more_coordinators: Vec<Proc>,
+    pub coordinator_ports: Vec<u16>,
+    /// Addresses `sspctl` uses (comma-separated).
     pub addr: String,
     pub agents: Vec<Proc>,
     /// gRPC address of each agent, in the order given.
@@ -57,73 +62,120 @@ impl Platform {
     /// Starts a coordinator in the root namespace and an agent in each host's namespace,
     /// and waits until every agent has registered.
     pub fn start(tag: &str, agents: &[AgentSpec]) -> anyhow::Result<Platform> {
+        let mut p = Platform::start_coordinators(tag, 1)?;
+        p.add_agents(agents)?;
+        Ok(p)
+    }
+
+    /// Starts `n` coordinators in the root namespace (the first forms the cluster,
+    /// the others join it), and no agents yet.
+    pub fn start_coordinators(tag: &str, n: usize) -> anyhow::Result<Platform> {
         let ssp = Ssp::locate()?;
         let scratch = Scratch::new(tag)?;
         let dir = scratch.path().to_path_buf();
         let shared_root = dir.join("shared");
         std::fs::create_dir_all(&shared_root)?;
-        let port = free_port();
-        let cfg = format!(
-            "listen = \"0.0.0.0:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\nbootstrap = true\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
-            data = dir.join("coordinator").display(),
-            root = shared_root.display(),
-        );
-        let cfg_path = dir.join("coordinator.toml");
-        std::fs::write(&cfg_path, cfg)?;
-        let coordinator = Proc::start(
-            "coordinator",
-            None,
-            &[
-                ssp.bin("ssp-coordinator").to_str().unwrap_or_default(),
-                "--config",
-                cfg_path.to_str().unwrap_or_default(),
-            ],
-            &dir.join("coordinator.log"),
-        )?;
-        let addr = format!("http://127.0.0.1:{port}");
         let mut procs = Vec::new();
-        let mut agent_addrs = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..n.max(1) {
+            let port = free_port();
+            let cfg = format!(
+                "listen = \"0.0.0.0:{port}\"\nadvertise = \"http://127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\nbootstrap = {boot}\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
+                data = dir.join(format!("coordinator{i}")).display(),
+                root = shared_root.display(),
+                boot = i == 0,
+            );
+            let cfg_path = dir.join(format!("coordinator{i}.toml"));
+            std::fs::write(&cfg_path, cfg)?;
+            procs.push(Proc::start(
+                &format!("coordinator{i}"),
+                None,
+                &[
+                    ssp.bin("ssp-coordinator").to_str().unwrap_or_default(),
+                    "--config",
+                    cfg_path.to_str().unwrap_or_default(),
+                ],
+                &dir.join(format!("coordinator{i}.log")),
+            )?);
+            ports.push(port);
+        }
+        let addr = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut procs = procs.into_iter();
+        let coordinator = procs.next().context("no coordinator")?;
+        let p = Platform {
+            ssp,
+            coordinator,
+            more_coordinators: procs.collect(),
+            coordinator_ports: ports.clone(),
+            addr,
+            agents: Vec::new(),
+            agent_addrs: Vec::new(),
+            shared_root,
+            scratch,
+        };
+        let first = format!("http://127.0.0.1:{}", ports[0]);
+        for port in &ports[1..] {
+            let out = sspctl(
+                &p.ssp,
+                &first,
+                &["cluster", "join", &format!("http://127.0.0.1:{port}")],
+            );
+            if !out.status.success() {
+                bail!(
+                    "cluster join of coordinator on port {port} failed: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    p.coordinator.log_tail()
+                );
+            }
+        }
+        Ok(p)
+    }
+
+    /// Starts an agent in each host's namespace, listing every coordinator, and
+    /// waits until each has registered.
+    pub fn add_agents(&mut self, agents: &[AgentSpec]) -> anyhow::Result<()> {
+        let dir = self.scratch.path().to_path_buf();
         for a in agents {
             let h = a.host;
             let aport = free_port();
+            let coordinators = self
+                .coordinator_ports
+                .iter()
+                .map(|p| format!("\"http://{}:{p}\"", h.gateway))
+                .collect::<Vec<_>>()
+                .join(", ");
             let mut cfg = format!(
-                "name = \"{name}\"\nlisten = \"0.0.0.0:{aport}\"\nadvertise = \"http://{addr}:{aport}\"\ncoordinators = [\"http://{gw}:{port}\"]\nsocket = \"{sock}\"\nssh_host = \"{addr}\"\nssh_ports = [22000, 22099]\nstate_dir = \"{state}\"\nheartbeat_secs = 2\n",
+                "name = \"{name}\"\nlisten = \"0.0.0.0:{aport}\"\nadvertise = \"http://{addr}:{aport}\"\ncoordinators = [{coordinators}]\nsocket = \"{sock}\"\nssh_host = \"{addr}\"\nssh_ports = [22000, 22099]\nstate_dir = \"{state}\"\nheartbeat_secs = 2\n",
                 name = h.name,
                 addr = h.addr,
-                gw = h.gateway,
                 sock = h.socket.display(),
                 state = dir.join(format!("agent-{}", h.name)).display(),
             );
             if let Some(inv) = &a.gpu_inventory {
                 cfg.push_str(&format!("gpu_inventory = \"{}\"\n", inv.display()));
             }
-            agent_addrs.push(format!("http://{}:{aport}", h.addr));
+            self.agent_addrs.push(format!("http://{}:{aport}", h.addr));
             let path = dir.join(format!("agent-{}.toml", h.name));
             std::fs::write(&path, cfg)?;
-            procs.push(Proc::start(
+            self.agents.push(Proc::start(
                 &format!("agent-{}", h.name),
                 Some(&h.netns),
                 &[
-                    ssp.bin("ssp-agent").to_str().unwrap_or_default(),
+                    self.ssp.bin("ssp-agent").to_str().unwrap_or_default(),
                     "--config",
                     path.to_str().unwrap_or_default(),
                 ],
                 &dir.join(format!("agent-{}.log", h.name)),
             )?);
         }
-        let p = Platform {
-            ssp,
-            coordinator,
-            addr,
-            agents: procs,
-            agent_addrs,
-            shared_root,
-            scratch,
-        };
         for a in agents {
-            p.wait_registered(&a.host.name)?;
+            self.wait_registered(&a.host.name)?;
         }
-        Ok(p)
+        Ok(())
     }
 
     /// Waits until `host` is known to the coordinator.

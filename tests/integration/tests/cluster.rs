@@ -243,3 +243,64 @@ fn killing_all_at_once_loses_no_acknowledged_write() {
     println!("kill all: {report:?}");
     assert!(report.acked > 0);
 }
+
+#[test]
+fn a_follower_serves_current_reads_and_says_when_a_read_is_local() {
+    let mut c = Coordinators::start("reads", 125, 3, 1000).expect("three coordinators");
+    register_hosts(&c);
+    let leader = c.wait_leader(Duration::from_secs(10)).expect("leader");
+    let follower = (leader + 1) % 3;
+    let ssp = c.ssp.clone();
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
+    let ctl_at =
+        move |node: usize, args: &[&str]| ssp_integration::sspctl(&ssp, &addrs[node], args);
+    let key = c.scratch_file("k.pub", ssp_integration::cluster::TEST_KEY);
+    let out = ctl_at(
+        follower,
+        &["user", "add", "rita", "--ssh-key", &key, "--no-wait"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Straight after the write, a read at the follower already sees it (read index).
+    let out = ctl_at(follower, &["-o", "json", "user", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let users: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        users
+            .as_array()
+            .is_some_and(|u| u.iter().any(|u| u["name"] == "rita")),
+        "{users}"
+    );
+    assert!(
+        !stderr.contains("served locally"),
+        "a current read should not be marked local: {stderr}"
+    );
+    // A stale read is answered locally and says so.
+    let out = ctl_at(follower, &["--stale", "user", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("served locally by coordinator"), "{stderr}");
+    // With the other two down there is no quorum: current reads fail with a reason,
+    // local reads still answer.
+    for i in 0..3 {
+        if i != follower {
+            c.kill(i);
+        }
+    }
+    let out = ctl_at(follower, &["--stale", "-o", "json", "user", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = ctl_at(follower, &["--stale", "-o", "json", "cluster", "status"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status json");
+    assert_eq!(st["members"].as_array().map(|m| m.len()), Some(3), "{st}");
+    for k in ["term", "commit_index", "applied_index", "last_log_index"] {
+        assert!(st[k].as_u64().is_some(), "status lacks {k}: {st}");
+    }
+}
