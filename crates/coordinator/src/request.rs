@@ -1,8 +1,8 @@
 //! Turning client requests into validated commands (pure; no IO).
 
 use ssp_model::{
-    ByteSize, Command, Host, HostName, InputError, Limits, NewUser, Role, SharedFolder, SshKey,
-    Username,
+    ByteSize, Command, Constraints, Host, HostName, InputError, Limits, NewUser, Role,
+    SharedFolder, SshKey, Username,
 };
 use ssp_proto as pb;
 
@@ -77,6 +77,35 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
     } else {
         image_alias(&req.image)?
     };
+    let gpu_model = match req.gpu_model.trim() {
+        "" => None,
+        m if m.len() <= 64
+            && m.chars()
+                .all(|c| c.is_ascii_alphanumeric() || " -_.".contains(c)) =>
+        {
+            Some(m.to_string())
+        }
+        m => {
+            return Err(InputError {
+                what: "GPU model",
+                value: m.into(),
+                reason: "use letters, digits, spaces, '-', '_' or '.' (at most 64), e.g. A100"
+                    .into(),
+            })
+        }
+    };
+    let host = match req.host.as_str() {
+        "" => None,
+        h => Some(HostName::parse(h)?),
+    };
+    let constrained = gpu_model.is_some() || req.gpu_memory_bytes > 0;
+    if constrained && req.gpus == 0 {
+        return Err(InputError {
+            what: "GPU constraint",
+            value: req.gpu_model.clone(),
+            reason: "--gpu-model and --gpu-memory need --gpus N (N >= 1)".into(),
+        });
+    }
     Ok(Command::AddUser(NewUser {
         name,
         role: Role::parse(&req.role)?,
@@ -85,6 +114,12 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
         gpus: req.gpus,
         image,
         shares,
+        placement: Constraints {
+            gpu_model,
+            gpu_memory: (req.gpu_memory_bytes > 0).then_some(req.gpu_memory_bytes),
+            host,
+            spread: req.spread,
+        },
     }))
 }
 
@@ -216,6 +251,16 @@ mod tests {
         let mut r = req("bob");
         r.image = "../x".into();
         cases.push((r, "image alias"));
+        let mut r = req("bob");
+        r.gpus = 1;
+        r.gpu_model = "A100; rm -rf".into();
+        cases.push((r, "GPU model"));
+        let mut r = req("bob");
+        r.gpu_model = "A100".into();
+        cases.push((r, "need --gpus"));
+        let mut r = req("bob");
+        r.host = "Host_1".into();
+        cases.push((r, "host name"));
         for (r, want) in cases {
             let e = add_user(&r, &c).unwrap_err().to_string();
             assert!(e.contains(want), "{e} should mention {want}");

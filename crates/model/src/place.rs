@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use crate::names::{ByteSize, HostName, PciAddress};
 use crate::state::State;
-use crate::types::{Host, Limits};
+use crate::types::{Constraints, Gpu, Host, Limits};
 
 /// Where a new container goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,18 +92,50 @@ pub fn free_port(state: &State, host: &Host) -> Option<u16> {
     }
 }
 
+/// Free GPUs of `host` that meet the request's model and memory constraints, in index order.
+pub fn eligible_gpus(state: &State, host: &Host, c: &Constraints) -> Vec<PciAddress> {
+    let by_pci: std::collections::BTreeMap<&PciAddress, &Gpu> =
+        host.inventory.gpus.iter().map(|g| (&g.pci, g)).collect();
+    let model = c.gpu_model.as_ref().map(|m| m.to_lowercase());
+    free_gpus(state, host)
+        .into_iter()
+        .filter(|pci| {
+            by_pci.get(pci).is_some_and(|g| {
+                model
+                    .as_ref()
+                    .is_none_or(|m| g.model.to_lowercase().contains(m.as_str()))
+                    && c.gpu_memory.is_none_or(|m| g.memory_bytes >= m)
+            })
+        })
+        .collect()
+}
+
 fn why_not(
     state: &State,
     host: &Host,
     limits: &Limits,
     gpus: u32,
+    c: &Constraints,
 ) -> Result<Placement, (String, bool)> {
     let inv = &host.inventory;
-    let free = free_gpus(state, host);
+    let free = eligible_gpus(state, host, c);
     let name = host.name.as_str();
     if (free.len() as u32) < gpus {
+        let model = c
+            .gpu_model
+            .as_ref()
+            .map(|m| format!(" {m}"))
+            .unwrap_or_default();
+        let memory = c
+            .gpu_memory
+            .map(|m| format!(" ({} or more)", ByteSize(m)))
+            .unwrap_or_default();
         return Err((
-            format!("{name}: {} of {} GPUs free", free.len(), inv.gpus.len()),
+            format!(
+                "{name}: {} free{model} GPU{}{memory} of {gpus} asked",
+                free.len(),
+                if free.len() == 1 { "" } else { "s" }
+            ),
             true,
         ));
     }
@@ -150,19 +182,46 @@ fn why_not(
     })
 }
 
-/// Chooses a host for a container with `limits` and `gpus` GPUs (pack policy).
-pub fn choose(state: &State, limits: &Limits, gpus: u32) -> Result<Placement, NoFit> {
+/// Chooses a host for a container with `limits` and `gpus` GPUs under `c`:
+/// by default the fullest host that fits (pack), with `c.spread` the emptiest.
+/// Ties go to the first host by name, so every replica chooses alike.
+pub fn choose(
+    state: &State,
+    limits: &Limits,
+    gpus: u32,
+    c: &Constraints,
+) -> Result<Placement, NoFit> {
     let mut best: Option<(usize, Placement)> = None;
     let mut reasons = Vec::new();
     let mut only_gpus_short = true;
     let mut gpus_free = 0u32;
+    if let Some(h) = &c.host {
+        if !state.hosts.contains_key(h.as_str()) {
+            return Err(NoFit {
+                gpus_asked: gpus,
+                gpus_free: 0,
+                only_gpus_short: false,
+                reasons: vec![format!(
+                    "{h}: no such host (registered: {})",
+                    state.hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+                )],
+            });
+        }
+    }
     for host in state.hosts.values() {
-        let free = free_gpus(state, host).len();
+        if c.host.as_ref().is_some_and(|h| *h != host.name) {
+            continue;
+        }
+        let free = eligible_gpus(state, host, c).len();
         gpus_free += free as u32;
-        match why_not(state, host, limits, gpus) {
+        match why_not(state, host, limits, gpus, c) {
             Ok(p) => {
-                // Pack: the host with the fewest free GPUs that still fits.
-                if best.as_ref().is_none_or(|(f, _)| free < *f) {
+                let better = match &best {
+                    None => true,
+                    Some((f, _)) if c.spread => free > *f,
+                    Some((f, _)) => free < *f,
+                };
+                if better {
                     best = Some((free, p));
                 }
             }

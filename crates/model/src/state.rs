@@ -335,9 +335,11 @@ impl State {
             return Err(Rejection::NoSshKey(name.into()));
         }
         let place =
-            place::choose(self, &req.limits, req.gpus).map_err(|e: NoFit| Rejection::NoFit {
-                user: name.into(),
-                reason: e.to_string(),
+            place::choose(self, &req.limits, req.gpus, &req.placement).map_err(|e: NoFit| {
+                Rejection::NoFit {
+                    user: name.into(),
+                    reason: e.to_string(),
+                }
             })?;
         let s = self.settings();
         let uid =

@@ -130,4 +130,20 @@ pub struct NewUser {
     pub gpus: u32,
     pub image: String,
     pub shares: Vec<SharedFolder>,
+    /// Where the container may go, beyond capacity.
+    #[serde(default)]
+    pub placement: Constraints,
+}
+
+/// Placement constraints of one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Constraints {
+    /// Only GPUs whose model name contains this (case-insensitive), e.g. "A100".
+    pub gpu_model: Option<String>,
+    /// Only GPUs with at least this much memory.
+    pub gpu_memory: Option<u64>,
+    /// Only this host.
+    pub host: Option<HostName>,
+    /// Spread: prefer the host with the most free GPUs (default: pack onto the fullest).
+    pub spread: bool,
 }

@@ -61,6 +61,18 @@ pub struct AddArgs {
     /// Answer once the user is recorded; ssp creates the container in the background.
     #[arg(long)]
     no_wait: bool,
+    /// Only GPUs whose model contains this, e.g. A100 (needs --gpus).
+    #[arg(long)]
+    gpu_model: Option<String>,
+    /// Only GPUs with at least this much memory, e.g. 40GiB (needs --gpus).
+    #[arg(long, value_parser = parse_size)]
+    gpu_memory: Option<ByteSize>,
+    /// Put the container on this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Prefer the emptiest host instead of packing GPUs onto as few hosts as possible.
+    #[arg(long)]
+    spread: bool,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -105,6 +117,10 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 no_default_shares: a.no_default_shares,
                 role: a.role.clone(),
                 no_wait: a.no_wait,
+                gpu_model: a.gpu_model.clone().unwrap_or_default(),
+                gpu_memory_bytes: a.gpu_memory.map(|m| m.0).unwrap_or(0),
+                host: a.host.clone().unwrap_or_default(),
+                spread: a.spread,
             };
             let reply = c
                 .call(body, |ch, r| async move {

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::names::{ByteSize, HostName, PciAddress, SshKey, Username};
-use crate::types::{Gpu, Inventory, Limits, Pool, Role};
+use crate::types::{Constraints, Gpu, Inventory, Limits, Pool, Role};
 
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M t";
@@ -52,7 +52,16 @@ fn user(name: &str, gpus: u32) -> Command {
         gpus,
         image: "debian-ssh".into(),
         shares: vec![],
+        placement: Constraints::default(),
     })
+}
+
+fn user_with(name: &str, gpus: u32, placement: Constraints) -> Command {
+    let Command::AddUser(mut u) = user(name, gpus) else {
+        unreachable!()
+    };
+    u.placement = placement;
+    Command::AddUser(u)
 }
 
 fn state_with(hosts: &[(&str, u32)]) -> State {
@@ -102,7 +111,7 @@ fn rejections_change_nothing() {
         (user("alice", 0), "user alice already exists"),
         (
             user("carol", 3),
-            "cannot place carol: 3 GPUs asked but only 2 free (host1: 2 of 4 GPUs free)",
+            "cannot place carol: 3 GPUs asked but only 2 free (host1: 2 free GPUs of 3 asked)",
         ),
         (
             Command::RemoveUser {
@@ -287,4 +296,72 @@ fn the_usage_index_matches_a_rebuild_and_survives_serialization() {
             Some("late")
         );
     }
+}
+
+fn placed(s: &mut State, cmd: &Command) -> (String, usize) {
+    match s.apply(cmd) {
+        Ok(Outcome::UserAdded { instance, .. }) => (instance.host.to_string(), instance.gpus.len()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn constraints_pick_model_memory_host_and_spread() {
+    let mut s = state_with(&[("host1", 4), ("host2", 4), ("host3", 8)]);
+    // host3 has the big GPUs.
+    let mut h3 = s.hosts["host3"].clone();
+    for g in &mut h3.inventory.gpus {
+        g.model = "NVIDIA A100-SXM4-80GB".into();
+        g.memory_bytes = 80 << 30;
+    }
+    s.apply(&Command::RegisterHost(h3)).unwrap();
+    let model = |m: &str| Constraints {
+        gpu_model: Some(m.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        placed(&mut s, &user_with("a", 2, model("a100"))),
+        ("host3".into(), 2)
+    );
+    let big = Constraints {
+        gpu_memory: Some(40 << 30),
+        ..Default::default()
+    };
+    assert_eq!(
+        placed(&mut s, &user_with("b", 1, big.clone())),
+        ("host3".into(), 1)
+    );
+    // Pack goes to the fullest host that fits; spread to the emptiest.
+    assert_eq!(placed(&mut s, &user("c", 1)), ("host1".into(), 1));
+    assert_eq!(placed(&mut s, &user("d", 1)), ("host1".into(), 1));
+    let spread = Constraints {
+        spread: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        placed(&mut s, &user_with("e", 1, spread)),
+        ("host3".into(), 1)
+    );
+    let pin = Constraints {
+        host: Some(HostName::parse("host2").unwrap()),
+        ..Default::default()
+    };
+    assert_eq!(placed(&mut s, &user_with("f", 3, pin)), ("host2".into(), 3));
+    // Refusals say why, host by host, and change nothing.
+    let before = s.clone();
+    let e = s.apply(&user_with("g", 5, big)).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "cannot place g: 5 GPUs asked but only 4 free (host1: 0 free GPUs (40GiB or more) of 5 asked; host2: 0 free GPUs (40GiB or more) of 5 asked; host3: 4 free GPUs (40GiB or more) of 5 asked)"
+    );
+    let nohost = Constraints {
+        host: Some(HostName::parse("host9").unwrap()),
+        ..Default::default()
+    };
+    let e = s.apply(&user_with("h", 1, nohost)).unwrap_err().to_string();
+    assert!(
+        e.contains("host9: no such host (registered: host1, host2, host3)"),
+        "{e}"
+    );
+    assert_eq!(s, before);
 }
