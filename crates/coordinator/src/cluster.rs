@@ -116,9 +116,20 @@ pub fn annotate<T>(mut resp: Response<T>, core: &Core, kind: ReadKind) -> Respon
     resp
 }
 
+/// Set on errors from a coordinator that is not in a cluster yet, so clients that
+/// know several coordinators try the next one instead of giving up.
+pub const NOT_IN_CLUSTER: &str = "ssp-not-in-cluster";
+
 fn not_in_cluster() -> Status {
-    Status::failed_precondition(
+    let mut md = MetadataMap::new();
+    md.insert(
+        NOT_IN_CLUSTER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    Status::with_metadata(
+        tonic::Code::FailedPrecondition,
         "this coordinator is not part of a cluster yet: run `sspctl cluster init` on it, or add it to a cluster with `sspctl cluster join ADDR`",
+        md,
     )
 }
 

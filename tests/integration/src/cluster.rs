@@ -485,6 +485,9 @@ impl Client {
                     }
                     return (Outcome::Ok, Some(r.into_inner()));
                 }
+                Ok(Err(s)) if s.metadata().get("ssp-not-in-cluster").is_some() => {
+                    format!("{addr}: {}", s.message())
+                }
                 Ok(Err(s))
                     if matches!(
                         s.code(),

@@ -59,6 +59,10 @@ impl Conn {
         let mut last = String::new();
         let mut round = 0u32;
         loop {
+            // A coordinator not in a cluster yet cannot serve; if none of them is,
+            // say so now instead of retrying.
+            let mut outside: Option<Status> = None;
+            let mut others_failed = false;
             for addr in &self.addrs {
                 let ch = match tokio::time::timeout(Duration::from_secs(2), ssp_net::connect(addr))
                     .await
@@ -66,10 +70,12 @@ impl Conn {
                     Ok(Ok(ch)) => ch,
                     Ok(Err(e)) => {
                         last = e.to_string();
+                        others_failed = true;
                         continue;
                     }
                     Err(_) => {
                         last = format!("{addr} did not answer in 2s");
+                        others_failed = true;
                         continue;
                     }
                 };
@@ -88,9 +94,19 @@ impl Conn {
                         note_read(&r, addr);
                         return Ok(r);
                     }
-                    Err(s) if retryable(&s) => last = format!("{addr}: {}", s.message()),
+                    Err(s) if s.metadata().get("ssp-not-in-cluster").is_some() => {
+                        last = format!("{addr}: {}", s.message());
+                        outside = Some(s);
+                    }
+                    Err(s) if retryable(&s) => {
+                        last = format!("{addr}: {}", s.message());
+                        others_failed = true;
+                    }
                     Err(s) => return Err(s.into()),
                 }
+            }
+            if let (Some(s), false) = (outside, others_failed) {
+                return Err(s.into());
             }
             if start.elapsed() > RETRY_FOR {
                 anyhow::bail!(

@@ -1,7 +1,7 @@
 //! Group commit: requests that arrive while earlier ones are being replicated
 //! travel together as one log entry, so a burst of writes costs one fsync and
-//! one replication round instead of one each. A few batches are in flight at
-//! once, so a lone request never waits for a batch to fill.
+//! one replication round instead of one each. One batch is in flight at a time
+//! and the next forms meanwhile, so a lone request never waits for a batch to fill.
 
 use std::sync::Arc;
 
@@ -12,8 +12,9 @@ use super::{Batch, NodeId, Raft, Reply, Request};
 
 /// Most requests in one log entry.
 const MAX_BATCH: usize = 256;
-/// Batches being replicated at once.
-const IN_FLIGHT: usize = 2;
+/// Batches being replicated at once: one, so the next batch grows while it replicates
+/// (measured: more in flight means smaller batches, more fsyncs, lower throughput).
+const IN_FLIGHT: usize = 1;
 
 /// Why a write did not get a reply from the state machine.
 #[derive(Debug, Clone)]
