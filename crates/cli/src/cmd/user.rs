@@ -14,7 +14,7 @@ use crate::Cli;
 #[derive(Subcommand)]
 pub enum UserCmd {
     /// Add a user and create their container.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List users.
     List,
     /// Remove a user and delete their container.
