@@ -37,8 +37,11 @@ enum Commands {
     Ls,
     /// List every GPU and who holds it.
     Gpus,
-    /// List hosts with capacity and free GPUs.
+    /// List hosts: status, last heartbeat, capacity, free GPUs, driver.
     Hosts,
+    /// Drain a host (no new containers) or make it ready again.
+    #[command(subcommand)]
+    Host(cmd::hosts::HostCmd),
     /// Print an ssh_config block for a user's container.
     SshConfig(cmd::ssh_config::Args),
     /// The replicated coordinators: init, join, leave, status.
@@ -54,6 +57,7 @@ async fn main() {
         Commands::Ls => cmd::ls::run(&cli).await,
         Commands::Gpus => cmd::gpus::run(&cli).await,
         Commands::Hosts => cmd::hosts::run(&cli).await,
+        Commands::Host(ref c) => cmd::hosts::set(&cli, c).await,
         Commands::SshConfig(ref a) => cmd::ssh_config::run(&cli, a).await,
         Commands::Cluster(ref c) => cmd::cluster::run(&cli, c).await,
     };

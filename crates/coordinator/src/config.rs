@@ -28,6 +28,9 @@ pub struct CoordinatorConfig {
     /// Seconds between full reconcile passes over every instance.
     #[serde(default = "default_reconcile")]
     pub reconcile_secs: u64,
+    /// A host whose agent has not heartbeat for this long is marked down.
+    #[serde(default = "default_host_timeout")]
+    pub host_timeout_secs: u64,
     /// The address other coordinators, agents and sspctl reach this one at
     /// (`http://IP:PORT`); defaults to `listen` when that is not a wildcard.
     #[serde(default)]
@@ -97,6 +100,9 @@ fn default_uid_range() -> (u32, u32) {
 }
 fn default_reconcile() -> u64 {
     30
+}
+fn default_host_timeout() -> u64 {
+    15
 }
 
 impl CoordinatorConfig {

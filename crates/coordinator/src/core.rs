@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ssp_model::{Command, Outcome, Rejection, State};
 use ssp_proto::InstanceStatus;
@@ -32,6 +32,8 @@ pub struct Core {
     pub peers: crate::cluster::Peers,
     locks: Arc<AsyncMutex<HashMap<String, Arc<AsyncMutex<()>>>>>,
     kick: Arc<Notify>,
+    /// When each host last heartbeat to this coordinator (meaningful on the leader).
+    pub last_seen: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
 }
 
 /// What converging an instance did.
@@ -60,7 +62,7 @@ pub fn rejection_status(r: Rejection) -> Status {
         Rejection::UserExists(_) | Rejection::InstanceExists(_) => {
             Status::already_exists(r.to_string())
         }
-        Rejection::UnknownUser(_) | Rejection::UnknownInstance(_) => {
+        Rejection::UnknownUser(_) | Rejection::UnknownInstance(_) | Rejection::UnknownHost(_) => {
             Status::not_found(r.to_string())
         }
         Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => {
@@ -82,6 +84,7 @@ impl Core {
             peers: Default::default(),
             locks: Default::default(),
             kick: Default::default(),
+            last_seen: Default::default(),
         }
     }
 
@@ -224,6 +227,60 @@ impl Core {
                         down.insert(host);
                     }
                     tracing::warn!(instance = %name, "reconcile: {e}")
+                }
+            }
+        }
+    }
+
+    /// Records a heartbeat from `host`.
+    pub fn seen(&self, host: &str) {
+        if let Ok(mut m) = self.last_seen.lock() {
+            m.insert(host.to_string(), Instant::now());
+        }
+    }
+
+    /// How long ago `host` heartbeat, if this coordinator heard it.
+    pub fn seen_ago(&self, host: &str) -> Option<Duration> {
+        self.last_seen
+            .lock()
+            .ok()
+            .and_then(|m| m.get(host).map(|t| t.elapsed()))
+    }
+
+    /// The leader marks a ready host down when it has not heartbeat for
+    /// `timeout` (counting from when this node became leader, for hosts it has
+    /// not heard yet). A heartbeat marks it ready again (see the service).
+    pub async fn host_monitor(self, timeout: Duration) {
+        let mut leader_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if !self.is_leader() {
+                leader_since = None;
+                continue;
+            }
+            let since = *leader_since.get_or_insert_with(Instant::now);
+            let ready: Vec<String> = self.read(|s| {
+                s.hosts
+                    .values()
+                    .filter(|h| h.status == ssp_model::HostStatus::Ready)
+                    .map(|h| h.name.to_string())
+                    .collect()
+            });
+            for name in ready {
+                let silent = self.seen_ago(&name).unwrap_or_else(|| since.elapsed());
+                if silent > timeout {
+                    let cmd = Command::SetHostStatus {
+                        name: name.clone(),
+                        status: ssp_model::HostStatus::Down,
+                    };
+                    match self.apply(cmd, None).await {
+                        Ok(_) => {
+                            tracing::warn!(host = %name, silent_secs = silent.as_secs(), "host marked down: no heartbeat")
+                        }
+                        Err(e) => {
+                            tracing::warn!(host = %name, "marking the host down failed: {}", e.message())
+                        }
+                    }
                 }
             }
         }

@@ -64,6 +64,10 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
     let every = Duration::from_secs(cfg.reconcile_secs.max(1));
     core.kick();
     tokio::spawn(core.clone().leader_loop(every));
+    tokio::spawn(
+        core.clone()
+            .host_monitor(Duration::from_secs(cfg.host_timeout_secs.max(1))),
+    );
     tracing::info!(addr = %listener.local_addr()?, node = replica.id, "coordinator listening");
     let max = raft::network::MAX_MESSAGE;
     ssp_net::Listener::server()

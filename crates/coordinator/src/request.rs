@@ -187,6 +187,7 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
         ssh_host: req.ssh_host.clone(),
         ssh_ports: (first, last),
         inventory,
+        status: Default::default(),
     }))
 }
 

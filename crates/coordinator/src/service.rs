@@ -48,9 +48,26 @@ impl Coordinator for CoordinatorService {
         let Command::RegisterHost(h) = &cmd else {
             unreachable!()
         };
-        if self.core.read(|s| s.hosts.get(&name) != Some(h)) {
+        self.core.seen(&name);
+        let (changed, was_down) = self.core.read(|s| match s.hosts.get(&name) {
+            None => (true, false),
+            Some(old) => {
+                let mut same = h.clone();
+                same.status = old.status;
+                (*old != same, old.status == ssp_model::HostStatus::Down)
+            }
+        });
+        if changed {
             self.core.apply(cmd, None).await?;
             tracing::info!(host = %name, "host registered or changed");
+        }
+        if was_down {
+            let up = Command::SetHostStatus {
+                name: name.clone(),
+                status: ssp_model::HostStatus::Ready,
+            };
+            self.core.apply(up, None).await?;
+            tracing::info!(host = %name, "host is back: heartbeats again");
         }
         let count = self.core.read(|s| {
             s.instances
@@ -216,7 +233,18 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<InstanceViewList>, Status> {
         let kind = self.core.prepare_read(req.metadata()).await?;
         let state = self.core.snapshot();
-        let hosts: BTreeSet<&str> = state.instances.values().map(|i| i.host.as_str()).collect();
+        let down = |h: &str| {
+            state
+                .hosts
+                .get(h)
+                .is_some_and(|h| h.status == ssp_model::HostStatus::Down)
+        };
+        let hosts: BTreeSet<&str> = state
+            .instances
+            .values()
+            .map(|i| i.host.as_str())
+            .filter(|h| !down(h))
+            .collect();
         let observed = futures::future::join_all(hosts.iter().map(|h| {
             let agents = self.core.agents.clone();
             let state = &state;
@@ -239,6 +267,9 @@ impl Coordinator for CoordinatorService {
             .map(|i| {
                 let key = (i.host.to_string(), i.name.clone());
                 let (st, uuid) = match (seen.get(&key), errors.get(i.host.as_str())) {
+                    _ if down(i.host.as_str()) => {
+                        ("unavailable (host down)".to_string(), String::new())
+                    }
                     (Some(s), _) => (s.status.clone(), s.uuid.clone()),
                     (None, Some(_)) => ("unknown (host unreachable)".to_string(), String::new()),
                     (None, None) => ("missing".to_string(), String::new()),
@@ -285,6 +316,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<HostViewList>, Status> {
         let kind = self.core.prepare_read(req.metadata()).await?;
         let state = self.core.snapshot();
+        let leader = self.core.is_leader();
         let hosts = state
             .hosts
             .values()
@@ -300,12 +332,53 @@ impl Coordinator for CoordinatorService {
                     .values()
                     .filter(|i| i.host == h.name)
                     .count() as u32,
+                status: h.status.as_str().into(),
+                last_heartbeat_ms_ago: match (leader, self.core.seen_ago(h.name.as_str())) {
+                    (true, Some(d)) => d.as_millis() as i64,
+                    _ => -1,
+                },
             })
             .collect();
         Ok(annotate(
             Response::new(HostViewList { hosts }),
             &self.core,
             kind,
+        ))
+    }
+
+    async fn set_host_status(
+        &self,
+        req: Request<SetHostStatusRequest>,
+    ) -> Result<Response<SetHostStatusReply>, Status> {
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .set_host_status(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let status = ssp_model::HostStatus::parse(&r.status).map_err(input_status)?;
+        if status == ssp_model::HostStatus::Down {
+            return Err(Status::invalid_argument(
+                "host status \"down\": ssp sets it itself when a host stops heartbeating; use ready or draining",
+            ));
+        }
+        self.core
+            .apply(
+                Command::SetHostStatus {
+                    name: r.name.clone(),
+                    status,
+                },
+                id,
+            )
+            .await?;
+        tracing::info!(host = %r.name, status = status.as_str(), "host status set");
+        Ok(from_leader(
+            Response::new(SetHostStatusReply {}),
+            &self.core,
         ))
     }
 

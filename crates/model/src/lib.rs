@@ -8,4 +8,6 @@ pub mod types;
 
 pub use names::{ByteSize, HostName, InputError, PciAddress, SharedFolder, SshKey, Username};
 pub use state::{Command, Outcome, Rejection, Settings, State};
-pub use types::{Constraints, Gpu, Host, Instance, Inventory, Limits, NewUser, Pool, Role, User};
+pub use types::{
+    Constraints, Gpu, Host, HostStatus, Instance, Inventory, Limits, NewUser, Pool, Role, User,
+};

@@ -118,8 +118,11 @@ fn why_not(
     c: &Constraints,
 ) -> Result<Placement, (String, bool)> {
     let inv = &host.inventory;
-    let free = eligible_gpus(state, host, c);
     let name = host.name.as_str();
+    if host.status != crate::types::HostStatus::Ready {
+        return Err((format!("{name}: {}", host.status.as_str()), false));
+    }
+    let free = eligible_gpus(state, host, c);
     if (free.len() as u32) < gpus {
         let model = c
             .gpu_model

@@ -193,6 +193,11 @@ pub enum Command {
     /// Forgets a container the host has deleted (and its owner, if being removed
     /// and this was their last container).
     ForgetInstance { name: String },
+    /// Marks a host ready, draining or down.
+    SetHostStatus {
+        name: String,
+        status: crate::types::HostStatus,
+    },
 }
 
 /// What an applied command produced.
@@ -213,6 +218,7 @@ pub enum Outcome {
     InstanceForgotten {
         user_removed: bool,
     },
+    HostStatusSet,
 }
 
 /// Why a command was refused; the state is unchanged.
@@ -236,6 +242,8 @@ pub enum Rejection {
     NoFreeUid { first: u32, last: u32 },
     #[error("host {host} has GPU {pci} twice in its inventory")]
     DuplicateGpu { host: String, pci: String },
+    #[error("host {0} is not registered")]
+    UnknownHost(String),
 }
 
 impl State {
@@ -276,10 +284,24 @@ impl State {
                         });
                     }
                 }
-                self.hosts.insert(h.name.to_string(), h.clone());
+                let mut h = h.clone();
+                h.status = self
+                    .hosts
+                    .get(h.name.as_str())
+                    .map(|old| old.status)
+                    .unwrap_or_default();
+                self.hosts.insert(h.name.to_string(), h);
                 Ok(Outcome::HostRegistered)
             }
             Command::AddUser(req) => self.add_user(req),
+            Command::SetHostStatus { name, status } => {
+                let h = self
+                    .hosts
+                    .get_mut(name)
+                    .ok_or_else(|| Rejection::UnknownHost(name.clone()))?;
+                h.status = *status;
+                Ok(Outcome::HostStatusSet)
+            }
             Command::RemoveUser { name } => {
                 if !self.users.contains_key(name) {
                     return Err(Rejection::UnknownUser(name.clone()));

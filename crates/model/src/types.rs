@@ -50,6 +50,45 @@ pub struct Host {
     /// Inclusive range of host ports for SSH proxies.
     pub ssh_ports: (u16, u16),
     pub inventory: Inventory,
+    /// Set by `SetHostStatus` only; registrations keep it.
+    #[serde(default)]
+    pub status: HostStatus,
+}
+
+/// Whether a host takes new containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostStatus {
+    #[default]
+    Ready,
+    /// An admin asked that no new containers go there; existing ones stay.
+    Draining,
+    /// The agent stopped heartbeating; its containers show as unavailable.
+    Down,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Ready => "ready",
+            HostStatus::Draining => "draining",
+            HostStatus::Down => "down",
+        }
+    }
+
+    /// Parses "ready", "draining" or "down".
+    pub fn parse(s: &str) -> Result<Self, crate::InputError> {
+        match s {
+            "ready" => Ok(HostStatus::Ready),
+            "draining" => Ok(HostStatus::Draining),
+            "down" => Ok(HostStatus::Down),
+            _ => Err(crate::InputError {
+                what: "host status",
+                value: s.into(),
+                reason: "expected ready, draining or down".into(),
+            }),
+        }
+    }
 }
 
 /// Role of a user.

@@ -80,7 +80,7 @@ impl Platform {
         for i in 0..n.max(1) {
             let port = free_port();
             let cfg = format!(
-                "listen = \"0.0.0.0:{port}\"\nadvertise = \"http://127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\nbootstrap = {boot}\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
+                "listen = \"0.0.0.0:{port}\"\nadvertise = \"http://127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\nhost_timeout_secs = 6\nbootstrap = {boot}\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
                 data = dir.join(format!("coordinator{i}")).display(),
                 root = shared_root.display(),
                 boot = i == 0,
@@ -222,6 +222,15 @@ impl Platform {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Runs `sspctl ARGS`, expecting it to fail; returns its stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.ctl(args);
+        if out.status.success() {
+            bail!("sspctl {} succeeded but should have failed", args.join(" "));
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).to_string())
     }
 
     /// Writes what `sspctl ssh-config NAME` prints (with `key` as the identity) and

@@ -22,6 +22,12 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             let inv = h.inventory.clone().unwrap_or_default();
             vec![
                 h.name.clone(),
+                h.status.clone(),
+                if h.last_heartbeat_ms_ago < 0 {
+                    "-".into()
+                } else {
+                    format!("{:.1}s ago", h.last_heartbeat_ms_ago as f64 / 1000.0)
+                },
                 format!("{} {}", inv.daemon, inv.daemon_version),
                 inv.cpus.to_string(),
                 size(inv.memory_bytes),
@@ -43,13 +49,16 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             json!({"name": h.name, "agent_address": h.agent_address, "ssh_host": h.ssh_host,
                    "daemon": inv.daemon, "daemon_version": inv.daemon_version, "cpus": inv.cpus,
                    "memory_bytes": inv.memory_bytes, "gpus_total": h.gpus_total, "gpus_free": h.gpus_free,
-                   "instances": h.instances, "driver_version": inv.driver_version, "gpu_source": inv.gpu_source})
+                   "instances": h.instances, "driver_version": inv.driver_version, "gpu_source": inv.gpu_source,
+                   "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago})
         })
         .collect::<Vec<_>>());
     output::print(
         cli.output,
         &[
             "NAME",
+            "STATUS",
+            "LAST HEARTBEAT",
             "DAEMON",
             "CPUS",
             "MEMORY",
@@ -61,5 +70,37 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         rows,
         js,
     );
+    Ok(())
+}
+
+/// `sspctl host drain|ready NAME`.
+#[derive(clap::Subcommand)]
+pub enum HostCmd {
+    /// Take no new containers on this host; the ones there stay.
+    Drain { name: String },
+    /// Take new containers on this host again.
+    Ready { name: String },
+}
+
+pub async fn set(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<()> {
+    let (name, status) = match cmd {
+        HostCmd::Drain { name } => (name, "draining"),
+        HostCmd::Ready { name } => (name, "ready"),
+    };
+    let body = ssp_proto::SetHostStatusRequest {
+        name: name.clone(),
+        status: status.into(),
+    };
+    crate::cmd::Conn::new(cli)?
+        .call(body, |ch, r| async move {
+            ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                .set_host_status(r)
+                .await
+        })
+        .await?;
+    match cli.output {
+        output::Format::Json => println!("{}", json!({"host": name, "status": status})),
+        output::Format::Table => println!("{name}: {status}"),
+    }
     Ok(())
 }

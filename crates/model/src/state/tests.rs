@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::names::{ByteSize, HostName, PciAddress, SshKey, Username};
-use crate::types::{Constraints, Gpu, Inventory, Limits, Pool, Role};
+use crate::types::{Constraints, Gpu, HostStatus, Inventory, Limits, Pool, Role};
 
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHmB2v0iuKUmLtTb9ysu7x6sPvZxvZn6ZnKp3jnrbJ1M t";
@@ -13,6 +13,7 @@ fn host(name: &str, gpus: u32) -> Host {
         agent_address: format!("http://{name}:7401"),
         ssh_host: name.into(),
         ssh_ports: (22000, 22003),
+        status: Default::default(),
         inventory: Inventory {
             cpus: 8,
             memory_bytes: 32 << 30,
@@ -364,4 +365,26 @@ fn constraints_pick_model_memory_host_and_spread() {
         "{e}"
     );
     assert_eq!(s, before);
+}
+
+#[test]
+fn draining_and_down_hosts_take_no_new_containers_and_registration_keeps_the_status() {
+    let mut s = state_with(&[("host1", 4), ("host2", 4)]);
+    let set = |name: &str, st: HostStatus| Command::SetHostStatus {
+        name: name.into(),
+        status: st,
+    };
+    s.apply(&set("host1", HostStatus::Draining)).unwrap();
+    s.apply(&set("host2", HostStatus::Down)).unwrap();
+    // A heartbeat (re-registration) does not undo an admin's or the monitor's status.
+    s.apply(&Command::RegisterHost(host("host1", 4))).unwrap();
+    assert_eq!(s.hosts["host1"].status, HostStatus::Draining);
+    let e = s.apply(&user("a", 1)).unwrap_err().to_string();
+    assert_eq!(e, "cannot place a: host1: draining; host2: down");
+    s.apply(&set("host2", HostStatus::Ready)).unwrap();
+    assert_eq!(placed(&mut s, &user("a", 1)), ("host2".into(), 1));
+    assert!(matches!(
+        s.apply(&set("host9", HostStatus::Ready)),
+        Err(Rejection::UnknownHost(_))
+    ));
 }
