@@ -188,7 +188,52 @@ fn why_not(
 /// Chooses a host for a container with `limits` and `gpus` GPUs under `c`:
 /// by default the fullest host that fits (pack), with `c.spread` the emptiest.
 /// Ties go to the first host by name, so every replica chooses alike.
+///
+/// Without GPU model, memory or host constraints, hosts are tried in preference
+/// order from the usage index and the first that fits wins, which is what the full
+/// scan (`choose_by_scan`) picks; the scan still explains a refusal host by host.
 pub fn choose(
+    state: &State,
+    limits: &Limits,
+    gpus: u32,
+    c: &Constraints,
+) -> Result<Placement, NoFit> {
+    let plain = c.gpu_model.is_none() && c.gpu_memory.is_none() && c.host.is_none();
+    if let (true, Some(usage)) = (plain, state.usage()) {
+        let fits = |name: &String| {
+            state
+                .hosts
+                .get(name)
+                .and_then(|h| why_not(state, h, limits, gpus, c).ok())
+        };
+        let candidates = usage.by_free.range((gpus, String::new())..);
+        if !c.spread {
+            if let Some(p) = candidates.clone().find_map(|(_, name)| fits(name)) {
+                return Ok(p);
+            }
+        } else {
+            // Most free GPUs first; among equals, the first by name.
+            let mut it = candidates.rev().peekable();
+            while let Some(&&(free, _)) = it.peek() {
+                let mut group = Vec::new();
+                while let Some((f, name)) = it.peek() {
+                    if *f != free {
+                        break;
+                    }
+                    group.push(name);
+                    it.next();
+                }
+                if let Some(p) = group.into_iter().rev().find_map(fits) {
+                    return Ok(p);
+                }
+            }
+        }
+    }
+    choose_by_scan(state, limits, gpus, c)
+}
+
+/// [`choose`] by looking at every host.
+pub fn choose_by_scan(
     state: &State,
     limits: &Limits,
     gpus: u32,

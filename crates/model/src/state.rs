@@ -61,6 +61,10 @@ pub struct Usage {
     pub hosts: BTreeMap<String, HostUsage>,
     pub uids: Numbers,
     instances: usize,
+    /// Every host as (free GPUs, name): placement walks this in preference order
+    /// instead of looking at every host.
+    pub by_free: BTreeSet<(u32, String)>,
+    free_of: BTreeMap<String, u32>,
 }
 
 /// One host's ports and GPUs in use (GPU → holding instance).
@@ -146,17 +150,43 @@ impl Numbers {
 }
 
 impl Usage {
-    fn build(users: &BTreeMap<String, User>, instances: &BTreeMap<String, Instance>) -> Usage {
+    fn build(
+        users: &BTreeMap<String, User>,
+        instances: &BTreeMap<String, Instance>,
+        hosts: &BTreeMap<String, Host>,
+    ) -> Usage {
         let mut u = Usage {
             ..Default::default()
         };
+        for h in hosts.values() {
+            u.hosts.entry(h.name.to_string()).or_default();
+        }
         for user in users.values() {
             u.uids.insert(user.uid);
         }
         for i in instances.values() {
             u.add(i);
         }
+        for h in hosts.values() {
+            u.refresh(h);
+        }
         u
+    }
+
+    /// Re-counts `host`'s free GPUs in `by_free` (after its inventory or holders changed).
+    fn refresh(&mut self, host: &Host) {
+        let name = host.name.to_string();
+        let held = self.hosts.get(&name);
+        let free = host
+            .inventory
+            .gpus
+            .iter()
+            .filter(|g| !held.is_some_and(|h| h.gpus.contains_key(&g.pci)))
+            .count() as u32;
+        if let Some(old) = self.free_of.insert(name.clone(), free) {
+            self.by_free.remove(&(old, name.clone()));
+        }
+        self.by_free.insert((free, name));
     }
 
     fn add(&mut self, i: &Instance) {
@@ -254,13 +284,15 @@ impl State {
 
     /// The usage index, when it matches the state (always, after `apply`).
     pub fn usage(&self) -> Option<&Usage> {
-        (self.usage.instances == self.instances.len() && self.usage.uids.len() == self.users.len())
-            .then_some(&self.usage)
+        (self.usage.instances == self.instances.len()
+            && self.usage.uids.len() == self.users.len()
+            && self.usage.free_of.len() == self.hosts.len())
+        .then_some(&self.usage)
     }
 
     fn ensure_usage(&mut self) {
         if self.usage().is_none() {
-            self.usage = Usage::build(&self.users, &self.instances);
+            self.usage = Usage::build(&self.users, &self.instances, &self.hosts);
         }
     }
 
@@ -290,6 +322,7 @@ impl State {
                     .get(h.name.as_str())
                     .map(|old| old.status)
                     .unwrap_or_default();
+                self.usage.refresh(&h);
                 self.hosts.insert(h.name.to_string(), h);
                 Ok(Outcome::HostRegistered)
             }
@@ -333,6 +366,9 @@ impl State {
                 let owner = inst.owner.to_string();
                 if let Some(gone) = self.instances.remove(name) {
                     self.usage.remove(&gone);
+                    if let Some(h) = self.hosts.get(gone.host.as_str()) {
+                        self.usage.refresh(h);
+                    }
                 }
                 let last = !self.instances.values().any(|i| i.owner.as_str() == owner);
                 if last {
@@ -393,6 +429,9 @@ impl State {
         };
         self.usage.uids.insert(uid);
         self.usage.add(&instance);
+        if let Some(h) = self.hosts.get(instance.host.as_str()) {
+            self.usage.refresh(h);
+        }
         self.users.insert(name.into(), user.clone());
         self.instances.insert(name.into(), instance.clone());
         Ok(Outcome::UserAdded { user, instance })

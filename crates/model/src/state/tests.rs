@@ -283,7 +283,7 @@ fn the_usage_index_matches_a_rebuild_and_survives_serialization() {
     let a = s.apply(&next).unwrap();
     let b = restored.apply(&next).unwrap();
     assert_eq!(a, b);
-    let rebuilt = Usage::build(&s.users, &s.instances);
+    let rebuilt = Usage::build(&s.users, &s.instances, &s.hosts);
     assert_eq!(s.usage(), Some(&rebuilt));
     assert_ne!(Some(&live), s.usage());
     // GPU holders come from the index.
@@ -387,4 +387,68 @@ fn draining_and_down_hosts_take_no_new_containers_and_registration_keeps_the_sta
         s.apply(&set("host9", HostStatus::Ready)),
         Err(Rejection::UnknownHost(_))
     ));
+}
+
+#[test]
+fn the_indexed_choice_is_the_scans_choice() {
+    let mut x: u64 = 0x5eed;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let hosts: Vec<(String, u32)> = (0..30)
+        .map(|i| (format!("h{i:02}"), rnd(9) as u32))
+        .collect();
+    let refs: Vec<(&str, u32)> = hosts.iter().map(|(n, g)| (n.as_str(), *g)).collect();
+    let mut s = state_with(&refs);
+    for (n, _) in hosts.iter().take(6) {
+        let status = [HostStatus::Draining, HostStatus::Down][rnd(2) as usize];
+        s.apply(&Command::SetHostStatus {
+            name: n.clone(),
+            status,
+        })
+        .unwrap();
+    }
+    let limits = |cpus: u32| Limits {
+        cpus,
+        memory: ByteSize(4 << 30),
+        disk: ByteSize(10 << 30),
+        processes: 1000,
+    };
+    let mut names: Vec<String> = Vec::new();
+    for step in 0..400 {
+        for gpus in 0..5 {
+            for spread in [false, true] {
+                let c = Constraints {
+                    spread,
+                    ..Default::default()
+                };
+                let l = limits(1 + rnd(10) as u32);
+                assert_eq!(
+                    place::choose(&s, &l, gpus, &c),
+                    place::choose_by_scan(&s, &l, gpus, &c),
+                    "step {step}, {gpus} GPUs, spread {spread}"
+                );
+            }
+        }
+        match rnd(3) {
+            0 if !names.is_empty() => {
+                let n = names.swap_remove(rnd(names.len() as u64) as usize);
+                s.apply(&Command::RemoveUser { name: n.clone() }).unwrap();
+                s.apply(&Command::ForgetInstance { name: n }).unwrap();
+            }
+            _ => {
+                let n = format!("u{step}");
+                let mut cmd = user(&n, rnd(4) as u32);
+                if let Command::AddUser(u) = &mut cmd {
+                    u.placement.spread = rnd(2) == 0;
+                }
+                if s.apply(&cmd).is_ok() {
+                    names.push(n);
+                }
+            }
+        }
+    }
 }
