@@ -21,3 +21,4 @@ cargo bench -p ssp-integration --bench user_add --locked
 cargo bench -p ssp-integration --bench failover --locked
 cargo bench -p ssp-integration --bench raft_vs_etcd --locked
 cargo bench -p ssp-model --bench placement --locked
+cargo bench -p ssp-integration --bench heal --locked

@@ -39,6 +39,10 @@ pub struct AgentConfig {
     /// Seconds between heartbeats to the coordinator.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
+    /// Seconds between the agent's own passes over every stored spec, which put
+    /// back what was changed by hand.
+    #[serde(default = "default_resync")]
+    pub resync_secs: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -58,6 +62,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_heartbeat() -> u64 {
     5
+}
+fn default_resync() -> u64 {
+    30
 }
 
 impl AgentConfig {

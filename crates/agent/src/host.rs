@@ -20,6 +20,9 @@ pub struct HostState {
     pub pool: String,
     pub ssh_listen: String,
     pub events: broadcast::Sender<InstanceEvent>,
+    /// The last spec given for each container, kept on disk (see `heal`).
+    pub specs: crate::heal::Specs,
+    pub restarts: crate::heal::Restarts,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     facts: RwLock<Option<Facts>>,
 }
@@ -40,7 +43,13 @@ const FACTS_TTL: Duration = Duration::from_secs(60);
 const CONTROL_NODES: &[&str] = &["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"];
 
 impl HostState {
-    pub fn new(client: Client, gpus: GpuSource, pool: String, ssh_listen: String) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        gpus: GpuSource,
+        pool: String,
+        ssh_listen: String,
+        specs: crate::heal::Specs,
+    ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Self {
             client,
@@ -48,6 +57,8 @@ impl HostState {
             pool,
             ssh_listen,
             events,
+            specs,
+            restarts: Default::default(),
             locks: Mutex::new(HashMap::new()),
             facts: RwLock::new(None),
         })

@@ -5,6 +5,7 @@
 pub mod account;
 pub mod config;
 pub mod ensure;
+pub mod heal;
 pub mod host;
 pub mod inventory;
 pub mod register;
@@ -42,13 +43,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(p) => GpuSource::Static(p.clone()),
         None => GpuSource::Nvml,
     };
+    let specs = heal::Specs::open(&cfg.state_dir.join("specs"))?;
     let host = HostState::new(
         client,
         gpus,
         cfg.storage_pool.clone(),
         cfg.ssh_listen.clone(),
+        specs,
     );
     tokio::spawn(host.clone().follow_events());
+    tokio::spawn(host.clone().heal_on_events());
+    tokio::spawn(
+        host.clone()
+            .resync_loop(std::time::Duration::from_secs(cfg.resync_secs.max(1))),
+    );
     tokio::spawn(register::register_loop(cfg.clone(), host.clone()));
 
     let listener = ssp_net::Listener::bind(cfg.listen).await?;

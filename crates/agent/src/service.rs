@@ -59,9 +59,14 @@ impl Agent for AgentService {
         &self,
         req: Request<ListInstancesRequest>,
     ) -> Result<Response<InstanceList>, Status> {
-        let instances = ensure::list(self.client(), req.get_ref().managed_only)
+        let mut instances = ensure::list(self.client(), req.get_ref().managed_only)
             .await
             .map_err(to_status)?;
+        for i in &mut instances {
+            if let Some(f) = self.host.restarts.failing(&i.name) {
+                i.status = f;
+            }
+        }
         Ok(Response::new(InstanceList { instances }))
     }
 
@@ -78,6 +83,11 @@ impl Agent for AgentService {
             .map_err(|e| Status::unavailable(format!("cannot read host facts: {e:#}")))?
             .context;
         let _guard = self.host.lock(&spec.name).await;
+        // Kept before acting, so the agent can enforce it on its own from now on.
+        self.host
+            .specs
+            .put(&spec)
+            .map_err(|e| Status::internal(format!("storing the spec of {}: {e}", spec.name)))?;
         let st = ensure::ensure(self.client(), &ctx, &spec)
             .await
             .map_err(to_status)?;
@@ -104,6 +114,14 @@ impl Agent for AgentService {
             }
         };
         let _guard = self.host.lock(&r.name).await;
+        // A stop asked for through ssp stays stopped; start and restart undo it.
+        if let Some(mut spec) = self.host.specs.get(&r.name) {
+            spec.running = action != "stop";
+            self.host
+                .specs
+                .put(&spec)
+                .map_err(|e| Status::internal(format!("storing the spec of {}: {e}", r.name)))?;
+        }
         let (inst, _) = self
             .client()
             .instance(&r.name)
@@ -133,6 +151,11 @@ impl Agent for AgentService {
         let name = req.into_inner().name;
         check_name(&name)?;
         let _guard = self.host.lock(&name).await;
+        // Forget the spec first, so the stop that deletion causes is not healed.
+        self.host
+            .specs
+            .remove(&name)
+            .map_err(|e| Status::internal(format!("forgetting the spec of {name}: {e}")))?;
         let existed = ensure::delete(self.client(), &name)
             .await
             .map_err(to_status)?;

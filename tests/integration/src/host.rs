@@ -255,6 +255,16 @@ impl Host {
         self.cli_run(&["exec", instance, "--", "sh", "-c", cmd])
     }
 
+    /// An instance's init PID and status, straight from the daemon.
+    pub fn init_pid(&self, name: &str) -> anyhow::Result<(i64, String)> {
+        let out = self.cli_run(&["query", &format!("/1.0/instances/{name}/state")])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok((
+            v["pid"].as_i64().unwrap_or(0),
+            v["status"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
     /// Kills the daemon with SIGKILL (its containers keep running) and starts it again.
     pub fn restart_daemon(&mut self) -> anyhow::Result<()> {
         if let Some(mut d) = self.daemon.take() {

@@ -64,6 +64,33 @@ pub fn preflight(kind: Kind) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Kills `name`'s init with SIGKILL from the host; returns how long until the
+/// daemon reports it running again with a new init.
+pub fn kill_init_and_time(host: &Host, name: &str) -> anyhow::Result<Duration> {
+    let (pid, status) = host.init_pid(name)?;
+    if status != "Running" || pid <= 1 {
+        bail!("{name} is {status} (pid {pid})");
+    }
+    let t = Instant::now();
+    // SAFETY: kill(2) with a pid the daemon reported.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    if rc != 0 {
+        bail!("kill -9 {pid} failed");
+    }
+    loop {
+        if let Ok((p, s)) = host.init_pid(name) {
+            if s == "Running" && p > 1 && p != pid {
+                return Ok(t.elapsed());
+            }
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("{name} did not run again within 30s of kill -9 of its init");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs a command, failing with its stderr when it exits non-zero.
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;

@@ -149,7 +149,7 @@ impl Platform {
                 .collect::<Vec<_>>()
                 .join(", ");
             let mut cfg = format!(
-                "name = \"{name}\"\nlisten = \"0.0.0.0:{aport}\"\nadvertise = \"http://{addr}:{aport}\"\ncoordinators = [{coordinators}]\nsocket = \"{sock}\"\nssh_host = \"{addr}\"\nssh_ports = [22000, 22099]\nstate_dir = \"{state}\"\nheartbeat_secs = 2\n",
+                "name = \"{name}\"\nlisten = \"0.0.0.0:{aport}\"\nadvertise = \"http://{addr}:{aport}\"\ncoordinators = [{coordinators}]\nsocket = \"{sock}\"\nssh_host = \"{addr}\"\nssh_ports = [22000, 22099]\nstate_dir = \"{state}\"\nheartbeat_secs = 2\nresync_secs = 5\n",
                 name = h.name,
                 addr = h.addr,
                 sock = h.socket.display(),

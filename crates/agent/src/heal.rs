@@ -1,0 +1,296 @@
+//! Self-healing on the host: the agent keeps the last spec it was given for each
+//! container on local disk and enforces it itself, also while no coordinator can
+//! be reached.
+//!
+//! - A container that should run and stops (init killed, a crash, a poweroff
+//!   inside) is started again as soon as the daemon's lifecycle event arrives.
+//!   More than [`BURST`] restarts within [`WINDOW`] is a crash loop: further tries
+//!   back off exponentially (up to [`MAX_BACKOFF`]) and the container shows as
+//!   `failing` until it stays up.
+//! - Every `resync_secs` (and at start) every spec is ensured again, which puts
+//!   back config keys and devices changed by hand.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use ssp_proto::InstanceSpec;
+
+use crate::host::HostState;
+
+/// Restarts allowed within [`WINDOW`] before backing off.
+pub const BURST: usize = 5;
+pub const WINDOW: Duration = Duration::from_secs(60);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// The specs this host was given, one file per container (`NAME.spec`, protobuf).
+pub struct Specs {
+    dir: PathBuf,
+    map: Mutex<BTreeMap<String, InstanceSpec>>,
+}
+
+impl Specs {
+    /// Loads every stored spec from `dir` (created if missing).
+    pub fn open(dir: &Path) -> anyhow::Result<Specs> {
+        use anyhow::Context;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut map = BTreeMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("spec") {
+                continue;
+            }
+            let bytes = std::fs::read(&path)?;
+            match InstanceSpec::decode(bytes.as_slice()) {
+                Ok(s) => {
+                    map.insert(s.name.clone(), s);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "ignoring an unreadable spec: {e}")
+                }
+            }
+        }
+        Ok(Specs {
+            dir: dir.to_path_buf(),
+            map: Mutex::new(map),
+        })
+    }
+
+    /// Stores `spec` durably (write, fsync, rename) before it is acted on.
+    pub fn put(&self, spec: &InstanceSpec) -> std::io::Result<()> {
+        if self.get(&spec.name).as_ref() == Some(spec) {
+            return Ok(());
+        }
+        let path = self.dir.join(format!("{}.spec", spec.name));
+        let tmp = self.dir.join(format!(".{}.spec.tmp", spec.name));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&spec.encode_to_vec())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(spec.name.clone(), spec.clone());
+        }
+        Ok(())
+    }
+
+    /// Forgets `name`'s spec (before the container is deleted).
+    pub fn remove(&self, name: &str) -> std::io::Result<()> {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(name);
+        }
+        match std::fs::remove_file(self.dir.join(format!("{name}.spec"))) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<InstanceSpec> {
+        self.map.lock().ok()?.get(name).cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.map
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Restart history per container, for crash-loop backoff.
+#[derive(Default)]
+pub struct Restarts {
+    map: Mutex<HashMap<String, History>>,
+}
+
+#[derive(Default)]
+struct History {
+    starts: VecDeque<Instant>,
+    next_try: Option<Instant>,
+    failures: u32,
+}
+
+impl Restarts {
+    /// Records that ssp started `name` again; returns when the next start may
+    /// happen if it is now crash-looping.
+    fn started(&self, name: &str) -> Option<Instant> {
+        let mut m = self.map.lock().ok()?;
+        let h = m.entry(name.to_string()).or_default();
+        let now = Instant::now();
+        h.starts.push_back(now);
+        while h.starts.front().is_some_and(|t| now - *t > WINDOW) {
+            h.starts.pop_front();
+        }
+        if h.starts.len() > BURST {
+            h.failures += 1;
+            let wait = Duration::from_secs(1u64 << h.failures.min(8)).min(MAX_BACKOFF);
+            h.next_try = Some(now + wait);
+        } else {
+            h.failures = 0;
+            h.next_try = None;
+        }
+        h.next_try
+    }
+
+    /// When `name` may be started again, if it is backing off.
+    pub fn wait_until(&self, name: &str) -> Option<Instant> {
+        let m = self.map.lock().ok()?;
+        m.get(name)
+            .and_then(|h| h.next_try)
+            .filter(|t| *t > Instant::now())
+    }
+
+    /// A `failing` status line for a container in a crash loop.
+    pub fn failing(&self, name: &str) -> Option<String> {
+        let m = self.map.lock().ok()?;
+        let h = m.get(name)?;
+        let next = h.next_try?;
+        let now = Instant::now();
+        (h.failures > 0 && (next > now || now - next < WINDOW)).then(|| {
+            format!(
+                "failing: started {} times within {}s; next try in {}s",
+                h.starts.len(),
+                WINDOW.as_secs(),
+                next.saturating_duration_since(now).as_secs()
+            )
+        })
+    }
+}
+
+impl HostState {
+    /// Makes `name` match its stored spec, unless it is backing off; when it is,
+    /// a retry is scheduled for the end of the backoff.
+    pub fn heal<'a>(
+        self: &'a Arc<Self>,
+        name: &'a str,
+        why: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            if let Some(t) = self.restarts.wait_until(name) {
+                let me = self.clone();
+                let name = name.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(t.into()).await;
+                    me.heal(&name, "backoff over").await;
+                });
+                return;
+            }
+            self.heal_now(name, why).await
+        })
+    }
+
+    async fn heal_now(self: &Arc<Self>, name: &str, why: &str) {
+        let _guard = self.lock(name).await;
+        let Some(spec) = self.specs.get(name) else {
+            return;
+        };
+        let ctx = match self.facts().await {
+            Ok(f) => f.context,
+            Err(e) => {
+                tracing::warn!(instance = %name, "cannot heal: host facts: {e:#}");
+                return;
+            }
+        };
+        match crate::ensure::ensure(&self.client, &ctx, &spec).await {
+            Ok(st) if st.changed.is_empty() => {}
+            Ok(st) => {
+                tracing::info!(instance = %name, changed = ?st.changed, why, "healed");
+                if st.changed.iter().any(|c| c == "started") {
+                    if let Some(t) = self.restarts.started(name) {
+                        tracing::warn!(instance = %name, wait_secs = t.saturating_duration_since(Instant::now()).as_secs(), "crash loop: backing off");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(instance = %name, why, "heal failed: {e}"),
+        }
+    }
+
+    /// Ensures every stored spec once.
+    pub async fn resync(self: &Arc<Self>, why: &str) {
+        for name in self.specs.names() {
+            self.heal(&name, why).await;
+        }
+    }
+
+    /// Resyncs at start and every `every`.
+    pub async fn resync_loop(self: Arc<Self>, every: Duration) {
+        loop {
+            self.resync("resync").await;
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Heals containers that stop: listens to the daemon's lifecycle events.
+    pub async fn heal_on_events(self: Arc<Self>) {
+        let mut rx = self.events.subscribe();
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let stops = matches!(
+                        ev.action.as_str(),
+                        "instance-stopped" | "instance-shutdown" | "instance-deleted"
+                    );
+                    if stops && self.specs.get(&ev.instance).is_some_and(|s| s.running) {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.heal(&ev.instance, &ev.action).await });
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "missed lifecycle events; resyncing");
+                    self.resync("missed events").await;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_survive_reopening_and_removal_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Specs::open(dir.path()).unwrap();
+        let spec = InstanceSpec {
+            name: "ann".into(),
+            running: true,
+            cpus: 2,
+            ..Default::default()
+        };
+        s.put(&spec).unwrap();
+        s.put(&InstanceSpec {
+            name: "bob".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        s.remove("bob").unwrap();
+        let again = Specs::open(dir.path()).unwrap();
+        assert_eq!(again.get("ann"), Some(spec));
+        assert_eq!(again.names(), vec!["ann".to_string()]);
+    }
+
+    #[test]
+    fn a_crash_loop_backs_off() {
+        let r = Restarts::default();
+        for _ in 0..BURST {
+            assert!(r.started("c").is_none());
+        }
+        let t = r
+            .started("c")
+            .expect("sixth start within a minute backs off");
+        assert!(t > Instant::now());
+        assert!(r.wait_until("c").is_some());
+        assert!(r
+            .failing("c")
+            .unwrap()
+            .starts_with("failing: started 6 times"));
+        assert!(r.failing("other").is_none());
+    }
+}
