@@ -284,6 +284,7 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         }
         r.init().await.map_err(cluster_status)?;
         self.core.leader().await?;
+        self.core.settle_settings().await?;
         self.core.kick();
         Ok(Response::new(self.core.status()))
     }

@@ -290,30 +290,43 @@ impl Core {
     /// every `every` and whenever kicked.
     pub async fn leader_loop(self, every: Duration) {
         let mut was_leader = false;
+        let mut last_pass: Option<Instant> = None;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = self.kick.notified() => {}
-            }
+            // Leadership is checked often; full passes run every `every` or when kicked.
+            let mut due = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => false,
+                _ = self.kick.notified() => true,
+            };
             let leader = self.is_leader();
             if leader && !was_leader {
                 tracing::info!(node = self.replica.id, "this coordinator is the leader");
-                if self.read(|s| s.settings.is_none()) {
-                    let init = Command::Init(ssp_model::Settings {
-                        uid_first: self.cfg.uid_range.0,
-                        uid_last: self.cfg.uid_range.1,
-                    });
-                    if let Err(e) = self.apply(init, None).await {
-                        tracing::warn!("recording the settings failed: {}", e.message());
-                        continue;
-                    }
+                if let Err(e) = self.settle_settings().await {
+                    tracing::warn!("recording the settings failed: {}", e.message());
+                    continue;
                 }
+                due = true;
             }
             was_leader = leader;
+            if !leader || !(due || last_pass.is_none_or(|t| t.elapsed() >= every)) {
+                continue;
+            }
             self.reconcile(None).await;
+            last_pass = Some(Instant::now());
             // Kicks that arrive during a pass are served by one more pass, and a
             // stream of writes does not keep the leader reconciling back to back.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Records the cluster-wide settings from this coordinator's config, once.
+    pub async fn settle_settings(&self) -> Result<(), Status> {
+        if self.read(|s| s.settings.is_some()) {
+            return Ok(());
+        }
+        let init = Command::Init(ssp_model::Settings {
+            uid_first: self.cfg.uid_range.0,
+            uid_last: self.cfg.uid_range.1,
+        });
+        self.apply(init, None).await.map(|_| ())
     }
 }

@@ -28,20 +28,6 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
     // Bind before raft starts, so peers reach us as soon as we vote or lead.
     let listener = ssp_net::Listener::bind(cfg.listen).await?;
     let replica = raft::Replica::start(&cfg.data_dir, address.clone(), &cfg.raft).await?;
-    let initialized = replica.initialized().await;
-    if !initialized && cfg.bootstrap {
-        replica.init().await?;
-        tracing::info!(
-            node = replica.id,
-            "formed a one-node cluster (bootstrap = true)"
-        );
-    } else if !initialized {
-        tracing::info!(
-            node = replica.id,
-            %address,
-            "not part of a cluster yet: waiting for `sspctl cluster init` or `sspctl cluster join {address}`"
-        );
-    }
     replica.read(|m| {
         tracing::info!(
             node = replica.id,
@@ -56,6 +42,31 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
         raft: replica.raft.clone(),
     };
     let core = core::Core::new(replica.clone(), cfg.clone());
+    let initialized = replica.initialized().await;
+    if !initialized && cfg.bootstrap {
+        match replica.init().await {
+            Ok(()) => {
+                tracing::info!(
+                    node = replica.id,
+                    "formed a one-node cluster (bootstrap = true)"
+                );
+                // Settings go in before any request can place a user.
+                if core.leader().await.is_ok() {
+                    if let Err(e) = core.settle_settings().await {
+                        tracing::warn!("recording the settings failed: {}", e.message());
+                    }
+                }
+            }
+            // Only possible if the log appeared between the check and now.
+            Err(e) => tracing::warn!(node = replica.id, "bootstrap skipped: {e}"),
+        }
+    } else if !initialized {
+        tracing::info!(
+            node = replica.id,
+            %address,
+            "not part of a cluster yet: waiting for `sspctl cluster init` or `sspctl cluster join {address}`"
+        );
+    }
     let svc = CoordinatorService {
         core: core.clone(),
         seen_hosts: Arc::new(Mutex::new(BTreeSet::new())),
