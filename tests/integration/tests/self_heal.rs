@@ -40,8 +40,19 @@ fn the_agent_heals_its_host_on_its_own() -> Result<()> {
 
     // 3. Hand changes are put back within one resync (coordinator still stopped).
     let memory = host.cli_run(&["config", "get", "sam", "limits.memory"])?;
-    host.cli_run(&["config", "device", "remove", "sam", "ssp-gpu0"])?;
-    host.cli_run(&["config", "set", "sam", "limits.memory", "300MiB"])?;
+    // The agent may put something back between the two edits; then the daemon
+    // refuses the second one as based on an old ETag, and it is simply redone.
+    let edit = |args: &[&str]| -> Result<()> {
+        for _ in 0..10 {
+            match host.cli_run(args) {
+                Err(e) if e.to_string().contains("ETag doesn't match") => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+        anyhow::bail!("incus {} kept racing with the agent", args.join(" "))
+    };
+    edit(&["config", "device", "remove", "sam", "ssp-gpu0"])?;
+    edit(&["config", "set", "sam", "limits.memory", "300MiB"])?;
     let t = Instant::now();
     wait_for(
         "the GPU device and memory limit put back",
