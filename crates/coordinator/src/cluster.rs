@@ -324,10 +324,7 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         let member = self
             .core
             .replica
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
+            .membership()
             .membership()
             .voter_ids()
             .any(|v| v == info.id);
@@ -357,10 +354,7 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         let members: Vec<(NodeId, String)> = self
             .core
             .replica
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
+            .membership()
             .membership()
             .nodes()
             .map(|(id, n)| (*id, n.addr.clone()))

@@ -187,7 +187,7 @@ impl Replica {
     /// A member already at `addr` under another id (a node whose disk was wiped)
     /// is replaced.
     pub async fn join(&self, id: NodeId, addr: &str) -> Result<(), ClusterError> {
-        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = self.membership();
         let m = membership.membership();
         if m.voter_ids().any(|v| v == id) {
             return Ok(());
@@ -219,9 +219,14 @@ impl Replica {
         Ok(())
     }
 
+    /// The membership this node knows.
+    pub fn membership(&self) -> Arc<openraft::StoredMembership<NodeId, BasicNode>> {
+        self.raft.metrics().borrow().membership_config.clone()
+    }
+
     /// Removes `id` from the cluster.
     pub async fn leave(&self, id: NodeId) -> Result<(), ClusterError> {
-        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = self.membership();
         let m = membership.membership();
         let is_member = m.nodes().any(|(n, _)| *n == id);
         if !is_member {
@@ -244,23 +249,16 @@ impl Replica {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         // A learner (or the voter just demoted) is dropped from the node list too.
-        if m.learner_ids().any(|l| l == id) || m.voter_ids().any(|v| v == id) {
-            let mut gone = BTreeSet::new();
-            gone.insert(id);
-            let still = self
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .nodes()
-                .any(|(n, _)| *n == id);
-            if still {
-                self.raft
-                    .change_membership(ChangeMembers::RemoveNodes(gone), false)
-                    .await
-                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
-            }
+        if self
+            .membership()
+            .membership()
+            .nodes()
+            .any(|(n, _)| *n == id)
+        {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?;
         }
         Ok(())
     }
