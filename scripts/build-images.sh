@@ -115,6 +115,16 @@ ExecStart=/usr/bin/python3 /usr/local/lib/ssp/account.py
 WantedBy=multi-user.target
 UNIT
   ln -sf /etc/systemd/system/ssp-account.service "$r/etc/systemd/system/multi-user.target.wants/ssp-account.service"
+  # eth0 by DHCP: the bridge hands ssp's containers their static addresses, which
+  # SSH is forwarded to by NAT.
+  mkdir -p "$r/etc/systemd/network" "$r/etc/systemd/system/sockets.target.wants"
+  printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n' > "$r/etc/systemd/network/eth0.network"
+  ln -sf /lib/systemd/system/systemd-networkd.service "$r/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+  ln -sf /lib/systemd/system/systemd-networkd.socket "$r/etc/systemd/system/sockets.target.wants/systemd-networkd.socket"
+  # With nesting the container's /sys is writable, and networkd then waits forever
+  # for a udev that containers do not run. A read-only /sys tells it not to wait.
+  mkdir -p "$r/etc/systemd/system/systemd-networkd.service.d"
+  printf '[Service]\nReadOnlyPaths=/sys\n' > "$r/etc/systemd/system/systemd-networkd.service.d/ssp.conf"
   # Key-only SSH; no DNS lookups so logins are quick without a resolver.
   printf 'PasswordAuthentication no\nUseDNS no\nHostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n' > "$r/etc/ssh/sshd_config.d/ssp.conf"
   echo "ssp" > "$r/etc/hostname"

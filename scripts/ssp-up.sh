@@ -60,7 +60,10 @@ fi
 if ! $CLI profile device show default | grep -q '^eth0:'; then
   if ! $CLI network show sspbr0 >/dev/null 2>&1; then
     # An explicit subnet (no auto-detection) and no NAT: containers reach this host only.
-    $CLI network create sspbr0 ipv4.address=10.211.0.1/24 ipv4.nat=false ipv6.address=none
+    # ssp gives its containers static addresses from the top of the subnet; dynamic
+    # leases for other containers stay in the lower half.
+    $CLI network create sspbr0 ipv4.address=10.211.0.1/24 ipv4.nat=false ipv6.address=none \
+      ipv4.dhcp.ranges=10.211.0.2-10.211.0.127
   fi
   $CLI profile device add default eth0 nic network=sspbr0 name=eth0
 fi

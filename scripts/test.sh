@@ -22,3 +22,4 @@ cargo bench -p ssp-integration --bench failover --locked
 cargo bench -p ssp-integration --bench raft_vs_etcd --locked
 cargo bench -p ssp-model --bench placement --locked
 cargo bench -p ssp-integration --bench heal --locked
+cargo bench -p ssp-integration --bench resync --locked

@@ -20,7 +20,8 @@ pub struct AgentConfig {
     pub coordinators: Vec<String>,
     /// The daemon's unix socket; default: the first of Incus's and LXD's defaults that exists.
     pub socket: Option<PathBuf>,
-    /// Where SSH proxy devices listen on the host.
+    /// Where SSH forwards listen on the host. NAT forwards need a specific address;
+    /// with the default wildcard they listen on `ssh_host`'s address.
     #[serde(default = "default_ssh_listen")]
     pub ssh_listen: String,
     /// The address users ssh to (LAN address or name of this host).

@@ -7,7 +7,8 @@ use ssp_lxd::{Client, Instance};
 use ssp_proto::{InstanceSpec, InstanceStatus};
 
 use crate::account;
-use crate::render::{self, merge_config, merge_devices, HostContext};
+use crate::forward::{self, Addrs};
+use crate::render::{self, merge_config, merge_devices, HostContext, SshForward};
 
 /// Why an ensure failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,8 @@ pub enum EnsureError {
     Render { name: String, reason: String },
     #[error("this host is not set up for ssp: {0}")]
     Host(String),
+    #[error("cannot forward SSH to {name}: {reason}")]
+    Address { name: String, reason: String },
     #[error("shared folder {path}: {source}")]
     Share {
         path: String,
@@ -37,9 +40,36 @@ pub enum EnsureError {
 pub async fn ensure(
     client: &Client,
     host: &HostContext,
+    addrs: &Addrs,
     spec: &InstanceSpec,
 ) -> Result<InstanceStatus, EnsureError> {
-    let r = render::render(spec, host).map_err(|reason| EnsureError::Render {
+    let current = client.instance(&spec.name).await?;
+    // Held until the instance has its address, so no other ensure picks it.
+    let mut _reserved = None;
+    let addr =
+        match &host.ssh {
+            SshForward::Nat {
+                nic_name, subnet, ..
+            } => match current
+                .as_ref()
+                .and_then(|(i, _)| forward::current(i, nic_name, subnet))
+            {
+                Some(a) => Some(a),
+                None => {
+                    let r = addrs.reserve(client, subnet).await.map_err(|reason| {
+                        EnsureError::Address {
+                            name: spec.name.clone(),
+                            reason,
+                        }
+                    })?;
+                    let a = r.addr;
+                    _reserved = Some(r);
+                    Some(a)
+                }
+            },
+            SshForward::Proxy { .. } => None,
+        };
+    let r = render::render(spec, host, addr).map_err(|reason| EnsureError::Render {
         name: spec.name.clone(),
         reason,
     })?;
@@ -52,7 +82,6 @@ pub async fn ensure(
     let mut changed = Vec::new();
     let t0 = std::time::Instant::now();
     let step = |what: &str| tracing::debug!(instance = %spec.name, step = what, ms = t0.elapsed().as_millis() as u64, "ensure step");
-    let current = client.instance(&spec.name).await?;
     let inst = match current {
         None => {
             client
@@ -146,6 +175,32 @@ pub async fn ensure(
     let mut st = status_of(&inst);
     st.changed = changed;
     Ok(st)
+}
+
+/// True when `inst` already matches `spec`, judged from a listing alone: what a
+/// resync checks for every container without a request per container. Anything
+/// that does not match goes through [`ensure`].
+pub fn in_sync(inst: &Instance, host: &HostContext, spec: &InstanceSpec) -> bool {
+    if inst.config.get("user.ssp.managed").map(String::as_str) != Some("true") {
+        return false;
+    }
+    let addr = match &host.ssh {
+        SshForward::Nat {
+            nic_name, subnet, ..
+        } => match forward::current(inst, nic_name, subnet) {
+            Some(a) => Some(a),
+            None => return false,
+        },
+        SshForward::Proxy { .. } => None,
+    };
+    let Ok(r) = render::render(spec, host, addr) else {
+        return false;
+    };
+    merge_config(&inst.config, &r) == inst.config
+        && merge_devices(&inst.devices, &r) == inst.devices
+        && spec.running == inst.is_running()
+        && (!spec.running || inst.config.get(account::CONFIG_KEY) == Some(&account::hash(spec)))
+        && spec.shares.iter().all(|s| Path::new(&s.host_path).is_dir())
 }
 
 /// Maps a daemon instance to the wire status.

@@ -196,7 +196,7 @@ impl HostState {
                 return;
             }
         };
-        match crate::ensure::ensure(&self.client, &ctx, &spec).await {
+        match crate::ensure::ensure(&self.client, &ctx, &self.addrs, &spec).await {
             Ok(st) if st.changed.is_empty() => {}
             Ok(st) => {
                 tracing::info!(instance = %name, changed = ?st.changed, why, "healed");
@@ -210,11 +210,42 @@ impl HostState {
         }
     }
 
-    /// Ensures every stored spec once.
-    pub async fn resync(self: &Arc<Self>, why: &str) {
-        for name in self.specs.names() {
-            self.heal(&name, why).await;
+    /// Checks every stored spec against one listing of the daemon's instances and
+    /// ensures those that differ (or are missing). Returns how many were checked
+    /// and how many were ensured.
+    pub async fn resync(self: &Arc<Self>, why: &str) -> (usize, usize) {
+        let names = self.specs.names();
+        let listed = match self.client.instances().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(why, "resync cannot list instances: {e}");
+                return (names.len(), 0);
+            }
+        };
+        let ctx = match self.facts().await {
+            Ok(f) => f.context,
+            Err(e) => {
+                tracing::warn!(why, "resync cannot read host facts: {e:#}");
+                return (names.len(), 0);
+            }
+        };
+        let by_name: HashMap<&str, &ssp_lxd::Instance> =
+            listed.iter().map(|i| (i.name.as_str(), i)).collect();
+        let mut ensured = 0;
+        for name in &names {
+            let Some(spec) = self.specs.get(name) else {
+                continue;
+            };
+            if by_name
+                .get(name.as_str())
+                .is_some_and(|i| crate::ensure::in_sync(i, &ctx, &spec))
+            {
+                continue;
+            }
+            ensured += 1;
+            self.heal(name, why).await;
         }
+        (names.len(), ensured)
     }
 
     /// Resyncs at start and every `every`.

@@ -19,6 +19,9 @@ pub struct HostState {
     pub gpus: GpuSource,
     pub pool: String,
     pub ssh_listen: String,
+    pub ssh_host: String,
+    /// Bridge addresses for NAT-forwarded SSH.
+    pub addrs: crate::forward::Addrs,
     pub events: broadcast::Sender<InstanceEvent>,
     /// The last spec given for each container, kept on disk (see `heal`).
     pub specs: crate::heal::Specs,
@@ -48,6 +51,7 @@ impl HostState {
         gpus: GpuSource,
         pool: String,
         ssh_listen: String,
+        ssh_host: String,
         specs: crate::heal::Specs,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
@@ -56,6 +60,8 @@ impl HostState {
             gpus,
             pool,
             ssh_listen,
+            ssh_host,
+            addrs: Default::default(),
             events,
             specs,
             restarts: Default::default(),
@@ -85,7 +91,26 @@ impl HostState {
             return Ok(f.clone());
         }
         let (inv, daemon_gpus) = inventory::collect(&self.client, &self.gpus).await?;
-        let context = self.context_for(&inv.gpus, &daemon_gpus);
+        let (ssh, why) =
+            crate::forward::discover(&self.client, &self.ssh_listen, &self.ssh_host).await;
+        let context = self.context_for(&inv.gpus, &daemon_gpus, ssh);
+        let was = self
+            .facts
+            .read()
+            .await
+            .as_ref()
+            .map(|f| f.context.ssh.clone());
+        if was.as_ref() != Some(&context.ssh) {
+            match &context.ssh {
+                crate::render::SshForward::Nat { listen, subnet, .. } => tracing::info!(
+                    %listen, bridge = %format!("{}/{}", subnet.gateway, subnet.prefix),
+                    "SSH forwarded by NAT to static bridge addresses"
+                ),
+                crate::render::SshForward::Proxy { .. } => tracing::warn!(
+                    "SSH forwarded by the daemon's proxy process, which adds about a second to every container start: {why}"
+                ),
+            }
+        }
         let f = Facts {
             inventory: ssp_wire::inventory_to_wire(&hostname(), &inv),
             context,
@@ -102,7 +127,12 @@ impl HostState {
 
     /// How GPUs are attached here: by PCI address when the daemon sees every
     /// GPU (NVML hosts), else as device nodes.
-    fn context_for(&self, gpus: &[ssp_model::Gpu], daemon_gpus: &[String]) -> HostContext {
+    fn context_for(
+        &self,
+        gpus: &[ssp_model::Gpu],
+        daemon_gpus: &[String],
+        ssh: crate::render::SshForward,
+    ) -> HostContext {
         let nvml = matches!(self.gpus, GpuSource::Nvml);
         let gpu_mode = if nvml
             && !gpus.is_empty()
@@ -126,7 +156,7 @@ impl HostState {
         };
         HostContext {
             pool: self.pool.clone(),
-            ssh_listen: self.ssh_listen.clone(),
+            ssh,
             gpu_mode,
         }
     }

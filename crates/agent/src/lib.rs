@@ -5,6 +5,7 @@
 pub mod account;
 pub mod config;
 pub mod ensure;
+pub mod forward;
 pub mod heal;
 pub mod host;
 pub mod inventory;
@@ -49,6 +50,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         gpus,
         cfg.storage_pool.clone(),
         cfg.ssh_listen.clone(),
+        cfg.ssh_host.clone(),
         specs,
     );
     tokio::spawn(host.clone().follow_events());

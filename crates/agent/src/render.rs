@@ -1,6 +1,7 @@
 //! Spec → daemon config and devices. Pure, so it is table-tested without a daemon.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 
 use sha2::{Digest, Sha256};
 use ssp_proto::InstanceSpec;
@@ -41,11 +42,74 @@ pub enum GpuMode {
     },
 }
 
+/// How a container's SSH port is forwarded from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshForward {
+    /// A `proxy` device in NAT mode: the daemon installs a DNAT rule to the
+    /// container's static address on its bridge. Nothing runs per container, so a
+    /// start costs no more than without it.
+    Nat {
+        /// The host address users connect to (NAT cannot listen on a wildcard).
+        listen: Ipv4Addr,
+        /// The default profile's bridged NIC: its device name and keys, copied
+        /// into the instance with `ipv4.address` added.
+        nic_name: String,
+        nic: Device,
+        /// The bridge's IPv4 subnet, from which container addresses are picked.
+        subnet: Subnet,
+    },
+    /// A `proxy` device with a forwarding process (forkproxy) that connects to
+    /// 127.0.0.1:22 inside: works without container networking, but the daemon
+    /// waits about a second for the process at every start.
+    Proxy { listen: String },
+}
+
+/// An IPv4 subnet with the bridge's own (gateway) address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parses the daemon's `ipv4.address` form, `10.211.0.1/24`.
+    pub fn parse(s: &str) -> Option<Subnet> {
+        let (ip, prefix) = s.split_once('/')?;
+        let prefix: u8 = prefix.parse().ok()?;
+        (prefix <= 30).then_some(())?;
+        Some(Subnet {
+            gateway: ip.parse().ok()?,
+            prefix,
+        })
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX << (32 - u32::from(self.prefix))
+    }
+
+    /// True for a host address of this subnet (not network, broadcast or gateway).
+    pub fn usable(&self, a: Ipv4Addr) -> bool {
+        let (a, g, m) = (u32::from(a), u32::from(self.gateway), self.mask());
+        a & m == g & m && a != g && a & !m != 0 && a & !m != !m
+    }
+
+    /// The highest usable address not in `used`. ssp takes addresses from the top
+    /// of the subnet; a bridge's DHCP range for other containers can be kept low.
+    pub fn pick(&self, used: &std::collections::BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+        let m = self.mask();
+        let net = u32::from(self.gateway) & m;
+        (net + 1..net | !m)
+            .rev()
+            .map(Ipv4Addr::from)
+            .find(|a| self.usable(*a) && !used.contains(a))
+    }
+}
+
 /// Host facts that shape the rendering.
 #[derive(Debug, Clone)]
 pub struct HostContext {
     pub pool: String,
-    pub ssh_listen: String,
+    pub ssh: SshForward,
     pub gpu_mode: GpuMode,
 }
 
@@ -63,8 +127,13 @@ fn dev(pairs: &[(&str, &str)]) -> Device {
         .collect()
 }
 
-/// Renders `spec` for a host.
-pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, String> {
+/// Renders `spec` for a host. `addr` is the container's address on the bridge,
+/// needed when SSH is forwarded by NAT.
+pub fn render(
+    spec: &InstanceSpec,
+    host: &HostContext,
+    addr: Option<Ipv4Addr>,
+) -> Result<Rendered, String> {
     let mut config: BTreeMap<String, String> = BTreeMap::new();
     let mut set = |k: &str, v: String| {
         config.insert(k.to_string(), v);
@@ -99,18 +168,41 @@ pub fn render(spec: &InstanceSpec, host: &HostContext) -> Result<Rendered, Strin
             ("size", &size),
         ]),
     );
-    devices.insert(
-        format!("{DEVICE_PREFIX}ssh"),
-        dev(&[
-            ("type", "proxy"),
-            (
-                "listen",
-                &format!("tcp:{}:{}", host.ssh_listen, spec.ssh_port),
-            ),
-            ("connect", "tcp:127.0.0.1:22"),
-            ("bind", "host"),
-        ]),
-    );
+    match &host.ssh {
+        SshForward::Nat {
+            listen,
+            nic_name,
+            nic,
+            subnet,
+        } => {
+            let addr = addr
+                .filter(|a| subnet.usable(*a))
+                .ok_or_else(|| "no address on the bridge for the SSH forward".to_string())?;
+            let mut nic = nic.clone();
+            nic.insert("ipv4.address".into(), addr.to_string());
+            devices.insert(nic_name.clone(), nic);
+            devices.insert(
+                format!("{DEVICE_PREFIX}ssh"),
+                dev(&[
+                    ("type", "proxy"),
+                    ("listen", &format!("tcp:{listen}:{}", spec.ssh_port)),
+                    ("connect", &format!("tcp:{addr}:22")),
+                    ("nat", "true"),
+                ]),
+            );
+        }
+        SshForward::Proxy { listen } => {
+            devices.insert(
+                format!("{DEVICE_PREFIX}ssh"),
+                dev(&[
+                    ("type", "proxy"),
+                    ("listen", &format!("tcp:{listen}:{}", spec.ssh_port)),
+                    ("connect", "tcp:127.0.0.1:22"),
+                    ("bind", "host"),
+                ]),
+            );
+        }
+    }
     match &host.gpu_mode {
         GpuMode::Pci => {
             for (i, pci) in spec.gpu_pci.iter().enumerate() {
@@ -187,11 +279,14 @@ pub fn merge_config(current: &BTreeMap<String, String>, r: &Rendered) -> BTreeMa
     out
 }
 
-/// Merges devices: ssp's devices replace every `ssp-*` device and the root disk.
+/// Merges devices: ssp's devices replace every `ssp-*` device, the root disk and
+/// the NIC it overrides.
 pub fn merge_devices(current: &BTreeMap<String, Device>, r: &Rendered) -> BTreeMap<String, Device> {
     let mut out: BTreeMap<String, Device> = current
         .iter()
-        .filter(|(k, _)| !(k.starts_with(DEVICE_PREFIX) || k.as_str() == "root"))
+        .filter(|(k, _)| {
+            !(k.starts_with(DEVICE_PREFIX) || k.as_str() == "root" || r.devices.contains_key(*k))
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     out.extend(r.devices.clone());
@@ -229,7 +324,9 @@ mod tests {
     fn nodes_ctx() -> HostContext {
         HostContext {
             pool: "default".into(),
-            ssh_listen: "0.0.0.0".into(),
+            ssh: SshForward::Proxy {
+                listen: "0.0.0.0".into(),
+            },
             gpu_mode: GpuMode::DeviceNodes {
                 minors: [
                     ("0000:17:00.0", 0),
@@ -247,7 +344,7 @@ mod tests {
 
     #[test]
     fn device_nodes_are_renumbered_from_zero() {
-        let r = render(&spec(), &nodes_ctx()).unwrap();
+        let r = render(&spec(), &nodes_ctx(), None).unwrap();
         let g0 = &r.devices["ssp-gpu0"];
         assert_eq!(
             (g0["source"].as_str(), g0["path"].as_str()),
@@ -275,7 +372,7 @@ mod tests {
             gpu_mode: GpuMode::Pci,
             ..nodes_ctx()
         };
-        let r = render(&spec(), &ctx).unwrap();
+        let r = render(&spec(), &ctx, None).unwrap();
         let g = &r.devices["ssp-gpu0"];
         assert_eq!(g["type"], "gpu");
         assert_eq!(g["pci"], "0000:19:00.0");
@@ -287,7 +384,7 @@ mod tests {
     fn no_gpus_no_control_nodes() {
         let mut s = spec();
         s.gpu_pci.clear();
-        let r = render(&s, &nodes_ctx()).unwrap();
+        let r = render(&s, &nodes_ctx(), None).unwrap();
         assert!(!r
             .devices
             .keys()
@@ -298,14 +395,14 @@ mod tests {
     fn unknown_gpu_is_an_error() {
         let mut s = spec();
         s.gpu_pci = vec!["0000:99:00.0".into()];
-        assert!(render(&s, &nodes_ctx())
+        assert!(render(&s, &nodes_ctx(), None)
             .unwrap_err()
             .contains("0000:99:00.0"));
     }
 
     #[test]
     fn merge_keeps_foreign_keys_and_replaces_ours() {
-        let r = render(&spec(), &nodes_ctx()).unwrap();
+        let r = render(&spec(), &nodes_ctx(), None).unwrap();
         let current: BTreeMap<String, String> = [
             ("limits.cpu", "8"),
             ("volatile.uuid", "u1"),
@@ -330,14 +427,73 @@ mod tests {
 
     #[test]
     fn hash_changes_with_the_spec() {
-        let a = render(&spec(), &nodes_ctx()).unwrap();
+        let a = render(&spec(), &nodes_ctx(), None).unwrap();
         let mut s = spec();
         s.cpus = 3;
-        let b = render(&s, &nodes_ctx()).unwrap();
+        let b = render(&s, &nodes_ctx(), None).unwrap();
         assert_ne!(
             a.config["user.ssp.spec-hash"],
             b.config["user.ssp.spec-hash"]
         );
-        assert_eq!(a, render(&spec(), &nodes_ctx()).unwrap());
+        assert_eq!(a, render(&spec(), &nodes_ctx(), None).unwrap());
+    }
+
+    fn nat_ctx() -> HostContext {
+        HostContext {
+            ssh: SshForward::Nat {
+                listen: "192.0.2.7".parse().unwrap(),
+                nic_name: "eth0".into(),
+                nic: dev(&[("type", "nic"), ("network", "sspbr0"), ("name", "eth0")]),
+                subnet: Subnet::parse("10.211.0.1/24").unwrap(),
+            },
+            ..nodes_ctx()
+        }
+    }
+
+    #[test]
+    fn nat_forward_overrides_the_nic_with_a_static_address() {
+        let r = render(&spec(), &nat_ctx(), Some("10.211.0.254".parse().unwrap())).unwrap();
+        let ssh = &r.devices["ssp-ssh"];
+        assert_eq!(ssh["listen"], "tcp:192.0.2.7:22005");
+        assert_eq!(ssh["connect"], "tcp:10.211.0.254:22");
+        assert_eq!(ssh["nat"], "true");
+        assert!(!ssh.contains_key("bind"));
+        let nic = &r.devices["eth0"];
+        assert_eq!(nic["ipv4.address"], "10.211.0.254");
+        assert_eq!(nic["network"], "sspbr0");
+        // Without an address, or with one outside the bridge's subnet, it refuses.
+        assert!(render(&spec(), &nat_ctx(), None).is_err());
+        assert!(render(&spec(), &nat_ctx(), Some("10.9.0.5".parse().unwrap())).is_err());
+        // The overridden NIC is replaced on merge; other devices are kept.
+        let mut current = BTreeMap::new();
+        current.insert(
+            "eth0".to_string(),
+            dev(&[("type", "nic"), ("network", "x")]),
+        );
+        current.insert("mine".to_string(), dev(&[("type", "disk")]));
+        let d = merge_devices(&current, &r);
+        assert_eq!(d["eth0"]["network"], "sspbr0");
+        assert!(d.contains_key("mine"));
+    }
+
+    #[test]
+    fn addresses_are_picked_from_the_top_never_gateway_network_or_broadcast() {
+        let s = Subnet::parse("10.211.0.1/24").unwrap();
+        let mut used = std::collections::BTreeSet::new();
+        assert_eq!(s.pick(&used), Some("10.211.0.254".parse().unwrap()));
+        used.insert("10.211.0.254".parse().unwrap());
+        assert_eq!(s.pick(&used), Some("10.211.0.253".parse().unwrap()));
+        for a in ["10.211.0.0", "10.211.0.1", "10.211.0.255", "10.211.1.5"] {
+            assert!(!s.usable(a.parse().unwrap()), "{a}");
+        }
+        // A /30 has two host addresses; one is the gateway.
+        let small = Subnet::parse("10.0.0.1/30").unwrap();
+        assert_eq!(
+            small.pick(&Default::default()),
+            Some("10.0.0.2".parse().unwrap())
+        );
+        let full: std::collections::BTreeSet<_> = ["10.0.0.2".parse().unwrap()].into();
+        assert_eq!(small.pick(&full), None);
+        assert!(Subnet::parse("10.0.0.1").is_none() && Subnet::parse("10.0.0.1/31").is_none());
     }
 }

@@ -88,7 +88,7 @@ impl Agent for AgentService {
             .specs
             .put(&spec)
             .map_err(|e| Status::internal(format!("storing the spec of {}: {e}", spec.name)))?;
-        let st = ensure::ensure(self.client(), &ctx, &spec)
+        let st = ensure::ensure(self.client(), &ctx, &self.host.addrs, &spec)
             .await
             .map_err(to_status)?;
         if !st.changed.is_empty() {

@@ -1,8 +1,9 @@
 //! Benchmark: kill -9 of a container's init until the daemon reports it running
 //! again (the agent reacts to the daemon's lifecycle event), median over repeats,
 //! with every coordinator stopped so only the agent acts. Next to it, the same
-//! daemon's own floor for that cycle on an unmanaged copy: time from kill -9 of
-//! init until the daemon reports it stopped, plus a raw `incus start`.
+//! daemon's own floor for that cycle on an unmanaged copy with the same devices:
+//! kill -9 of its init, then `incus start` tried again and again until the daemon,
+//! done handling the stop, accepts it and reports it running.
 //!
 //! Run: cargo bench -p ssp-integration --bench heal
 
@@ -32,25 +33,30 @@ fn main() -> Result<()> {
     ])?;
     p.coordinator.signal(libc::SIGKILL);
     // An unmanaged copy (the agent has no spec for it) with the same devices; its
-    // SSH proxy listens on another port.
+    // SSH forward listens on another port and goes to another bridge address.
     host.cli_run(&["copy", "hb", "raw"])?;
+    let raw_addr = "10.232.54.100";
+    host.cli_run(&[
+        "config",
+        "device",
+        "set",
+        "raw",
+        "eth0",
+        &format!("ipv4.address={raw_addr}"),
+    ])?;
     host.cli_run(&[
         "config",
         "device",
         "set",
         "raw",
         "ssp-ssh",
-        "listen=tcp:0.0.0.0:22099",
+        &format!("listen=tcp:{}:22099", host.addr),
+        &format!("connect=tcp:{raw_addr}:22"),
     ])?;
-    let _ = host.cli_run(&["stop", "--force", "raw"]);
+    host.cli_run(&["start", "raw"])?;
     let mut floor = Vec::new();
     for _ in 0..REPEATS {
-        while host.init_pid("raw").map(|x| x.1).unwrap_or_default() != "Stopped" {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let t = Instant::now();
-        host.cli_run(&["start", "raw"])?;
-        let start = t.elapsed();
+        std::thread::sleep(Duration::from_secs(1));
         let (pid, _) = host.init_pid("raw")?;
         let t = Instant::now();
         // SAFETY: kill(2) with a pid the daemon reported.
@@ -58,22 +64,27 @@ fn main() -> Result<()> {
         unsafe {
             libc::kill(pid as i32, libc::SIGKILL);
         }
-        while host
-            .init_pid("raw")
-            .map(|x| x.1 == "Running")
-            .unwrap_or(true)
-        {
+        // The best any tool can do: ask for a start again and again until the
+        // daemon, done with the stop, accepts it.
+        let mut refused = 0;
+        while host.cli_run(&["start", "raw"]).is_err() {
+            refused += 1;
             if t.elapsed() > Duration::from_secs(30) {
-                bail!("raw did not stop after kill -9 of its init");
+                bail!("raw did not start again after kill -9 of its init");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        loop {
+            match host.init_pid("raw") {
+                Ok((p, s)) if s == "Running" && p > 1 && p != pid => break,
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
         println!(
-            "floor: raw start {} ms, stop noticed {} ms after kill -9",
-            start.as_millis(),
+            "floor: raw running again {} ms after kill -9 ({refused} starts refused while the daemon handled the stop)",
             t.elapsed().as_millis()
         );
-        floor.push((t.elapsed() + start).as_secs_f64() * 1000.0);
+        floor.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let mut ms = Vec::new();
     for r in 0..REPEATS {
@@ -90,7 +101,7 @@ fn main() -> Result<()> {
     floor.sort_by(|a, b| a.total_cmp(b));
     let (m, f) = (ms[ms.len() / 2], floor[floor.len() / 2]);
     println!(
-        "heal: median {m:.0} ms from kill -9 of a container's init to running again, {REPEATS} repeats, no coordinator running (target <= 1000 ms); the daemon's own floor (stop noticed + raw start) {f:.0} ms; ratio {:.2}",
+        "heal: median {m:.0} ms from kill -9 of a container's init to running again, {REPEATS} repeats, no coordinator running (target <= 1000 ms); the daemon's own floor (raw start retried from the kill) {f:.0} ms; ratio {:.2}",
         m / f
     );
     Ok(())

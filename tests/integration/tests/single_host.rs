@@ -91,6 +91,13 @@ fn single_host_end_to_end() -> Result<()> {
     );
 
     // 2. alice logs in with only what `ssh-config` printed; CPU count and memory match the request.
+    // SSH reaches her container by NAT to its static bridge address: no forwarding process.
+    let nat = host.cli_run(&["config", "device", "get", "alice", "ssp-ssh", "nat"])?;
+    let addr = host.cli_run(&["config", "device", "get", "alice", "eth0", "ipv4.address"])?;
+    ensure!(
+        nat.trim() == "true" && addr.trim().starts_with("10.232.11."),
+        "alice's SSH forward should be NAT to a static bridge address; nat={nat:?} ipv4.address={addr:?}"
+    );
     let client = p.ssh_login("alice", &alice_key)?;
     let ssh = |cmd: &str| client.run(cmd);
     let nproc = ssh("nproc")?;
