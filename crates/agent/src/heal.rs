@@ -115,11 +115,18 @@ struct History {
     failures: u32,
 }
 
+/// How long a restart waits after `failures` crash-loop starts in a row.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(9)).min(MAX_BACKOFF)
+}
+
 impl Restarts {
-    /// Records that ssp started `name` again; returns when the next start may
-    /// happen if it is now crash-looping.
-    fn started(&self, name: &str) -> Option<Instant> {
-        let mut m = self.map.lock().ok()?;
+    /// Records that ssp started `name` again; returns how many starts in a row
+    /// were beyond the burst (0 when it is not crash-looping).
+    fn started(&self, name: &str) -> u32 {
+        let Ok(mut m) = self.map.lock() else {
+            return 0;
+        };
         let h = m.entry(name.to_string()).or_default();
         let now = Instant::now();
         h.starts.push_back(now);
@@ -128,13 +135,25 @@ impl Restarts {
         }
         if h.starts.len() > BURST {
             h.failures += 1;
-            let wait = Duration::from_secs(1u64 << h.failures.min(8)).min(MAX_BACKOFF);
-            h.next_try = Some(now + wait);
         } else {
             h.failures = 0;
-            h.next_try = None;
         }
-        h.next_try
+        h.next_try = None;
+        h.failures
+    }
+
+    /// Records that `name` stopped although it should run. In a crash loop the
+    /// next start waits (2 s, 4 s, … up to [`MAX_BACKOFF`]); returns until when.
+    fn stopped(&self, name: &str) -> Option<Instant> {
+        let mut m = self.map.lock().ok()?;
+        let h = m.get_mut(name)?;
+        if h.failures == 0 {
+            return None;
+        }
+        let t = *h
+            .next_try
+            .get_or_insert_with(|| Instant::now() + backoff(h.failures));
+        Some(t)
     }
 
     /// When `name` may be started again, if it is backing off.
@@ -145,18 +164,18 @@ impl Restarts {
             .filter(|t| *t > Instant::now())
     }
 
-    /// A `failing` status line for a container in a crash loop.
+    /// A `failing` status line for a container in a crash loop, shown until it
+    /// has stayed up for [`WINDOW`].
     pub fn failing(&self, name: &str) -> Option<String> {
         let m = self.map.lock().ok()?;
         let h = m.get(name)?;
-        let next = h.next_try?;
-        let now = Instant::now();
-        (h.failures > 0 && (next > now || now - next < WINDOW)).then(|| {
+        let last = h.starts.back()?;
+        (h.failures > 0 && last.elapsed() < WINDOW).then(|| {
             format!(
-                "failing: started {} times within {}s; next try in {}s",
+                "failing: started {} times within {}s; restarts wait {}s",
                 h.starts.len(),
                 WINDOW.as_secs(),
-                next.saturating_duration_since(now).as_secs()
+                backoff(h.failures).as_secs()
             )
         })
     }
@@ -201,8 +220,9 @@ impl HostState {
             Ok(st) => {
                 tracing::info!(instance = %name, changed = ?st.changed, why, "healed");
                 if st.changed.iter().any(|c| c == "started") {
-                    if let Some(t) = self.restarts.started(name) {
-                        tracing::warn!(instance = %name, wait_secs = t.saturating_duration_since(Instant::now()).as_secs(), "crash loop: backing off");
+                    let failures = self.restarts.started(name);
+                    if failures > 0 {
+                        tracing::warn!(instance = %name, next_wait_secs = backoff(failures).as_secs(), "crash loop: the next restart waits");
                     }
                 }
             }
@@ -267,6 +287,7 @@ impl HostState {
                         "instance-stopped" | "instance-shutdown" | "instance-deleted"
                     );
                     if stops && self.specs.get(&ev.instance).is_some_and(|s| s.running) {
+                        self.restarts.stopped(&ev.instance);
                         let me = self.clone();
                         tokio::spawn(async move { me.heal(&ev.instance, &ev.action).await });
                     }
@@ -311,17 +332,23 @@ mod tests {
     fn a_crash_loop_backs_off() {
         let r = Restarts::default();
         for _ in 0..BURST {
-            assert!(r.started("c").is_none());
+            assert_eq!(r.started("c"), 0);
+            assert!(
+                r.stopped("c").is_none(),
+                "within the burst, restarts are immediate"
+            );
         }
-        let t = r
-            .started("c")
-            .expect("sixth start within a minute backs off");
-        assert!(t > Instant::now());
-        assert!(r.wait_until("c").is_some());
+        assert_eq!(r.started("c"), 1, "the sixth start within a minute");
         assert!(r
             .failing("c")
             .unwrap()
-            .starts_with("failing: started 6 times"));
+            .starts_with("failing: started 6 times within 60s; restarts wait 2s"));
+        let t = r.stopped("c").expect("a stop in a crash loop waits");
+        assert!(t > Instant::now() + Duration::from_millis(1500));
+        assert_eq!(r.wait_until("c"), Some(t));
+        assert_eq!(r.started("c"), 2);
+        assert_eq!(r.wait_until("c"), None);
+        assert!(r.stopped("c").unwrap() > Instant::now() + Duration::from_millis(3500));
         assert!(r.failing("other").is_none());
     }
 }

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use sha2::{Digest, Sha256};
 use ssp_proto::InstanceSpec;
 
 /// A device: its keys and values, all strings as the daemon wants them.
@@ -252,19 +251,8 @@ pub fn render(
             ]),
         );
     }
-    let hash = spec_hash(&config, &devices);
-    config.insert("user.ssp.spec-hash".into(), hash);
+    config.insert("user.ssp.spec-hash".into(), ssp_wire::spec_hash(spec));
     Ok(Rendered { config, devices })
-}
-
-fn spec_hash(config: &BTreeMap<String, String>, devices: &BTreeMap<String, Device>) -> String {
-    let mut h = Sha256::new();
-    h.update(serde_json::to_vec(&(config, devices)).unwrap_or_default());
-    h.finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Merges the rendered config into an instance's current config: managed keys

@@ -1,4 +1,4 @@
-//! Driving agents: channels to each host and the reconcile pass.
+//! Driving agents: a channel to each host and the calls the coordinator makes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -86,17 +86,18 @@ impl Agents {
         Ok(r.existed)
     }
 
-    /// What `host` reports about its ssp instances.
+    /// What `host` reports about its instances (only ssp's with `managed_only`).
     pub async fn observe(
         &self,
         record: Option<&Host>,
         host: &str,
+        managed_only: bool,
     ) -> Result<Vec<InstanceStatus>, AgentError> {
         let mut c = self.for_host(record, host).await?;
         let r = call(
             host,
             QUICK_TIMEOUT,
-            c.list_instances(ListInstancesRequest { managed_only: true }),
+            c.list_instances(ListInstancesRequest { managed_only }),
         )
         .await?;
         Ok(r.instances)

@@ -20,6 +20,7 @@ use tonic::Status;
 use crate::agents::{AgentError, Agents};
 use crate::config::CoordinatorConfig;
 use crate::convert;
+use crate::plan::{self, Backoff, Step};
 use crate::raft::batch::WriteError;
 use crate::raft::{Replica, Reply, Request};
 
@@ -34,6 +35,19 @@ pub struct Core {
     kick: Arc<Notify>,
     /// When each host last heartbeat to this coordinator (meaningful on the leader).
     pub last_seen: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
+    /// Per-instance retry backoff of the reconciler.
+    backoff: Arc<std::sync::Mutex<Backoff>>,
+    /// What the last reconcile pass found on each host and left alone.
+    found: Arc<std::sync::Mutex<HashMap<String, Found>>>,
+}
+
+/// Containers on a host that ssp leaves alone, from the last reconcile pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// Not created by ssp.
+    pub unmanaged: Vec<String>,
+    /// ssp's, but the state does not place them on this host.
+    pub stray: Vec<String>,
 }
 
 /// What converging an instance did.
@@ -85,7 +99,18 @@ impl Core {
             locks: Default::default(),
             kick: Default::default(),
             last_seen: Default::default(),
+            backoff: Default::default(),
+            found: Default::default(),
         }
+    }
+
+    /// What the last reconcile pass found on `host` and left alone.
+    pub fn found(&self, host: &str) -> Found {
+        self.found
+            .lock()
+            .ok()
+            .and_then(|m| m.get(host).cloned())
+            .unwrap_or_default()
     }
 
     /// Whether this node is the leader right now (as far as it knows).
@@ -195,40 +220,122 @@ impl Core {
         }
     }
 
-    /// One pass over every instance (or those of `only_host`). A host that fails
-    /// to answer is skipped for the rest of the pass.
+    /// One reconcile pass over every host that is not down (or just `only_host`):
+    /// each agent lists its containers, [`plan::plan`] compares that with the
+    /// desired state, and the steps run one by one through [`Core::converge`]
+    /// (idempotent), each instance under its own backoff. A host that stops
+    /// answering is skipped for the rest of the pass.
     pub async fn reconcile(&self, only_host: Option<&str>) {
         if !self.is_leader() {
             return;
         }
-        let names: Vec<(String, String)> = self.read(|s| {
-            s.instances
+        let hosts: Vec<ssp_model::Host> = self.read(|s| {
+            s.hosts
                 .values()
-                .filter(|i| only_host.is_none_or(|h| h == i.host.as_str()))
-                .map(|i| (i.name.clone(), i.host.to_string()))
+                .filter(|h| h.status != ssp_model::HostStatus::Down)
+                .filter(|h| only_host.is_none_or(|o| o == h.name.as_str()))
+                .cloned()
                 .collect()
         });
+        let listed = futures::future::join_all(hosts.iter().map(|h| async move {
+            (
+                h.name.to_string(),
+                self.agents.observe(Some(h), h.name.as_str(), false).await,
+            )
+        }))
+        .await;
+        let mut reports = std::collections::BTreeMap::new();
+        for (host, r) in listed {
+            match r {
+                Ok(list) => {
+                    reports.insert(host, list);
+                }
+                Err(e) => tracing::warn!(%host, "reconcile: no report: {e}"),
+            }
+        }
+        let plan = self.read(|s| plan::plan(s, &reports));
+        self.record_found(&reports, &plan);
+        if !plan.failing.is_empty() {
+            tracing::warn!(instances = ?plan.failing, "crash-looping; the agents back off");
+        }
         let mut down: BTreeSet<String> = BTreeSet::new();
-        for (name, host) in names {
-            if down.contains(&host) || !self.is_leader() {
+        for step in plan.steps {
+            let name = step.name().to_string();
+            if !self.is_leader() {
+                return;
+            }
+            let host = self.read(|s| s.instances.get(&name).map(|i| i.host.to_string()));
+            if host.as_ref().is_some_and(|h| down.contains(h)) {
                 continue;
             }
+            let ready = self
+                .backoff
+                .lock()
+                .map(|b| b.ready(&name, Instant::now()))
+                .unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            let why = match &step {
+                Step::Ensure { why, .. } => *why,
+                Step::Delete { .. } => "marked for removal",
+            };
             match self.converge(&name).await {
-                Ok(Converged::Ensured(st)) if !st.changed.is_empty() => {
-                    tracing::info!(instance = %name, changed = ?st.changed, "reconciled")
+                Ok(c) => {
+                    if let Ok(mut b) = self.backoff.lock() {
+                        b.succeeded(&name);
+                    }
+                    match c {
+                        Converged::Ensured(st) if !st.changed.is_empty() => {
+                            tracing::info!(instance = %name, why, changed = ?st.changed, "reconciled")
+                        }
+                        Converged::Deleted => {
+                            tracing::info!(instance = %name, "deleted and forgotten")
+                        }
+                        _ => {}
+                    }
                 }
-                Ok(Converged::Deleted) => tracing::info!(instance = %name, "deleted and forgotten"),
-                Ok(_) => {}
                 Err(e) => {
+                    let wait = self
+                        .backoff
+                        .lock()
+                        .map(|mut b| b.failed(&name, Instant::now()))
+                        .unwrap_or_default();
                     if matches!(
                         e,
                         AgentError::Timeout { .. } | AgentError::Unreachable { .. }
                     ) {
-                        down.insert(host);
+                        down.extend(host);
                     }
-                    tracing::warn!(instance = %name, "reconcile: {e}")
+                    tracing::warn!(instance = %name, why, retry_in_secs = wait.as_secs(), "reconcile: {e}")
                 }
             }
+        }
+    }
+
+    /// Keeps what a pass found and left alone, logging what is new.
+    fn record_found(
+        &self,
+        reports: &std::collections::BTreeMap<String, Vec<InstanceStatus>>,
+        plan: &plan::Plan,
+    ) {
+        let Ok(mut found) = self.found.lock() else {
+            return;
+        };
+        for host in reports.keys() {
+            let now = Found {
+                unmanaged: plan.unmanaged.get(host).cloned().unwrap_or_default(),
+                stray: plan.stray.get(host).cloned().unwrap_or_default(),
+            };
+            if found.get(host) != Some(&now) {
+                if !now.unmanaged.is_empty() {
+                    tracing::info!(%host, containers = ?now.unmanaged, "containers ssp did not create; left alone");
+                }
+                if !now.stray.is_empty() {
+                    tracing::warn!(%host, containers = ?now.stray, "ssp containers the state does not place on this host; left alone");
+                }
+            }
+            found.insert(host.clone(), now);
         }
     }
 

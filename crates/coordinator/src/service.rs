@@ -248,7 +248,12 @@ impl Coordinator for CoordinatorService {
         let observed = futures::future::join_all(hosts.iter().map(|h| {
             let agents = self.core.agents.clone();
             let state = &state;
-            async move { (h.to_string(), agents.observe(state.hosts.get(*h), h).await) }
+            async move {
+                (
+                    h.to_string(),
+                    agents.observe(state.hosts.get(*h), h, true).await,
+                )
+            }
         }))
         .await;
         let mut seen: BTreeMap<(String, String), InstanceStatus> = BTreeMap::new();
@@ -337,6 +342,8 @@ impl Coordinator for CoordinatorService {
                     (true, Some(d)) => d.as_millis() as i64,
                     _ => -1,
                 },
+                unmanaged: self.core.found(h.name.as_str()).unmanaged,
+                stray: self.core.found(h.name.as_str()).stray,
             })
             .collect();
         Ok(annotate(

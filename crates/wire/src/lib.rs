@@ -78,3 +78,18 @@ pub fn gpu_to_wire(g: &Gpu) -> pb::Gpu {
         device_node: g.device_node.clone(),
     }
 }
+
+/// A short hash of what an instance spec asks for, the same on the coordinator and
+/// the agent (which records it in the instance config as `user.ssp.spec-hash`).
+/// `running` is left out: it is state, reported on its own.
+pub fn spec_hash(spec: &pb::InstanceSpec) -> String {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let mut s = spec.clone();
+    s.running = false;
+    Sha256::digest(s.encode_to_vec())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

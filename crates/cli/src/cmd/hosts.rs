@@ -33,6 +33,16 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 size(inv.memory_bytes),
                 format!("{}/{}", h.gpus_free, h.gpus_total),
                 h.instances.to_string(),
+                if h.unmanaged.is_empty() && h.stray.is_empty() {
+                    "-".into()
+                } else {
+                    h.unmanaged
+                        .iter()
+                        .chain(&h.stray)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 if inv.driver_version.is_empty() {
                     "-".into()
                 } else {
@@ -50,7 +60,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "daemon": inv.daemon, "daemon_version": inv.daemon_version, "cpus": inv.cpus,
                    "memory_bytes": inv.memory_bytes, "gpus_total": h.gpus_total, "gpus_free": h.gpus_free,
                    "instances": h.instances, "driver_version": inv.driver_version, "gpu_source": inv.gpu_source,
-                   "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago})
+                   "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago,
+                   "unmanaged": h.unmanaged, "stray": h.stray})
         })
         .collect::<Vec<_>>());
     output::print(
@@ -64,6 +75,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             "MEMORY",
             "GPUS FREE",
             "CONTAINERS",
+            "LEFT ALONE",
             "DRIVER",
             "SSH HOST",
         ],
