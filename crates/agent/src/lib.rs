@@ -13,6 +13,7 @@ pub mod register;
 pub mod render;
 pub mod service;
 pub mod subid;
+pub mod uvm;
 
 use std::sync::Arc;
 
@@ -40,6 +41,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         socket = %socket.display(),
         "connected to the daemon"
     );
+    match uvm::ensure_nodes(std::path::Path::new("/proc"), std::path::Path::new("/dev")) {
+        Ok(uvm::Uvm::Created(nodes)) => {
+            tracing::info!(?nodes, "made the missing nvidia-uvm device nodes")
+        }
+        Ok(_) => {}
+        Err(why) => tracing::warn!("GPU host check: {why}"),
+    }
     let gpus = match &cfg.gpu_inventory {
         Some(p) => GpuSource::Static(p.clone()),
         None => GpuSource::Nvml,
