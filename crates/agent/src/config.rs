@@ -29,6 +29,9 @@ pub struct AgentConfig {
     /// Inclusive range of host ports for per-container SSH.
     #[serde(default = "default_ports")]
     pub ssh_ports: (u16, u16),
+    /// Labels requests can ask for with `--label` (e.g. `ib`, `nvlink`).
+    #[serde(default)]
+    pub labels: Vec<String>,
     /// Storage pool for root disks.
     #[serde(default = "default_pool")]
     pub storage_pool: String,

@@ -44,6 +44,7 @@ async fn register_once(cfg: &AgentConfig, host: &HostState, addr: &str) -> anyho
         ssh_port_first: cfg.ssh_ports.0 as u32,
         ssh_port_last: cfg.ssh_ports.1 as u32,
         inventory: Some(inventory),
+        labels: cfg.labels.clone(),
     });
     // A coordinator that is paused or cut off must not hold the heartbeat up.
     req.set_timeout(Duration::from_secs(5));

@@ -42,6 +42,19 @@ pub struct CoordinatorConfig {
     pub bootstrap: bool,
     #[serde(default)]
     pub raft: RaftTuning,
+    /// The most one user may be given; unset keys are unlimited.
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+/// Per-user maxima, checked when a user is added.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub gpus: Option<u32>,
+    pub cpus: Option<u32>,
+    pub memory: Option<String>,
+    pub disk: Option<String>,
 }
 
 /// Raft timing; the defaults give failover well under two seconds on a LAN.
@@ -117,6 +130,8 @@ impl CoordinatorConfig {
             .with_context(|| format!("[defaults] in {}", path.display()))?;
         cfg.default_share_list()
             .with_context(|| format!("default_shares in {}", path.display()))?;
+        cfg.quota_limits()
+            .with_context(|| format!("[quota] in {}", path.display()))?;
         if cfg.uid_range.0 < 1000 || cfg.uid_range.0 > cfg.uid_range.1 {
             anyhow::bail!(
                 "uid_range {:?} in {}: expected [FIRST, LAST] with 1000 <= FIRST <= LAST",
@@ -165,6 +180,14 @@ impl CoordinatorConfig {
             disk: ByteSize::parse(&self.defaults.disk)?,
             processes: self.defaults.processes,
         })
+    }
+
+    /// The quota's memory and disk maxima, parsed.
+    pub fn quota_limits(
+        &self,
+    ) -> Result<(Option<ByteSize>, Option<ByteSize>), ssp_model::InputError> {
+        let parse = |s: &Option<String>| s.as_deref().map(ByteSize::parse).transpose();
+        Ok((parse(&self.quota.memory)?, parse(&self.quota.disk)?))
     }
 
     /// The default shares, parsed against the roots.

@@ -167,6 +167,7 @@ mod tests {
             ssh_host: "h1".into(),
             ssh_ports: (22000, 22099),
             status: Default::default(),
+            labels: vec![],
             inventory: Inventory {
                 cpus: 64,
                 memory_bytes: 512 << 30,

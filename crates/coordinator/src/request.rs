@@ -41,6 +41,7 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
         },
         processes: d.processes,
     };
+    check_quota(&limits, req.gpus, cfg)?;
     if req.gpus > MAX_GPUS {
         return Err(InputError {
             what: "GPU count",
@@ -119,8 +120,59 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             gpu_memory: (req.gpu_memory_bytes > 0).then_some(req.gpu_memory_bytes),
             host,
             spread: req.spread,
+            labels: labels(&req.labels)?,
         },
     }))
+}
+
+/// Refuses what is over the per-user quota of the coordinator config.
+fn check_quota(limits: &Limits, gpus: u32, cfg: &CoordinatorConfig) -> Result<(), InputError> {
+    let q = &cfg.quota;
+    let (memory, disk) = cfg.quota_limits()?;
+    let over = |what: &'static str, asked: String, max: String, key: &str| InputError {
+        what,
+        value: asked,
+        reason: format!("the per-user quota is {max} ([quota] {key} in the coordinator config)"),
+    };
+    if let Some(max) = q.gpus.filter(|m| gpus > *m) {
+        return Err(over("GPU count", gpus.to_string(), max.to_string(), "gpus"));
+    }
+    if let Some(max) = q.cpus.filter(|m| limits.cpus > *m) {
+        return Err(over(
+            "CPU count",
+            limits.cpus.to_string(),
+            max.to_string(),
+            "cpus",
+        ));
+    }
+    if let Some(max) = memory.filter(|m| limits.memory.0 > m.0) {
+        return Err(over(
+            "memory",
+            limits.memory.to_string(),
+            max.to_string(),
+            "memory",
+        ));
+    }
+    if let Some(max) = disk.filter(|m| limits.disk.0 > m.0) {
+        return Err(over(
+            "disk",
+            limits.disk.to_string(),
+            max.to_string(),
+            "disk",
+        ));
+    }
+    Ok(())
+}
+
+/// Validated labels, sorted and without repeats.
+fn labels(given: &[String]) -> Result<Vec<String>, InputError> {
+    let mut out = given
+        .iter()
+        .map(|l| ssp_model::parse_label(l.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 fn at_least(what: &'static str, v: u64, min: u64) -> Result<ByteSize, InputError> {
@@ -188,6 +240,7 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
         ssh_ports: (first, last),
         inventory,
         status: Default::default(),
+        labels: labels(&req.labels)?,
     }))
 }
 
@@ -262,9 +315,62 @@ mod tests {
         let mut r = req("bob");
         r.host = "Host_1".into();
         cases.push((r, "host name"));
+        let mut r = req("bob");
+        r.labels = vec!["IB!".into()];
+        cases.push((r, "host label"));
         for (r, want) in cases {
             let e = add_user(&r, &c).unwrap_err().to_string();
             assert!(e.contains(want), "{e} should mention {want}");
         }
+    }
+
+    #[test]
+    fn quotas_refuse_what_is_over_and_name_the_setting() {
+        let mut c = cfg();
+        c.quota =
+            toml::from_str("gpus = 2\ncpus = 8\nmemory = \"16GiB\"\ndisk = \"100GiB\"").unwrap();
+        let mut ok = req("ann");
+        ok.gpus = 2;
+        ok.cpus = 8;
+        ok.memory_bytes = 16 << 30;
+        assert!(add_user(&ok, &c).is_ok());
+        type Case = (fn(&mut pb::AddUserRequest), &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                |r| r.gpus = 3,
+                "invalid GPU count \"3\": the per-user quota is 2 ([quota] gpus",
+            ),
+            (
+                |r| r.cpus = 9,
+                "invalid CPU count \"9\": the per-user quota is 8 ([quota] cpus",
+            ),
+            (
+                |r| r.memory_bytes = 17 << 30,
+                "the per-user quota is 16GiB ([quota] memory",
+            ),
+            (
+                |r| r.disk_bytes = 200 << 30,
+                "the per-user quota is 100GiB ([quota] disk",
+            ),
+        ];
+        for (f, want) in cases {
+            let mut r = req("bob");
+            f(&mut r);
+            let e = add_user(&r, &c).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should say {want}");
+        }
+    }
+
+    #[test]
+    fn labels_are_checked_sorted_and_deduplicated() {
+        let mut r = req("ann");
+        r.labels = vec!["rack=a3".into(), "ib".into(), "ib".into()];
+        let Command::AddUser(u) = add_user(&r, &cfg()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            u.placement.labels,
+            vec!["ib".to_string(), "rack=a3".to_string()]
+        );
     }
 }

@@ -344,6 +344,7 @@ impl Coordinator for CoordinatorService {
                 },
                 unmanaged: self.core.found(h.name.as_str()).unmanaged,
                 stray: self.core.found(h.name.as_str()).stray,
+                labels: h.labels.clone(),
             })
             .collect();
         Ok(annotate(

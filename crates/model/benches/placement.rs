@@ -24,6 +24,7 @@ fn host(i: u32) -> Host {
         ssh_host: format!("10.0.{}.{}", i / 250, i % 250 + 1),
         ssh_ports: (22000, 22999),
         status: Default::default(),
+        labels: vec![],
         inventory: Inventory {
             cpus: 128,
             memory_bytes: 1 << 40,

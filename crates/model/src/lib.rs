@@ -6,7 +6,9 @@ pub mod place;
 pub mod state;
 pub mod types;
 
-pub use names::{ByteSize, HostName, InputError, PciAddress, SharedFolder, SshKey, Username};
+pub use names::{
+    parse_label, ByteSize, HostName, InputError, PciAddress, SharedFolder, SshKey, Username,
+};
 pub use state::{Command, Outcome, Rejection, Settings, State};
 pub use types::{
     Constraints, Gpu, Host, HostStatus, Instance, Inventory, Limits, NewUser, Pool, Role, User,

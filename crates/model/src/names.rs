@@ -393,6 +393,24 @@ macro_rules! string_newtype {
 }
 string_newtype!(Username, HostName, PciAddress, SshKey);
 
+/// A host label: 1-63 of lowercase letters, digits, `-`, `_`, `.` and `=`, starting
+/// with a letter or digit (e.g. `ib`, `nvlink`, `rack=a3`).
+pub fn parse_label(s: &str) -> Result<String, InputError> {
+    let ok = (1..=63).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.=".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(bad(
+            "host label",
+            s,
+            "use 1-63 lowercase letters, digits, '-', '_', '.' or '=', starting with a letter or digit, e.g. ib or rack=a3",
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,9 @@ fn why_not(
     if host.status != crate::types::HostStatus::Ready {
         return Err((format!("{name}: {}", host.status.as_str()), false));
     }
+    if let Some(l) = c.labels.iter().find(|l| !host.labels.contains(l)) {
+        return Err((format!("{name}: no label {l}"), false));
+    }
     let free = eligible_gpus(state, host, c);
     if (free.len() as u32) < gpus {
         let model = c

@@ -53,6 +53,9 @@ pub struct Host {
     /// Set by `SetHostStatus` only; registrations keep it.
     #[serde(default)]
     pub status: HostStatus,
+    /// Labels the host's agent declares (e.g. `ib`, `nvlink`); requests may require them.
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 /// Whether a host takes new containers.
@@ -185,4 +188,7 @@ pub struct Constraints {
     pub host: Option<HostName>,
     /// Spread: prefer the host with the most free GPUs (default: pack onto the fullest).
     pub spread: bool,
+    /// Only hosts that carry every one of these labels.
+    #[serde(default)]
+    pub labels: Vec<String>,
 }

@@ -21,6 +21,7 @@ fn main() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: None,
+            labels: &[],
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "hb")?;

@@ -141,6 +141,7 @@ fn main() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: Some(inv),
+            labels: &[],
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "bench")?;

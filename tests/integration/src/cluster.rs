@@ -588,6 +588,7 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
             daemon_version: "6.0".into(),
             driver_version: String::new(),
         }),
+        labels: vec![],
     }
 }
 

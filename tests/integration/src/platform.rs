@@ -56,6 +56,8 @@ impl SshClient {
 pub struct AgentSpec<'a> {
     pub host: &'a Host,
     pub gpu_inventory: Option<PathBuf>,
+    /// The agent's `labels`.
+    pub labels: &'a [&'a str],
 }
 
 impl Platform {
@@ -157,6 +159,9 @@ impl Platform {
             );
             if let Some(inv) = &a.gpu_inventory {
                 cfg.push_str(&format!("gpu_inventory = \"{}\"\n", inv.display()));
+            }
+            if !a.labels.is_empty() {
+                cfg.push_str(&format!("labels = {:?}\n", a.labels));
             }
             self.agent_addrs.push(format!("http://{}:{aport}", h.addr));
             let path = dir.join(format!("agent-{}.toml", h.name));

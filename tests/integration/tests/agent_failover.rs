@@ -15,6 +15,7 @@ fn an_agent_registers_and_serves_with_its_first_coordinator_dead() -> Result<()>
     p.add_agents(&[AgentSpec {
         host: &host,
         gpu_inventory: None,
+        labels: &[],
     }])?;
     let key = ssh_keypair(p.scratch.path(), "ann")?;
     p.ctl_ok(&[

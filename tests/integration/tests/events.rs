@@ -36,6 +36,7 @@ fn events_survive_a_daemon_restart() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: None,
+            labels: &[],
         }],
     )?;
     // No static inventory: the agent asks NVML, which this host does not have; it

@@ -18,6 +18,7 @@ fn a_silent_host_is_marked_down_and_comes_back() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: None,
+            labels: &[],
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "hal")?;

@@ -12,6 +12,7 @@ fn lxd_create_ssh_and_limits() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: Some(inv),
+            labels: &[],
         }],
     )?;
     let hosts = p.ctl_json(&["hosts"])?;

@@ -20,14 +20,17 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
             AgentSpec {
                 host: &pa,
                 gpu_inventory: Some(inv_a),
+                labels: &[],
             },
             AgentSpec {
                 host: &pb,
                 gpu_inventory: Some(inv_b),
+                labels: &["ib"],
             },
             AgentSpec {
                 host: &pc,
                 gpu_inventory: Some(inv_c),
+                labels: &[],
             },
         ],
     )?;
@@ -55,6 +58,8 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
         ("u4", "1", &[], "pc"),
         ("u5", "2", &["--spread"], "pc"),
         ("u6", "0", &["--host", "pb"], "pb"),
+        // pa is full, so pack would take it for a container without GPUs; only pb has ib.
+        ("u6l", "0", &["--label", "ib"], "pb"),
     ];
     for (user, gpus, extra, _) in script {
         let mut flags = vec!["--gpus", gpus];
@@ -104,6 +109,19 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
         "pa",
     ])?;
     ensure!(err.contains("pa: 0 free GPUs of 1 asked"), "{err}");
+    let err = p.ctl_err(&[
+        "user",
+        "add",
+        "u9",
+        "--ssh-key",
+        &pubkey,
+        "--label",
+        "nvlink",
+    ])?;
+    ensure!(
+        err.contains("pa: no label nvlink") && err.contains("pb: no label nvlink"),
+        "{err}"
+    );
     ensure!(p.ctl_json(&["ls"])? == before, "refusals changed nothing");
     let hosts = p.ctl_json(&["hosts"])?;
     for h in hosts.as_array().context("hosts")? {
@@ -111,6 +129,12 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
             h["status"] == "ready" && h["driver_version"] == "550.54.15",
             "{h}"
         );
+        let labels = if h["name"] == "pb" {
+            serde_json::json!(["ib"])
+        } else {
+            serde_json::json!([])
+        };
+        ensure!(h["labels"] == labels, "{h}");
     }
     Ok(())
 }

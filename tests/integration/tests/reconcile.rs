@@ -24,6 +24,7 @@ fn the_leader_reconciles_from_reports_and_leaves_others_alone() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: None,
+            labels: &[],
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "ria")?;

@@ -20,6 +20,7 @@ fn the_agent_heals_its_host_on_its_own() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: Some(inv),
+            labels: &[],
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "sam")?;

@@ -23,6 +23,7 @@ fn single_host_end_to_end() -> Result<()> {
         &[AgentSpec {
             host: &host,
             gpu_inventory: Some(inv),
+            labels: &[],
         }],
     )?;
     let dir = p.scratch.path().to_path_buf();

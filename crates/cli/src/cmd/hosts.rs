@@ -23,6 +23,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             vec![
                 h.name.clone(),
                 h.status.clone(),
+                if h.labels.is_empty() {
+                    "-".into()
+                } else {
+                    h.labels.join(",")
+                },
                 if h.last_heartbeat_ms_ago < 0 {
                     "-".into()
                 } else {
@@ -61,7 +66,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "memory_bytes": inv.memory_bytes, "gpus_total": h.gpus_total, "gpus_free": h.gpus_free,
                    "instances": h.instances, "driver_version": inv.driver_version, "gpu_source": inv.gpu_source,
                    "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago,
-                   "unmanaged": h.unmanaged, "stray": h.stray})
+                   "unmanaged": h.unmanaged, "stray": h.stray, "labels": h.labels})
         })
         .collect::<Vec<_>>());
     output::print(
@@ -69,6 +74,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         &[
             "NAME",
             "STATUS",
+            "LABELS",
             "LAST HEARTBEAT",
             "DAEMON",
             "CPUS",

@@ -73,6 +73,9 @@ pub struct AddArgs {
     /// Prefer the emptiest host instead of packing GPUs onto as few hosts as possible.
     #[arg(long)]
     spread: bool,
+    /// Only hosts with this label (from the agent's `labels`); repeat for several.
+    #[arg(long = "label", value_name = "LABEL")]
+    labels: Vec<String>,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -121,6 +124,7 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 gpu_memory_bytes: a.gpu_memory.map(|m| m.0).unwrap_or(0),
                 host: a.host.clone().unwrap_or_default(),
                 spread: a.spread,
+                labels: a.labels.clone(),
             };
             let reply = c
                 .call(body, |ch, r| async move {

@@ -14,6 +14,7 @@ fn host(name: &str, gpus: u32) -> Host {
         ssh_host: name.into(),
         ssh_ports: (22000, 22003),
         status: Default::default(),
+        labels: vec![],
         inventory: Inventory {
             cpus: 8,
             memory_bytes: 32 << 30,
@@ -365,6 +366,49 @@ fn constraints_pick_model_memory_host_and_spread() {
         "{e}"
     );
     assert_eq!(s, before);
+}
+
+#[test]
+fn labels_restrict_hosts_and_a_refusal_names_the_missing_label() {
+    let mut s = state_with(&[("host1", 4), ("host2", 4)]);
+    let mut h2 = s.hosts["host2"].clone();
+    h2.labels = vec!["ib".into(), "rack=a3".into()];
+    s.apply(&Command::RegisterHost(h2)).unwrap();
+    let want = |labels: &[&str]| Constraints {
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        ..Default::default()
+    };
+    // Pack alone would pick host1 (first by name); the label sends it to host2.
+    assert_eq!(
+        placed(&mut s, &user_with("a", 1, want(&["ib"]))),
+        ("host2".into(), 1)
+    );
+    assert_eq!(
+        placed(&mut s, &user_with("b", 1, want(&["ib", "rack=a3"]))),
+        ("host2".into(), 1)
+    );
+    let before = s.clone();
+    let e = s
+        .apply(&user_with("c", 1, want(&["nvlink"])))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("host1: no label nvlink") && e.contains("host2: no label nvlink"),
+        "{e}"
+    );
+    assert_eq!(s, before);
+    // The fast path and the full scan agree with labels too.
+    let c = want(&["ib"]);
+    let limits = Limits {
+        cpus: 1,
+        memory: ByteSize(1 << 30),
+        disk: ByteSize(1 << 30),
+        processes: 100,
+    };
+    assert_eq!(
+        crate::place::choose(&s, &limits, 1, &c),
+        crate::place::choose_by_scan(&s, &limits, 1, &c)
+    );
 }
 
 #[test]
