@@ -9,10 +9,36 @@ pub enum Format {
     Json,
 }
 
+/// Writes to stdout. When the reader has gone (`sspctl ls | head`), exits quietly
+/// as other command-line tools do, instead of panicking.
+pub fn write(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("sspctl: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`write`].
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::output::write(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `print!` through [`write`].
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => { $crate::output::write(format_args!($($t)*)) };
+}
+
 /// Prints `rows` under `header`, or `json` when asked.
 pub fn print(format: Format, header: &[&str], rows: Vec<Vec<String>>, json: serde_json::Value) {
     match format {
-        Format::Json => println!(
+        Format::Json => crate::outln!(
             "{}",
             serde_json::to_string_pretty(&json).unwrap_or_default()
         ),
@@ -22,7 +48,7 @@ pub fn print(format: Format, header: &[&str], rows: Vec<Vec<String>>, json: serd
             for r in rows {
                 t.add_row(r);
             }
-            println!("{t}");
+            crate::outln!("{t}");
         }
     }
 }

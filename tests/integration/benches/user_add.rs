@@ -47,8 +47,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The instance's own config and devices as YAML for `incus launch`, minus ssp's
-/// and the daemon's bookkeeping keys, with the SSH proxy moved to `port`.
-fn baseline_yaml(host: &Host, from: &str, port: u16) -> Result<String> {
+/// and the daemon's bookkeeping keys, with the SSH forward moved to `port` and the
+/// container to bridge address `addr`.
+fn baseline_yaml(host: &Host, from: &str, port: u16, addr: &str) -> Result<String> {
     let shown = host.cli_run(&["config", "show", from])?;
     let mut out = String::new();
     let mut skip_section = false;
@@ -74,8 +75,17 @@ fn baseline_yaml(host: &Host, from: &str, port: u16) -> Result<String> {
             skip_deeper = Some(indent);
             continue;
         }
+        let pad = &line[..indent];
         if key.starts_with("listen: tcp:") {
-            out.push_str(&format!("{}listen: tcp:0.0.0.0:{port}\n", &line[..indent]));
+            out.push_str(&format!("{pad}listen: tcp:{}:{port}\n", host.addr));
+            continue;
+        }
+        if key.starts_with("connect: tcp:") {
+            out.push_str(&format!("{pad}connect: tcp:{addr}:22\n"));
+            continue;
+        }
+        if key.starts_with("ipv4.address:") {
+            out.push_str(&format!("{pad}ipv4.address: {addr}\n"));
             continue;
         }
         out.push_str(line);
@@ -149,7 +159,7 @@ fn main() -> Result<()> {
 
     // Warm-up: the first launch unpacks the image into the pool; both paths then clone it.
     p.ctl_ok(&["user", "add", "warm", "--ssh-key", &public, "--gpus", "1"])?;
-    let yaml = baseline_yaml(&host, "warm", 23000)?;
+    let yaml = baseline_yaml(&host, "warm", 23000, "10.232.31.100")?;
     p.ctl_ok(&["user", "remove", "warm"])?;
 
     let (mut ssp_t, mut raw_t, mut ratios) = (vec![], vec![], vec![]);

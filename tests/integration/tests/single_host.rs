@@ -267,6 +267,23 @@ fn single_host_end_to_end() -> Result<()> {
         );
     }
 
+    // A reader that goes away early (`sspctl gpus | head`) ends sspctl quietly.
+    let sspctl = p.ssp.bin("sspctl");
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            "set -o pipefail; \"$0\" --coordinator \"$1\" gpus | true",
+        ])
+        .arg(&sspctl)
+        .arg(&p.addr)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && !err.contains("panicked"),
+        "sspctl gpus | true: {:?} {err}",
+        out.status
+    );
+
     // Removing a user deletes the container and frees the GPUs.
     p.ctl_ok(&["user", "remove", "alice"])?;
     ensure!(

@@ -76,7 +76,7 @@ fn print(format: output::Format, st: &ClusterStatus) {
         }
     };
     if let output::Format::Table = format {
-        println!(
+        crate::outln!(
             "leader {}  term {}  last log {}  commit {}  applied {}  snapshot {}  (as seen by {})",
             st.leader,
             st.term,

@@ -117,8 +117,8 @@ pub async fn set(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<()> {
         })
         .await?;
     match cli.output {
-        output::Format::Json => println!("{}", json!({"host": name, "status": status})),
-        output::Format::Table => println!("{name}: {status}"),
+        output::Format::Json => crate::outln!("{}", json!({"host": name, "status": status})),
+        output::Format::Table => crate::outln!("{name}: {status}"),
     }
     Ok(())
 }

@@ -49,9 +49,9 @@ pub async fn run(cli: &Cli, a: &Args) -> anyhow::Result<()> {
     }
     match cli.output {
         crate::output::Format::Json => {
-            println!("{}", json!({"name": a.name, "ssh_config": config}))
+            crate::outln!("{}", json!({"name": a.name, "ssh_config": config}))
         }
-        crate::output::Format::Table => print!("{config}"),
+        crate::output::Format::Table => crate::out!("{config}"),
     }
     Ok(())
 }

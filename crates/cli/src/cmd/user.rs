@@ -139,12 +139,12 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 eprintln!("sspctl: warning: {}", reply.warning);
             }
             match cli.output {
-                output::Format::Json => println!(
+                output::Format::Json => crate::outln!(
                     "{}",
                     json!({"user": a.name, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
                            "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "warning": reply.warning})
                 ),
-                output::Format::Table => println!(
+                output::Format::Table => crate::outln!(
                     "added {} on {} ({}), GPUs [{}], ssh -p {} {}@{}",
                     a.name,
                     i.host,
@@ -207,8 +207,8 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
             })
             .await?;
             match cli.output {
-                output::Format::Json => println!("{}", json!({"removed": name})),
-                output::Format::Table => println!("removed {name}"),
+                output::Format::Json => crate::outln!("{}", json!({"removed": name})),
+                output::Format::Table => crate::outln!("removed {name}"),
             }
         }
     }
