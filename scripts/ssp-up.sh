@@ -82,7 +82,7 @@ SSH_HOST=${SSP_SSH_HOST:-$(hostname -I 2>/dev/null | awk '{print $1}')}
 SSH_HOST=${SSH_HOST:-127.0.0.1}
 [ -f "$ETC/coordinator.toml" ] || cat > "$ETC/coordinator.toml" <<CFG
 listen = "0.0.0.0:7400"
-# This host's first coordinator forms a one-node cluster; more join with `sspctl cluster join`.
+# This host's first coordinator forms a one-node cluster; more join with: sspctl cluster join ADDRESS
 bootstrap = true
 data_dir = "/var/lib/ssp-coordinator"
 shared_roots = ["/srv/ssp/shared"]
