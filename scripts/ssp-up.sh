@@ -68,8 +68,16 @@ if ! $CLI profile device show default | grep -q '^eth0:'; then
   $CLI profile device add default eth0 nic network=sspbr0 name=eth0
 fi
 CACHE=${SSP_IMAGE_CACHE:-/var/cache/ssp/images}
+# The alias follows the cached image: after build-images.sh changed an image, new
+# containers start from the new one (containers of the old one keep it).
 for img in busybox debian-ssh; do
-  $CLI image show "$img" >/dev/null 2>&1 || $CLI image import "$CACHE/$img.tar.gz" --alias "$img"
+  want=$(sha256sum "$CACHE/$img.tar.gz" | cut -d' ' -f1)
+  have=$($CLI image info "$img" 2>/dev/null | awk '/^Fingerprint:/ {print $2}')
+  if [ "$have" != "$want" ]; then
+    [ -z "$have" ] || $CLI image alias delete "$img"
+    $CLI image import "$CACHE/$img.tar.gz" --alias "$img" 2>/dev/null ||
+      $CLI image alias create "$img" "$want"
+  fi
 done
 
 # --- ssp itself --------------------------------------------------------------------
