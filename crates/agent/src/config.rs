@@ -26,6 +26,11 @@ pub struct AgentConfig {
     pub ssh_listen: String,
     /// The address users ssh to (LAN address or name of this host).
     pub ssh_host: String,
+    /// How SSH is forwarded: `nat` (default; falls back to `proxy` when the host
+    /// cannot do NAT) or `proxy`, a forwarding process per container for images
+    /// that do not take an address by DHCP.
+    #[serde(default)]
+    pub ssh_forward: ForwardMode,
     /// Inclusive range of host ports for per-container SSH.
     #[serde(default = "default_ports")]
     pub ssh_ports: (u16, u16),
@@ -52,6 +57,15 @@ pub struct AgentConfig {
 fn default_listen() -> SocketAddr {
     "0.0.0.0:7401".parse().expect("valid literal")
 }
+/// See [`AgentConfig::ssh_forward`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardMode {
+    #[default]
+    Nat,
+    Proxy,
+}
+
 fn default_ssh_listen() -> String {
     "0.0.0.0".into()
 }
@@ -94,5 +108,24 @@ impl AgentConfig {
             );
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "name = \"h1\"\nadvertise = \"http://10.0.0.5:7401\"\ncoordinators = [\"http://10.0.0.2:7400\"]\nssh_host = \"10.0.0.5\"\n";
+
+    #[test]
+    fn ssh_forward_defaults_to_nat_and_names_the_choices_when_wrong() {
+        let c: AgentConfig = toml::from_str(BASE).unwrap();
+        assert_eq!(c.ssh_forward, ForwardMode::Nat);
+        let c: AgentConfig = toml::from_str(&format!("{BASE}ssh_forward = \"proxy\"\n")).unwrap();
+        assert_eq!(c.ssh_forward, ForwardMode::Proxy);
+        let e = toml::from_str::<AgentConfig>(&format!("{BASE}ssh_forward = \"dnat\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`nat`") && e.contains("`proxy`"), "{e}");
     }
 }

@@ -14,10 +14,18 @@ use crate::render::{Device, SshForward, Subnet};
 /// on (`ssh_listen`, or `ssh_host` when `ssh_listen` is a wildcard) and a default
 /// profile whose NIC sits on a managed bridge with an IPv4 subnet and DHCP. The
 /// second value says why NAT was not chosen.
-pub async fn discover(client: &Client, ssh_listen: &str, ssh_host: &str) -> (SshForward, String) {
+pub async fn discover(
+    client: &Client,
+    mode: crate::config::ForwardMode,
+    ssh_listen: &str,
+    ssh_host: &str,
+) -> (SshForward, String) {
     let proxy = SshForward::Proxy {
         listen: ssh_listen.to_string(),
     };
+    if mode == crate::config::ForwardMode::Proxy {
+        return (proxy, "ssh_forward = \"proxy\" in the agent config".into());
+    }
     let listen = match [ssh_listen, ssh_host]
         .iter()
         .filter_map(|s| s.parse::<IpAddr>().ok())

@@ -20,6 +20,7 @@ pub struct HostState {
     pub pool: String,
     pub ssh_listen: String,
     pub ssh_host: String,
+    pub ssh_forward: crate::config::ForwardMode,
     /// Bridge addresses for NAT-forwarded SSH.
     pub addrs: crate::forward::Addrs,
     pub events: broadcast::Sender<InstanceEvent>,
@@ -52,6 +53,7 @@ impl HostState {
         pool: String,
         ssh_listen: String,
         ssh_host: String,
+        ssh_forward: crate::config::ForwardMode,
         specs: crate::heal::Specs,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
@@ -61,6 +63,7 @@ impl HostState {
             pool,
             ssh_listen,
             ssh_host,
+            ssh_forward,
             addrs: Default::default(),
             events,
             specs,
@@ -91,8 +94,13 @@ impl HostState {
             return Ok(f.clone());
         }
         let (inv, daemon_gpus) = inventory::collect(&self.client, &self.gpus).await?;
-        let (ssh, why) =
-            crate::forward::discover(&self.client, &self.ssh_listen, &self.ssh_host).await;
+        let (ssh, why) = crate::forward::discover(
+            &self.client,
+            self.ssh_forward,
+            &self.ssh_listen,
+            &self.ssh_host,
+        )
+        .await;
         let context = self.context_for(&inv.gpus, &daemon_gpus, ssh);
         let was = self
             .facts

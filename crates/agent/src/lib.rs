@@ -59,6 +59,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.storage_pool.clone(),
         cfg.ssh_listen.clone(),
         cfg.ssh_host.clone(),
+        cfg.ssh_forward,
         specs,
     );
     tokio::spawn(host.clone().follow_events());

@@ -39,6 +39,7 @@ fn main() -> Result<()> {
             "default".into(),
             "0.0.0.0".into(),
             host.addr.clone(),
+            ssp_agent::config::ForwardMode::Nat,
             specs,
         );
         let ctx = state.facts().await?.context;
