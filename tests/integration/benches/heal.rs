@@ -22,6 +22,7 @@ fn main() -> Result<()> {
             host: &host,
             gpu_inventory: None,
             labels: &[],
+            ssh_forward: None,
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "hb")?;

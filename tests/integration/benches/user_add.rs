@@ -152,6 +152,7 @@ fn main() -> Result<()> {
             host: &host,
             gpu_inventory: Some(inv),
             labels: &[],
+            ssh_forward: None,
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "bench")?;

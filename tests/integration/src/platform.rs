@@ -58,6 +58,8 @@ pub struct AgentSpec<'a> {
     pub gpu_inventory: Option<PathBuf>,
     /// The agent's `labels`.
     pub labels: &'a [&'a str],
+    /// The agent's `ssh_forward` (default: NAT).
+    pub ssh_forward: Option<&'a str>,
 }
 
 impl Platform {
@@ -159,6 +161,9 @@ impl Platform {
             );
             if let Some(inv) = &a.gpu_inventory {
                 cfg.push_str(&format!("gpu_inventory = \"{}\"\n", inv.display()));
+            }
+            if let Some(f) = a.ssh_forward {
+                cfg.push_str(&format!("ssh_forward = \"{f}\"\n"));
             }
             if !a.labels.is_empty() {
                 cfg.push_str(&format!("labels = {:?}\n", a.labels));

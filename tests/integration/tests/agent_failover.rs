@@ -16,6 +16,7 @@ fn an_agent_registers_and_serves_with_its_first_coordinator_dead() -> Result<()>
         host: &host,
         gpu_inventory: None,
         labels: &[],
+        ssh_forward: None,
     }])?;
     let key = ssh_keypair(p.scratch.path(), "ann")?;
     p.ctl_ok(&[

@@ -37,6 +37,7 @@ fn events_survive_a_daemon_restart() -> Result<()> {
             host: &host,
             gpu_inventory: None,
             labels: &[],
+            ssh_forward: None,
         }],
     )?;
     // No static inventory: the agent asks NVML, which this host does not have; it

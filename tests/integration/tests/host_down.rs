@@ -19,6 +19,7 @@ fn a_silent_host_is_marked_down_and_comes_back() -> Result<()> {
             host: &host,
             gpu_inventory: None,
             labels: &[],
+            ssh_forward: None,
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "hal")?;

@@ -1,4 +1,6 @@
-//! The create, SSH and limits path against LXD 5.0 (Debian's package).
+//! The create, SSH and limits path against LXD 5.0 (Debian's package), with SSH
+//! through the daemon's forwarding process (`ssh_forward = "proxy"`); the Incus
+//! tests use the default NAT forward.
 
 use anyhow::{ensure, Result};
 use ssp_integration::{ssh_keypair, AgentSpec, Host, Kind, Platform};
@@ -13,6 +15,7 @@ fn lxd_create_ssh_and_limits() -> Result<()> {
             host: &host,
             gpu_inventory: Some(inv),
             labels: &[],
+            ssh_forward: Some("proxy"),
         }],
     )?;
     let hosts = p.ctl_json(&["hosts"])?;
@@ -43,6 +46,11 @@ fn lxd_create_ssh_and_limits() -> Result<()> {
         "GPU nodes inside: {nodes:?}"
     );
 
+    let connect = host.cli_run(&["config", "device", "get", "erin", "ssp-ssh", "connect"])?;
+    ensure!(
+        connect.trim() == "tcp:127.0.0.1:22",
+        "with ssh_forward = \"proxy\" the forward connects inside: {connect:?}"
+    );
     let client = p.ssh_login("erin", &key)?;
     let ssh = |cmd: &str| client.run(cmd);
     ensure!(ssh("nproc")?.trim() == "1", "nproc should be 1");

@@ -25,6 +25,7 @@ fn the_leader_reconciles_from_reports_and_leaves_others_alone() -> Result<()> {
             host: &host,
             gpu_inventory: None,
             labels: &[],
+            ssh_forward: None,
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "ria")?;

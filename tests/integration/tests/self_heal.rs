@@ -21,6 +21,7 @@ fn the_agent_heals_its_host_on_its_own() -> Result<()> {
             host: &host,
             gpu_inventory: Some(inv),
             labels: &[],
+            ssh_forward: None,
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "sam")?;

@@ -24,6 +24,7 @@ fn single_host_end_to_end() -> Result<()> {
             host: &host,
             gpu_inventory: Some(inv),
             labels: &[],
+            ssh_forward: None,
         }],
     )?;
     let dir = p.scratch.path().to_path_buf();
