@@ -325,26 +325,29 @@ impl Coordinator for CoordinatorService {
         let hosts = state
             .hosts
             .values()
-            .map(|h| HostView {
-                name: h.name.to_string(),
-                agent_address: h.agent_address.clone(),
-                ssh_host: h.ssh_host.clone(),
-                gpus_total: h.inventory.gpus.len() as u32,
-                gpus_free: ssp_model::place::free_gpus(&state, h).len() as u32,
-                inventory: Some(ssp_wire::inventory_to_wire("", &h.inventory)),
-                instances: state
-                    .instances
-                    .values()
-                    .filter(|i| i.host == h.name)
-                    .count() as u32,
-                status: h.status.as_str().into(),
-                last_heartbeat_ms_ago: match (leader, self.core.seen_ago(h.name.as_str())) {
-                    (true, Some(d)) => d.as_millis() as i64,
-                    _ => -1,
-                },
-                unmanaged: self.core.found(h.name.as_str()).unmanaged,
-                stray: self.core.found(h.name.as_str()).stray,
-                labels: h.labels.clone(),
+            .map(|h| {
+                let found = self.core.found(h.name.as_str());
+                HostView {
+                    name: h.name.to_string(),
+                    agent_address: h.agent_address.clone(),
+                    ssh_host: h.ssh_host.clone(),
+                    gpus_total: h.inventory.gpus.len() as u32,
+                    gpus_free: ssp_model::place::free_gpus(&state, h).len() as u32,
+                    inventory: Some(ssp_wire::inventory_to_wire("", &h.inventory)),
+                    instances: state
+                        .instances
+                        .values()
+                        .filter(|i| i.host == h.name)
+                        .count() as u32,
+                    status: h.status.as_str().into(),
+                    last_heartbeat_ms_ago: match (leader, self.core.seen_ago(h.name.as_str())) {
+                        (true, Some(d)) => d.as_millis() as i64,
+                        _ => -1,
+                    },
+                    unmanaged: found.unmanaged,
+                    stray: found.stray,
+                    labels: h.labels.clone(),
+                }
             })
             .collect();
         Ok(annotate(
