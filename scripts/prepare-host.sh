@@ -33,4 +33,28 @@ if ! lxcfs_live; then
   for _ in $(seq 1 50); do lxcfs_live && break; sleep 0.1; done
   lxcfs_live || { echo "prepare-host: lxcfs did not start; see /var/log/ssp/lxcfs.log" >&2; exit 1; }
 fi
+
+# lxcfs adds a post-stop hook to every LXC container (Incus and LXD alike) that sleeps
+# 0.5 s, so that a rebooting container does not see its old cgroup in lxcfs's cgroup
+# view. A container with a cgroup namespace never mounts that view (lxc.mount.hook
+# exits first), yet the sleep delays every stop, and with it every restart of a
+# crashed container, by half a second. The hook ssp puts in its place sleeps only
+# where the view is mounted. dpkg-divert keeps lxcfs upgrades from undoing it;
+# `dpkg-divert --local --rename --remove /usr/share/lxcfs/lxc.reboot.hook` reverts it.
+HOOK=/usr/share/lxcfs/lxc.reboot.hook
+if [ -e "$HOOK" ] && command -v dpkg-divert >/dev/null; then
+  if [ "$(dpkg-divert --truename "$HOOK")" = "$HOOK" ]; then
+    dpkg-divert --local --rename --divert "$HOOK.distrib" --add "$HOOK" >/dev/null
+  fi
+  want='#!/bin/sh -eu
+# Put here by ssp (scripts/prepare-host.sh) in place of lxcfs'"'"'s hook, kept as
+# lxc.reboot.hook.distrib. That hook sleeps 0.5 s so a rebooting container does not
+# see its old cgroup in lxcfs'"'"'s cgroup view; containers with a cgroup namespace
+# never mount that view (see lxc.mount.hook), so they stop without the sleep.
+[ -n "${LXC_CGNS_AWARE:-}" ] && [ -f /proc/self/ns/cgroup ] && exit 0
+exec /usr/share/lxcfs/lxc.reboot.hook.distrib'
+  if [ "$(cat "$HOOK" 2>/dev/null)" != "$want" ]; then
+    printf '%s\n' "$want" > "$HOOK.ssp-new" && chmod 755 "$HOOK.ssp-new" && mv "$HOOK.ssp-new" "$HOOK"
+  fi
+fi
 echo "prepare-host: ready"

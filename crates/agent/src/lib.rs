@@ -9,6 +9,7 @@ pub mod forward;
 pub mod heal;
 pub mod host;
 pub mod inventory;
+pub mod lxcfs;
 pub mod register;
 pub mod render;
 pub mod service;
@@ -47,6 +48,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Ok(_) => {}
         Err(why) => tracing::warn!("GPU host check: {why}"),
+    }
+    if lxcfs::hook_sleeps_at_every_stop(std::path::Path::new(lxcfs::REBOOT_HOOK)) {
+        tracing::warn!(
+            hook = lxcfs::REBOOT_HOOK,
+            "lxcfs's post-stop hook sleeps 0.5 s at every container stop, so a crashed container runs again that much later; scripts/prepare-host.sh replaces it"
+        );
     }
     let gpus = match &cfg.gpu_inventory {
         Some(p) => GpuSource::Static(p.clone()),

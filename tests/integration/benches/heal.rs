@@ -1,9 +1,10 @@
 //! Benchmark: kill -9 of a container's init until the daemon reports it running
-//! again (the agent reacts to the daemon's lifecycle event), median over repeats,
-//! with every coordinator stopped so only the agent acts. Next to it, the same
-//! daemon's own floor for that cycle on an unmanaged copy with the same devices:
-//! kill -9 of its init, then `incus start` tried again and again until the daemon,
-//! done handling the stop, accepts it and reports it running.
+//! again (the agent reacts to the daemon's lifecycle event), median over repeats:
+//! once with the coordinator running, once (on another container) with every
+//! coordinator stopped so only the agent acts. Next to it, the same daemon's own
+//! floor for that cycle on an unmanaged copy with the same devices: kill -9 of its
+//! init, then `incus start` tried again and again until the daemon, done handling
+//! the stop, accepts it and reports it running.
 //!
 //! Run: cargo bench -p ssp-integration --bench heal
 
@@ -26,13 +27,18 @@ fn main() -> Result<()> {
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "hb")?;
-    p.ctl_ok(&[
-        "user",
-        "add",
-        "hb",
-        "--ssh-key",
-        &format!("{}.pub", key.display()),
-    ])?;
+    // Two containers, so that neither reaches the crash-loop threshold (more than
+    // five starts a minute).
+    for user in ["hb", "hc"] {
+        p.ctl_ok(&[
+            "user",
+            "add",
+            user,
+            "--ssh-key",
+            &format!("{}.pub", key.display()),
+        ])?;
+    }
+    let with_coordinator = kill_repeats(&host, "hb", "coordinator running")?;
     p.coordinator.signal(libc::SIGKILL);
     // An unmanaged copy (the agent has no spec for it) with the same devices; its
     // SSH forward listens on another port and goes to another bridge address.
@@ -88,23 +94,33 @@ fn main() -> Result<()> {
         );
         floor.push(t.elapsed().as_secs_f64() * 1000.0);
     }
+    let without = kill_repeats(&host, "hc", "no coordinator running")?;
+    let (up, down, f) = (median(with_coordinator), median(without), median(floor));
+    println!(
+        "heal: median {up:.0} ms from kill -9 of a container's init to running again with the coordinator running, {down:.0} ms with every coordinator stopped, {REPEATS} repeats each (target <= 1000 ms); the daemon's own floor (raw start retried from the kill) {f:.0} ms; ratios {:.2} and {:.2}",
+        up / f,
+        down / f
+    );
+    Ok(())
+}
+
+/// Kills `name`'s init `REPEATS` times, returning how long each restart took in ms.
+fn kill_repeats(host: &Host, name: &str, what: &str) -> Result<Vec<f64>> {
     let mut ms = Vec::new();
     for r in 0..REPEATS {
         // Five restarts a minute stay under the crash-loop threshold.
         std::thread::sleep(Duration::from_secs(2));
-        let d = kill_init_and_time(&host, "hb")?;
+        let d = kill_init_and_time(host, name)?;
         println!(
-            "repeat {r}: running again {} ms after kill -9 of init",
+            "{name} ({what}) repeat {r}: running again {} ms after kill -9 of init",
             d.as_millis()
         );
         ms.push(d.as_secs_f64() * 1000.0);
     }
-    ms.sort_by(|a, b| a.total_cmp(b));
-    floor.sort_by(|a, b| a.total_cmp(b));
-    let (m, f) = (ms[ms.len() / 2], floor[floor.len() / 2]);
-    println!(
-        "heal: median {m:.0} ms from kill -9 of a container's init to running again, {REPEATS} repeats, no coordinator running (target <= 1000 ms); the daemon's own floor (raw start retried from the kill) {f:.0} ms; ratio {:.2}",
-        m / f
-    );
-    Ok(())
+    Ok(ms)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }

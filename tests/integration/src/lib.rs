@@ -61,6 +61,13 @@ pub fn preflight(kind: Kind) -> anyhow::Result<()> {
     if !subuid.lines().any(|l| l.starts_with("root:10000:")) {
         bail!("/etc/subuid lacks root:10000:10000 (ssp's uid range); run scripts/prepare-host.sh");
     }
+    let hook = std::path::Path::new(ssp_agent::lxcfs::REBOOT_HOOK);
+    if ssp_agent::lxcfs::hook_sleeps_at_every_stop(hook) {
+        bail!(
+            "{} sleeps 0.5 s at every container stop; run scripts/prepare-host.sh (it puts a hook there that skips the sleep for containers with a cgroup namespace)",
+            hook.display()
+        );
+    }
     Ok(())
 }
 
