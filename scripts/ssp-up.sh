@@ -83,7 +83,12 @@ done
 # --- ssp itself --------------------------------------------------------------------
 say "building ssp (release)"
 cargo build --release --locked --bins -q
-install -m 0755 target/release/ssp-agent target/release/ssp-coordinator target/release/sspctl /usr/local/bin/
+# A coordinator or agent still running an older build (its executable was replaced,
+# so /proc/PID/exe no longer names the installed file) is restarted below.
+stale() { [ -n "$1" ] && [ "$1" != 0 ] && [ "$(readlink "/proc/$1/exe")" != "/usr/local/bin/$2" ]; }
+for b in ssp-agent ssp-coordinator sspctl; do
+  cmp -s "target/release/$b" "/usr/local/bin/$b" || install -m 0755 "target/release/$b" /usr/local/bin/
+done
 
 HOST=$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)
 SSH_HOST=${SSP_SSH_HOST:-$(hostname -I 2>/dev/null | awk '{print $1}')}
@@ -110,9 +115,22 @@ if systemd_pid1; then
   install -m 0644 deploy/systemd/ssp-coordinator.service deploy/systemd/ssp-agent.service /etc/systemd/system/
   systemctl daemon-reload
   systemctl enable --now ssp-coordinator.service ssp-agent.service
+  for b in ssp-coordinator ssp-agent; do
+    if stale "$(systemctl show -p MainPID --value "$b.service")" "$b"; then
+      say "restarting $b (new build)"
+      systemctl restart "$b.service"
+    fi
+  done
 else
   start() { # name, binary, config
-    if [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; then return; fi
+    if [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; then
+      pid=$(cat "$RUN/$1.pid")
+      stale "$pid" "$1" || return 0
+      say "restarting $1 (new build)"
+      kill "$pid"
+      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
     setsid "$2" --config "$3" </dev/null >>"$LOG/$1.log" 2>&1 &
     echo $! > "$RUN/$1.pid"
   }
@@ -132,12 +150,18 @@ mkdir -p "$HOME/.ssh"
 [ -f "$KEY" ] || ssh-keygen -q -t ed25519 -N "" -C "ssp-$DEMO" -f "$KEY"
 if ! sspctl -o json user list | grep -q "\"name\": \"$DEMO\""; then
   sspctl user add "$DEMO" --ssh-key "$KEY.pub"
+elif ! sspctl -o json user list | grep -qF "$(cut -d' ' -f2 "$KEY.pub")"; then
+  # The demo user is there from an earlier run, but this key file is new.
+  say "giving $DEMO the key $KEY.pub"
+  sspctl user keys "$DEMO" --ssh-key "$KEY.pub"
 fi
 sspctl ssh-config "$DEMO" --identity "$KEY" > "$HOME/.ssh/ssp-$DEMO.conf"
+login() { ssh -F "$HOME/.ssh/ssp-$DEMO.conf" -o BatchMode=yes -o ConnectTimeout=3 "ssp-$DEMO" true; }
 for _ in $(seq 1 60); do
-  ssh -F "$HOME/.ssh/ssp-$DEMO.conf" -o BatchMode=yes -o ConnectTimeout=3 "ssp-$DEMO" true 2>/dev/null && break
+  login 2>/dev/null && break
   sleep 1
 done
+login || { say "cannot log in as $DEMO (ssh output above); see $LOG"; exit 1; }
 sspctl ls
 say "ready. Log in with:"
 echo "  ssh -F $HOME/.ssh/ssp-$DEMO.conf ssp-$DEMO"

@@ -82,7 +82,9 @@ pub fn rejection_status(r: Rejection) -> Status {
         Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => {
             Status::resource_exhausted(r.to_string())
         }
-        Rejection::NotDeleting(_) => Status::failed_precondition(r.to_string()),
+        Rejection::NotDeleting(_) | Rejection::UserRemoving(_) => {
+            Status::failed_precondition(r.to_string())
+        }
         Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
             Status::invalid_argument(r.to_string())
         }

@@ -11,21 +11,35 @@ use crate::config::CoordinatorConfig;
 /// Most GPUs one request may ask for; a sanity bound, not a policy.
 const MAX_GPUS: u32 = 64;
 
-/// Builds the `AddUser` command, filling defaults from the config.
-pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Command, InputError> {
-    let name = Username::parse(&req.name)?;
-    let ssh_keys = req
-        .ssh_keys
+/// Parses a user's SSH public keys; at least one.
+fn ssh_keys(keys: &[String]) -> Result<Vec<SshKey>, InputError> {
+    let keys = keys
         .iter()
         .map(|k| SshKey::parse(k))
         .collect::<Result<Vec<_>, _>>()?;
-    if ssh_keys.is_empty() {
+    if keys.is_empty() {
         return Err(InputError {
             what: "ssh keys",
             value: String::new(),
             reason: "give at least one public key (--ssh-key FILE)".into(),
         });
     }
+    Ok(keys)
+}
+
+/// Builds the `SetSshKeys` command.
+pub fn set_ssh_keys(req: &pb::SetSshKeysRequest) -> Result<Command, InputError> {
+    let name = Username::parse(&req.name)?;
+    Ok(Command::SetSshKeys {
+        name: name.to_string(),
+        keys: ssh_keys(&req.ssh_keys)?,
+    })
+}
+
+/// Builds the `AddUser` command, filling defaults from the config.
+pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Command, InputError> {
+    let name = Username::parse(&req.name)?;
+    let ssh_keys = ssh_keys(&req.ssh_keys)?;
     let d = cfg.default_limits()?;
     let limits = Limits {
         cpus: if req.cpus == 0 { d.cpus } else { req.cpus },

@@ -212,6 +212,58 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(RemoveUserReply {}))
     }
 
+    async fn set_ssh_keys(
+        &self,
+        req: Request<SetSshKeysRequest>,
+    ) -> Result<Response<SetSshKeysReply>, Status> {
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .set_ssh_keys(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let cmd = request::set_ssh_keys(&r).map_err(input_status)?;
+        let instances = match self.core.apply(cmd, id).await? {
+            Applied::Now(Outcome::SshKeysSet { instances }) => instances,
+            Applied::Earlier { .. } => self.core.read(|s| {
+                s.instances
+                    .values()
+                    .filter(|i| i.owner.as_str() == r.name)
+                    .map(|i| i.name.clone())
+                    .collect()
+            }),
+            Applied::Now(other) => {
+                return Err(Status::internal(format!(
+                    "unexpected outcome of SetSshKeys: {other:?}"
+                )))
+            }
+        };
+        tracing::info!(user = %r.name, keys = r.ssh_keys.len(), "ssh keys replaced");
+        // The containers get the new keys now; where a host cannot be reached, the
+        // reconciler finishes it (the spec changed, so its hash did).
+        let mut late = Vec::new();
+        for inst in &instances {
+            match self.core.converge(inst).await {
+                Ok(Converged::Ensured(_)) => {}
+                Ok(other) => late.push(format!("{inst}: {other:?}")),
+                Err(e) => late.push(format!("{inst}: {e}")),
+            }
+        }
+        let warning = if late.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "the new keys are recorded, but not every container has them yet ({}); ssp keeps retrying",
+                late.join("; ")
+            )
+        };
+        Ok(Response::new(SetSshKeysReply { instances, warning }))
+    }
+
     async fn list_users(
         &self,
         req: Request<ListUsersRequest>,

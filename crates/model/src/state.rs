@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::names::PciAddress;
+use crate::names::{PciAddress, SshKey};
 use crate::place::{self, NoFit};
 use crate::types::{Host, Instance, NewUser, User};
 
@@ -223,6 +223,8 @@ pub enum Command {
     /// Forgets a container the host has deleted (and its owner, if being removed
     /// and this was their last container).
     ForgetInstance { name: String },
+    /// Replaces a user's SSH public keys (their containers get the new set).
+    SetSshKeys { name: String, keys: Vec<SshKey> },
     /// Marks a host ready, draining or down.
     SetHostStatus {
         name: String,
@@ -249,6 +251,10 @@ pub enum Outcome {
         user_removed: bool,
     },
     HostStatusSet,
+    /// The user's keys are replaced; these containers carry them.
+    SshKeysSet {
+        instances: Vec<String>,
+    },
 }
 
 /// Why a command was refused; the state is unchanged.
@@ -262,6 +268,8 @@ pub enum Rejection {
     UnknownUser(String),
     #[error("container {0} does not exist")]
     UnknownInstance(String),
+    #[error("user {0} is being removed")]
+    UserRemoving(String),
     #[error("container {0} is not marked for removal")]
     NotDeleting(String),
     #[error("user {0} needs at least one ssh key")]
@@ -334,6 +342,30 @@ impl State {
                     .ok_or_else(|| Rejection::UnknownHost(name.clone()))?;
                 h.status = *status;
                 Ok(Outcome::HostStatusSet)
+            }
+            Command::SetSshKeys { name, keys } => {
+                if keys.is_empty() {
+                    return Err(Rejection::NoSshKey(name.clone()));
+                }
+                let instances: Vec<String> = self
+                    .instances
+                    .values()
+                    .filter(|i| i.owner.as_str() == name)
+                    .map(|i| i.name.clone())
+                    .collect();
+                if self
+                    .instances
+                    .values()
+                    .any(|i| i.owner.as_str() == name && i.deleting)
+                {
+                    return Err(Rejection::UserRemoving(name.clone()));
+                }
+                let user = self
+                    .users
+                    .get_mut(name)
+                    .ok_or_else(|| Rejection::UnknownUser(name.clone()))?;
+                user.ssh_keys = keys.clone();
+                Ok(Outcome::SshKeysSet { instances })
             }
             Command::RemoveUser { name } => {
                 if !self.users.contains_key(name) {

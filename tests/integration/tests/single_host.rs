@@ -285,6 +285,37 @@ fn single_host_end_to_end() -> Result<()> {
         out.status
     );
 
+    // Replacing bob's keys: the new key logs in and the old one no longer does; bad
+    // input is refused by name and changes nothing.
+    let bob_old = p.ssh_login("bob", &bob_key)?;
+    let old_config = dir.join("ssh_config-bob-old");
+    std::fs::copy(&bob_old.config, &old_config)?;
+    let bob_old = ssp_integration::SshClient {
+        config: old_config,
+        alias: bob_old.alias,
+    };
+    let bob_key2 = ssh_keypair(&dir, "bob2")?;
+    let bob_pub2 = format!("{}.pub", bob_key2.display());
+    let err = p.ctl_err(&["user", "keys", "carol", "--ssh-key", &bob_pub2])?;
+    ensure!(err.contains("user carol does not exist"), "{err}");
+    let empty = dir.join("empty.pub");
+    std::fs::write(&empty, "# no key here\n")?;
+    let err = p.ctl_err(&["user", "keys", "bob", "--ssh-key", empty.to_str().unwrap()])?;
+    ensure!(err.contains("give at least one public key"), "{err}");
+    bob_old
+        .run("true")
+        .context("bob's key stopped working after refused changes")?;
+    let set = p.ctl_json(&["user", "keys", "bob", "--ssh-key", &bob_pub2])?;
+    ensure!(
+        set["instances"] == serde_json::json!(["bob"]) && set["warning"] == "",
+        "user keys printed {set}"
+    );
+    ensure!(
+        bob_old.run("true").is_err(),
+        "bob's replaced key still logs in"
+    );
+    p.ssh_login("bob", &bob_key2)?;
+
     // Removing a user deletes the container and frees the GPUs.
     p.ctl_ok(&["user", "remove", "alice"])?;
     ensure!(

@@ -151,6 +151,15 @@ fn request_id() -> anyhow::Result<String> {
 /// An error on one line: gRPC errors show just their message.
 pub fn one_line(e: &anyhow::Error) -> String {
     if let Some(s) = e.downcast_ref::<tonic::Status>() {
+        if s.code() == Code::Unimplemented {
+            return format!(
+                "the coordinator does not know this request; it runs an older ssp than this sspctl ({})",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        if s.message().is_empty() {
+            return format!("the coordinator answered {:?} without a message", s.code());
+        }
         return s.message().replace('\n', " ");
     }
     format!("{e:#}").replace('\n', " ")

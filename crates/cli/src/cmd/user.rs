@@ -1,4 +1,4 @@
-//! `sspctl user add|list|remove`.
+//! `sspctl user add|list|remove|keys`.
 
 use std::path::PathBuf;
 
@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
 use ssp_model::ByteSize;
-use ssp_proto::{AddUserRequest, ListUsersRequest, RemoveUserRequest, SharedFolder};
+use ssp_proto::{
+    AddUserRequest, ListUsersRequest, RemoveUserRequest, SetSshKeysRequest, SharedFolder,
+};
 
 use crate::output::{self, size};
 use crate::Cli;
@@ -24,6 +26,14 @@ pub enum UserCmd {
         /// Answer once the removal is recorded; ssp deletes the container in the background.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Replace a user's SSH public keys; their containers get the new set.
+    Keys {
+        /// The user's name.
+        name: String,
+        /// File with the user's SSH public key(s), one per line; may repeat.
+        #[arg(long = "ssh-key", required = true)]
+        ssh_key: Vec<PathBuf>,
     },
 }
 
@@ -82,21 +92,27 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
     ByteSize::parse(s).map_err(|e| e.to_string())
 }
 
+/// The public keys in `files`, one per line (blank lines and comments skipped).
+fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading --ssh-key {}", f.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    Ok(keys)
+}
+
 pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
     let c = crate::cmd::Conn::new(cli)?;
     match cmd {
         UserCmd::Add(a) => {
-            let mut keys = Vec::new();
-            for f in &a.ssh_key {
-                let text = std::fs::read_to_string(f)
-                    .with_context(|| format!("reading --ssh-key {}", f.display()))?;
-                keys.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(String::from),
-                );
-            }
+            let keys = read_keys(&a.ssh_key)?;
             let shares = a
                 .shares
                 .iter()
@@ -209,6 +225,38 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
             match cli.output {
                 output::Format::Json => crate::outln!("{}", json!({"removed": name})),
                 output::Format::Table => crate::outln!("removed {name}"),
+            }
+        }
+        UserCmd::Keys { name, ssh_key } => {
+            let body = SetSshKeysRequest {
+                name: name.clone(),
+                ssh_keys: read_keys(ssh_key)?,
+            };
+            let keys = body.ssh_keys.len();
+            let reply = c
+                .call(body, |ch, r| async move {
+                    ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                        .set_ssh_keys(r)
+                        .await
+                })
+                .await?
+                .into_inner();
+            if !reply.warning.is_empty() {
+                eprintln!("sspctl: warning: {}", reply.warning);
+            }
+            match cli.output {
+                output::Format::Json => crate::outln!(
+                    "{}",
+                    json!({"user": name, "keys": keys, "instances": reply.instances, "warning": reply.warning})
+                ),
+                output::Format::Table => crate::outln!(
+                    "{name}: {keys} key(s) set on {}",
+                    if reply.instances.is_empty() {
+                        "no container".to_string()
+                    } else {
+                        reply.instances.join(", ")
+                    }
+                ),
             }
         }
     }

@@ -121,12 +121,57 @@ fn rejections_change_nothing() {
             },
             "user nobody2 does not exist",
         ),
+        (
+            Command::SetSshKeys {
+                name: "nobody2".into(),
+                keys: vec![SshKey::parse(KEY).unwrap()],
+            },
+            "user nobody2 does not exist",
+        ),
+        (
+            Command::SetSshKeys {
+                name: "alice".into(),
+                keys: vec![],
+            },
+            "user alice needs at least one ssh key",
+        ),
     ];
     for (cmd, want) in cases {
         let err = s.apply(&cmd).unwrap_err().to_string();
         assert_eq!(err, want);
         assert_eq!(s, before, "state changed by a rejected {cmd:?}");
     }
+}
+
+#[test]
+fn ssh_keys_are_replaced_but_not_for_a_user_being_removed() {
+    let mut s = state_with(&[("host1", 4)]);
+    s.apply(&user("alice", 1)).unwrap();
+    let other = SshKey::parse(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPLeYe5H8Ntev0/iPOEvN819Ao5p77eIsyp90LR8fDsY new",
+    )
+    .unwrap();
+    let set = Command::SetSshKeys {
+        name: "alice".into(),
+        keys: vec![other.clone()],
+    };
+    assert_eq!(
+        s.apply(&set).unwrap(),
+        Outcome::SshKeysSet {
+            instances: vec!["alice".into()]
+        }
+    );
+    assert_eq!(s.users["alice"].ssh_keys, vec![other]);
+    s.apply(&Command::RemoveUser {
+        name: "alice".into(),
+    })
+    .unwrap();
+    let before = s.clone();
+    assert_eq!(
+        s.apply(&set).unwrap_err().to_string(),
+        "user alice is being removed"
+    );
+    assert_eq!(s, before);
 }
 
 #[test]
