@@ -37,11 +37,33 @@ pub enum EnsureError {
 }
 
 /// Creates or updates `spec`'s instance, then starts it and sets up the owner's account.
+/// Lets the caller hold back a start (crash-loop backoff) and count those made.
+pub trait Starts: Sync {
+    /// False while `name` must wait before it is started again.
+    fn may_start(&self, name: &str) -> bool;
+    /// Called as soon as the daemon has accepted a start of `name`, so a start is
+    /// counted even when a later step fails.
+    fn started(&self, name: &str);
+}
+
+/// Starts without a backoff, counted nowhere (tools and benchmarks).
+pub struct Unlimited;
+
+impl Starts for Unlimited {
+    fn may_start(&self, _: &str) -> bool {
+        true
+    }
+    fn started(&self, _: &str) {}
+}
+
+/// Makes the instance match `spec`. A container that should run but is held back
+/// by `starts` is left stopped (its status says so).
 pub async fn ensure(
     client: &Client,
     host: &HostContext,
     addrs: &Addrs,
     spec: &InstanceSpec,
+    starts: &dyn Starts,
 ) -> Result<InstanceStatus, EnsureError> {
     let current = client.instance(&spec.name).await?;
     // Held until the instance has its address, so no other ensure picks it.
@@ -145,11 +167,13 @@ pub async fn ensure(
     let mut inst = inst;
     let want = account::hash(spec);
     let account_done = inst.config.get(account::CONFIG_KEY) == Some(&want);
-    if spec.running && !inst.is_running() {
+    let held_back = spec.running && !inst.is_running() && !starts.may_start(&spec.name);
+    if spec.running && !inst.is_running() && !held_back {
         // Images that carry ssp's boot unit create the account before sshd from
         // the script in the instance config: nothing has to run inside afterwards.
         let at_boot = !account_done && account::created_at_boot(&inst);
         client.set_state(&spec.name, "start", false).await?;
+        starts.started(&spec.name);
         changed.push("started".into());
         step("started");
         inst.status = "Running".into();
@@ -164,7 +188,7 @@ pub async fn ensure(
         inst.status = "Stopped".into();
         inst.status_code = 102;
     }
-    if spec.running && inst.config.get(account::CONFIG_KEY) != Some(&want) {
+    if spec.running && !held_back && inst.config.get(account::CONFIG_KEY) != Some(&want) {
         account::exec(client, spec)
             .await
             .map_err(|e| account_error(spec, e))?;

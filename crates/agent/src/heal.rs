@@ -79,14 +79,17 @@ impl Specs {
         Ok(())
     }
 
-    /// Forgets `name`'s spec (before the container is deleted).
+    /// Forgets `name`'s spec durably (unlink, fsync of the directory) before the
+    /// container is deleted, so a power loss cannot bring the spec back and have the
+    /// container made again after the coordinator forgot it.
     pub fn remove(&self, name: &str) -> std::io::Result<()> {
         if let Ok(mut m) = self.map.lock() {
             m.remove(name);
         }
         match std::fs::remove_file(self.dir.join(format!("{name}.spec"))) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) => std::fs::File::open(&self.dir)?.sync_all(),
         }
     }
 
@@ -106,6 +109,8 @@ impl Specs {
 #[derive(Default)]
 pub struct Restarts {
     map: Mutex<HashMap<String, History>>,
+    /// Containers with a retry already waiting for the end of their backoff.
+    pending: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -123,7 +128,7 @@ fn backoff(failures: u32) -> Duration {
 impl Restarts {
     /// Records that ssp started `name` again; returns how many starts in a row
     /// were beyond the burst (0 when it is not crash-looping).
-    fn started(&self, name: &str) -> u32 {
+    fn record_start(&self, name: &str) -> u32 {
         let Ok(mut m) = self.map.lock() else {
             return 0;
         };
@@ -164,13 +169,14 @@ impl Restarts {
             .filter(|t| *t > Instant::now())
     }
 
-    /// A `failing` status line for a container in a crash loop, shown until it
-    /// has stayed up for [`WINDOW`].
+    /// A `failing` status line for a container in a crash loop, shown while its
+    /// restart waits and until it has stayed up for [`WINDOW`].
     pub fn failing(&self, name: &str) -> Option<String> {
         let m = self.map.lock().ok()?;
         let h = m.get(name)?;
         let last = h.starts.back()?;
-        (h.failures > 0 && last.elapsed() < WINDOW).then(|| {
+        let waiting = h.next_try.is_some_and(|t| t > Instant::now());
+        (h.failures > 0 && (waiting || last.elapsed() < WINDOW)).then(|| {
             format!(
                 "failing: started {} times within {}s; restarts wait {}s",
                 h.starts.len(),
@@ -178,6 +184,19 @@ impl Restarts {
                 backoff(h.failures).as_secs()
             )
         })
+    }
+}
+
+impl crate::ensure::Starts for Restarts {
+    fn may_start(&self, name: &str) -> bool {
+        self.wait_until(name).is_none()
+    }
+
+    fn started(&self, name: &str) {
+        let failures = self.record_start(name);
+        if failures > 0 {
+            tracing::warn!(instance = %name, next_wait_secs = backoff(failures).as_secs(), "crash loop: the next restart waits");
+        }
     }
 }
 
@@ -191,16 +210,33 @@ impl HostState {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             if let Some(t) = self.restarts.wait_until(name) {
-                let me = self.clone();
-                let name = name.to_string();
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(t.into()).await;
-                    me.heal(&name, "backoff over").await;
-                });
+                self.schedule_heal(name, t);
                 return;
             }
             self.heal_now(name, why).await
         })
+    }
+
+    /// Heals `name` at `t` (the end of its backoff); one retry per container waits
+    /// at a time, however many events and resyncs asked for it.
+    pub fn schedule_heal(self: &Arc<Self>, name: &str, t: Instant) {
+        match self.restarts.pending.lock() {
+            Ok(mut p) => {
+                if !p.insert(name.to_string()) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        let me = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(t.into()).await;
+            if let Ok(mut p) = me.restarts.pending.lock() {
+                p.remove(&name);
+            }
+            me.heal(&name, "backoff over").await;
+        });
     }
 
     async fn heal_now(self: &Arc<Self>, name: &str, why: &str) {
@@ -215,18 +251,14 @@ impl HostState {
                 return;
             }
         };
-        match crate::ensure::ensure(&self.client, &ctx, &self.addrs, &spec).await {
+        match crate::ensure::ensure(&self.client, &ctx, &self.addrs, &spec, &self.restarts).await {
             Ok(st) if st.changed.is_empty() => {}
-            Ok(st) => {
-                tracing::info!(instance = %name, changed = ?st.changed, why, "healed");
-                if st.changed.iter().any(|c| c == "started") {
-                    let failures = self.restarts.started(name);
-                    if failures > 0 {
-                        tracing::warn!(instance = %name, next_wait_secs = backoff(failures).as_secs(), "crash loop: the next restart waits");
-                    }
-                }
-            }
+            Ok(st) => tracing::info!(instance = %name, changed = ?st.changed, why, "healed"),
             Err(e) => tracing::warn!(instance = %name, why, "heal failed: {e}"),
+        }
+        if let Some(t) = self.restarts.wait_until(name) {
+            // The container stopped again while this heal ran, or the start was held back.
+            self.schedule_heal(name, t);
         }
     }
 
@@ -332,13 +364,13 @@ mod tests {
     fn a_crash_loop_backs_off() {
         let r = Restarts::default();
         for _ in 0..BURST {
-            assert_eq!(r.started("c"), 0);
+            assert_eq!(r.record_start("c"), 0);
             assert!(
                 r.stopped("c").is_none(),
                 "within the burst, restarts are immediate"
             );
         }
-        assert_eq!(r.started("c"), 1, "the sixth start within a minute");
+        assert_eq!(r.record_start("c"), 1, "the sixth start within a minute");
         assert!(r
             .failing("c")
             .unwrap()
@@ -346,8 +378,15 @@ mod tests {
         let t = r.stopped("c").expect("a stop in a crash loop waits");
         assert!(t > Instant::now() + Duration::from_millis(1500));
         assert_eq!(r.wait_until("c"), Some(t));
-        assert_eq!(r.started("c"), 2);
+        use crate::ensure::Starts;
+        assert!(
+            !r.may_start("c"),
+            "an ensure may not start it before the wait is over"
+        );
+        assert!(r.may_start("other"));
+        assert_eq!(r.record_start("c"), 2);
         assert_eq!(r.wait_until("c"), None);
+        assert!(r.may_start("c"));
         assert!(r.stopped("c").unwrap() > Instant::now() + Duration::from_millis(3500));
         assert!(r.failing("other").is_none());
     }

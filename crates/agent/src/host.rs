@@ -171,10 +171,17 @@ impl HostState {
 
     /// Follows the daemon's lifecycle events forever, reconnecting after the daemon restarts.
     pub async fn follow_events(self: Arc<Self>) {
+        let mut first = true;
         loop {
             match ssp_lxd::lifecycle_events(self.client.socket()).await {
                 Ok(stream) => {
                     tracing::info!("following daemon lifecycle events");
+                    if !std::mem::take(&mut first) {
+                        // A container that stopped while no stream was open sent its
+                        // event to nobody: look at everything now, not at the next resync.
+                        let me = self.clone();
+                        tokio::spawn(async move { me.resync("event stream reopened").await });
+                    }
                     let mut stream = Box::pin(stream);
                     while let Some(ev) = stream.next().await {
                         let _ = self.events.send(InstanceEvent {

@@ -65,7 +65,13 @@ fn main() -> Result<()> {
                         ..Default::default()
                     };
                     state.specs.put(&spec)?;
-                    ssp_agent::ensure::ensure(&state.client, &ctx, &state.addrs, &spec)
+                    ssp_agent::ensure::ensure(
+                        &state.client,
+                        &ctx,
+                        &state.addrs,
+                        &spec,
+                        &ssp_agent::ensure::Unlimited,
+                    )
                         .await
                         .with_context(|| format!("creating {}", spec.name))?;
                     anyhow::Ok(())
