@@ -222,6 +222,27 @@ impl Core {
         }
     }
 
+    /// Whether a quorum confirms this node as leader now; the replica has then
+    /// applied everything committed up to the confirmation.
+    async fn confirm_leader(&self) -> bool {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            self.replica.raft.ensure_linearizable(),
+        )
+        .await
+        {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::info!("reconcile stopped: leadership not confirmed: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::info!("reconcile stopped: no quorum confirmed the leadership within 5 s");
+                false
+            }
+        }
+    }
+
     /// One reconcile pass over every host that is not down (or just `only_host`):
     /// each agent lists its containers, [`plan::plan`] compares that with the
     /// desired state, and the steps run one by one through [`Core::converge`]
@@ -231,6 +252,15 @@ impl Core {
         if !self.is_leader() {
             return;
         }
+        // A leader cut off from the other coordinators does not know it at once
+        // (openraft keeps it leader until it hears a higher term), while its state may
+        // miss what a newer leader did since: a user removed there would be made
+        // again here. A quorum confirms the leadership and the state is brought up to
+        // the confirmed index before anything is planned.
+        if !self.confirm_leader().await {
+            return;
+        }
+        let mut confirmed = Instant::now();
         let hosts: Vec<ssp_model::Host> = self.read(|s| {
             s.hosts
                 .values()
@@ -265,6 +295,13 @@ impl Core {
             let name = step.name().to_string();
             if !self.is_leader() {
                 return;
+            }
+            // Steps of a long pass: confirmed again once a second has gone by.
+            if confirmed.elapsed() > Duration::from_secs(1) {
+                if !self.confirm_leader().await {
+                    return;
+                }
+                confirmed = Instant::now();
             }
             let host = self.read(|s| s.instances.get(&name).map(|i| i.host.to_string()));
             if host.as_ref().is_some_and(|h| down.contains(h)) {
