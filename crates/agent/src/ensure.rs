@@ -68,29 +68,33 @@ pub async fn ensure(
     let current = client.instance(&spec.name).await?;
     // Held until the instance has its address, so no other ensure picks it.
     let mut _reserved = None;
-    let addr =
-        match &host.ssh {
-            SshForward::Nat {
-                nic_name, subnet, ..
-            } => match current
-                .as_ref()
-                .and_then(|(i, _)| forward::current(i, nic_name, subnet))
-            {
-                Some(a) => Some(a),
-                None => {
-                    let r = addrs.reserve(client, subnet).await.map_err(|reason| {
-                        EnsureError::Address {
-                            name: spec.name.clone(),
-                            reason,
-                        }
+    let addr = match &host.ssh {
+        SshForward::Nat {
+            nic_name,
+            nic,
+            subnet,
+            ..
+        } => match current
+            .as_ref()
+            .and_then(|(i, _)| forward::current(i, nic_name, subnet))
+        {
+            Some(a) => Some(a),
+            None => {
+                let network = nic.get("network").map(String::as_str).unwrap_or_default();
+                let r = addrs
+                    .reserve(client, network, subnet)
+                    .await
+                    .map_err(|reason| EnsureError::Address {
+                        name: spec.name.clone(),
+                        reason,
                     })?;
-                    let a = r.addr;
-                    _reserved = Some(r);
-                    Some(a)
-                }
-            },
-            SshForward::Proxy { .. } => None,
-        };
+                let a = r.addr;
+                _reserved = Some(r);
+                Some(a)
+            }
+        },
+        SshForward::Proxy { .. } => None,
+    };
     let r = render::render(spec, host, addr).map_err(|reason| EnsureError::Render {
         name: spec.name.clone(),
         reason,

@@ -101,6 +101,19 @@ pub fn used(instances: &[Instance]) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
+/// The IPv4 addresses in a `GET /1.0/networks/NAME/leases` answer: DHCP leases of
+/// containers ssp did not make, which a static address must not take.
+pub fn leased(leases: &Value) -> BTreeSet<Ipv4Addr> {
+    leases
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l["address"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Hands out bridge addresses to new instances. Picking lists the daemon's
 /// instances, so an address is free unless an instance holds it or another
 /// ensure has it reserved and has not yet written it.
@@ -125,7 +138,14 @@ impl Drop for Reserved {
 }
 
 impl Addrs {
-    pub async fn reserve(&self, client: &Client, subnet: &Subnet) -> Result<Reserved, String> {
+    /// Picks a free address on `network` (`subnet`): not static on any instance,
+    /// not leased by the bridge's DHCP server, not reserved by another ensure.
+    pub async fn reserve(
+        &self,
+        client: &Client,
+        network: &str,
+        subnet: &Subnet,
+    ) -> Result<Reserved, String> {
         let _one = self.picking.lock().await;
         let mut used = used(
             &client
@@ -133,6 +153,12 @@ impl Addrs {
                 .await
                 .map_err(|e| format!("listing instances: {e}"))?,
         );
+        match client.get(&format!("/1.0/networks/{network}/leases")).await {
+            Ok(leases) => used.extend(leased(&leases)),
+            // Leases are a courtesy to other containers; the daemon still refuses an
+            // address another NIC holds statically.
+            Err(e) => tracing::debug!(network, "cannot read DHCP leases: {e}"),
+        }
         let mut pending = self.pending.lock().map_err(|_| "address table poisoned")?;
         used.extend(pending.iter().copied());
         let addr = subnet.pick(&used).ok_or_else(|| {
@@ -146,5 +172,23 @@ impl Addrs {
             addr,
             pending: self.pending.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_give_their_ipv4_addresses() {
+        let leases = serde_json::json!([
+            {"hostname": "web", "hwaddr": "10:66:6a:00:00:01", "address": "10.211.0.57", "type": "dynamic"},
+            {"hostname": "web", "hwaddr": "10:66:6a:00:00:01", "address": "fd42::57", "type": "dynamic"},
+            {"hostname": "sspbr0.gw", "address": "10.211.0.1", "type": "gateway"},
+            {"hostname": "odd"}
+        ]);
+        let got: Vec<String> = leased(&leases).iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["10.211.0.1", "10.211.0.57"]);
+        assert!(leased(&serde_json::json!({"not": "a list"})).is_empty());
     }
 }
