@@ -141,7 +141,7 @@ impl HostState {
         daemon_gpus: &[String],
         ssh: crate::render::SshForward,
     ) -> HostContext {
-        let nvml = matches!(self.gpus, GpuSource::Nvml);
+        let nvml = matches!(self.gpus, GpuSource::Nvml(_));
         let gpu_mode = if nvml
             && !gpus.is_empty()
             && gpus

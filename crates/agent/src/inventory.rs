@@ -1,6 +1,7 @@
 //! Host inventory: CPUs, memory and storage from the daemon; GPUs from NVML or a static file.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use ssp_lxd::Client;
@@ -9,8 +10,8 @@ use ssp_model::{Gpu, Inventory, PciAddress, Pool};
 /// Where GPU facts come from.
 #[derive(Debug, Clone)]
 pub enum GpuSource {
-    /// NVML, loaded at run time.
-    Nvml,
+    /// NVML, loaded at run time; keeps the last list it read, for when it fails.
+    Nvml(Arc<Mutex<Option<GpuReport>>>),
     /// A static TOML file listing the GPUs (hosts without NVML, tests).
     Static(PathBuf),
 }
@@ -36,6 +37,7 @@ struct StaticGpu {
 }
 
 /// GPUs plus the driver version, and a line saying where they came from.
+#[derive(Debug, Clone)]
 pub struct GpuReport {
     pub gpus: Vec<Gpu>,
     pub driver_version: String,
@@ -43,19 +45,56 @@ pub struct GpuReport {
 }
 
 impl GpuSource {
-    /// Reads the GPUs. NVML failing is not an error: the host simply has no GPUs, and says why.
-    pub fn read(&self) -> anyhow::Result<GpuReport> {
+    pub fn nvml() -> Self {
+        GpuSource::Nvml(Arc::default())
+    }
+
+    /// Reads the GPUs (NVML off the async workers: its calls block, for seconds
+    /// without persistence mode).
+    pub async fn read(&self) -> anyhow::Result<GpuReport> {
         match self {
             GpuSource::Static(path) => read_static(path),
-            GpuSource::Nvml => Ok(read_nvml().unwrap_or_else(|why| {
+            GpuSource::Nvml(last) => {
+                let now = tokio::task::spawn_blocking(read_nvml)
+                    .await
+                    .unwrap_or_else(|e| Err(format!("NVML task failed: {e}")));
+                Ok(nvml_or_last(now, last))
+            }
+        }
+    }
+}
+
+/// What NVML gave, remembered; when it fails, the list it gave last time. Only a
+/// host where NVML never worked has no GPUs: a failure after a driver upgrade
+/// ("Driver/library version mismatch") must not make the GPUs of running
+/// containers vanish from the host and their containers unhealable.
+fn nvml_or_last(now: Result<GpuReport, String>, last: &Mutex<Option<GpuReport>>) -> GpuReport {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    match now {
+        Ok(r) => {
+            *last = Some(r.clone());
+            r
+        }
+        Err(why) => match last.as_ref() {
+            Some(r) => {
+                tracing::warn!(
+                    gpus = r.gpus.len(),
+                    "NVML failed: {why}; keeping the GPUs it reported before"
+                );
+                GpuReport {
+                    source: format!("nvml (failing now: {why}; GPUs as last read)"),
+                    ..r.clone()
+                }
+            }
+            None => {
                 tracing::warn!("no GPUs reported: NVML unavailable: {why}");
                 GpuReport {
                     gpus: vec![],
                     driver_version: String::new(),
                     source: format!("none: NVML unavailable: {why}"),
                 }
-            })),
-        }
+            }
+        },
     }
 }
 
@@ -143,7 +182,7 @@ pub async fn collect(
             name,
         });
     }
-    let report = gpus.read()?;
+    let report = gpus.read().await?;
     let inv = Inventory {
         cpus,
         memory_bytes,
@@ -170,4 +209,37 @@ fn daemon_gpus(res: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvml_failing_after_it_worked_keeps_the_last_gpus() {
+        let last = Mutex::new(None);
+        let none = nvml_or_last(Err("NVML shared library not found".into()), &last);
+        assert!(none.gpus.is_empty());
+        assert!(none.source.starts_with("none: NVML unavailable"));
+        let read = GpuReport {
+            gpus: vec![Gpu {
+                index: 0,
+                uuid: "GPU-0".into(),
+                pci: PciAddress::parse("0000:17:00.0").unwrap(),
+                model: "H200".into(),
+                memory_bytes: 141 << 30,
+                minor: 0,
+                device_node: "/dev/nvidia0".into(),
+            }],
+            driver_version: "570.1".into(),
+            source: "nvml".into(),
+        };
+        assert_eq!(nvml_or_last(Ok(read.clone()), &last).gpus, read.gpus);
+        let kept = nvml_or_last(Err("Driver/library version mismatch".into()), &last);
+        assert_eq!(kept.gpus, read.gpus);
+        assert_eq!(kept.driver_version, "570.1");
+        assert!(kept
+            .source
+            .contains("failing now: Driver/library version mismatch"));
+    }
 }

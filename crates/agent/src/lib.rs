@@ -57,7 +57,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let gpus = match &cfg.gpu_inventory {
         Some(p) => GpuSource::Static(p.clone()),
-        None => GpuSource::Nvml,
+        None => GpuSource::nvml(),
     };
     let specs = heal::Specs::open(&cfg.state_dir.join("specs"))?;
     let host = HostState::new(

@@ -35,7 +35,7 @@ fn main() -> Result<()> {
         let specs = Specs::open(&scratch.path().join("specs"))?;
         let state = HostState::new(
             client,
-            GpuSource::Nvml,
+            GpuSource::nvml(),
             "default".into(),
             "0.0.0.0".into(),
             host.addr.clone(),
