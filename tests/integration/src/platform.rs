@@ -74,6 +74,17 @@ impl Platform {
     /// Starts `n` coordinators in the root namespace (the first forms the cluster,
     /// the others join it), and no agents yet.
     pub fn start_coordinators(tag: &str, n: usize) -> anyhow::Result<Platform> {
+        Self::start_coordinators_as(tag, n, None)
+    }
+
+    /// Like [`Platform::start_coordinators`]; with `gid_base`, coordinator `i` runs
+    /// with group id `gid_base + i`, so that firewall rules (`-m owner --gid-owner`)
+    /// can cut one coordinator's connections and leave the others'.
+    pub fn start_coordinators_as(
+        tag: &str,
+        n: usize,
+        gid_base: Option<u32>,
+    ) -> anyhow::Result<Platform> {
         let ssp = Ssp::locate()?;
         let scratch = Scratch::new(tag)?;
         let dir = scratch.path().to_path_buf();
@@ -91,14 +102,21 @@ impl Platform {
             );
             let cfg_path = dir.join(format!("coordinator{i}.toml"));
             std::fs::write(&cfg_path, cfg)?;
+            let gid = gid_base.map(|g| format!("--regid={}", g + i as u32));
+            let mut argv: Vec<&str> = match &gid {
+                Some(g) => vec!["setpriv", g, "--clear-groups", "--"],
+                None => vec![],
+            };
+            let bin = ssp.bin("ssp-coordinator");
+            argv.extend([
+                bin.to_str().unwrap_or_default(),
+                "--config",
+                cfg_path.to_str().unwrap_or_default(),
+            ]);
             procs.push(Proc::start(
                 &format!("coordinator{i}"),
                 None,
-                &[
-                    ssp.bin("ssp-coordinator").to_str().unwrap_or_default(),
-                    "--config",
-                    cfg_path.to_str().unwrap_or_default(),
-                ],
+                &argv,
                 &dir.join(format!("coordinator{i}.log")),
             )?);
             ports.push(port);
