@@ -148,9 +148,10 @@ sspctl -o json hosts | grep -q "\"name\": \"$HOST\"" || { say "the agent did not
 KEY=$HOME/.ssh/ssp-$DEMO
 mkdir -p "$HOME/.ssh"
 [ -f "$KEY" ] || ssh-keygen -q -t ed25519 -N "" -C "ssp-$DEMO" -f "$KEY"
-if ! sspctl -o json user list | grep -q "\"name\": \"$DEMO\""; then
+USERS=$(sspctl -o json user list)
+if ! grep -q "\"name\": \"$DEMO\"" <<<"$USERS"; then
   sspctl user add "$DEMO" --ssh-key "$KEY.pub"
-elif ! sspctl -o json user list | grep -qF "$(cut -d' ' -f2 "$KEY.pub")"; then
+elif ! grep -qF "$(cut -d' ' -f2 "$KEY.pub")" <<<"$USERS"; then
   # The demo user is there from an earlier run, but this key file is new.
   say "giving $DEMO the key $KEY.pub"
   sspctl user keys "$DEMO" --ssh-key "$KEY.pub"

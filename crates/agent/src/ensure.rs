@@ -36,7 +36,6 @@ pub enum EnsureError {
     },
 }
 
-/// Creates or updates `spec`'s instance, then starts it and sets up the owner's account.
 /// Lets the caller hold back a start (crash-loop backoff) and count those made.
 pub trait Starts: Sync {
     /// False while `name` must wait before it is started again.
@@ -56,8 +55,9 @@ impl Starts for Unlimited {
     fn started(&self, _: &str) {}
 }
 
-/// Makes the instance match `spec`. A container that should run but is held back
-/// by `starts` is left stopped (its status says so).
+/// Creates or updates `spec`'s instance, then starts it and sets up the owner's
+/// account. A container that should run but is held back by `starts` is left
+/// stopped (its status says so).
 pub async fn ensure(
     client: &Client,
     host: &HostContext,
@@ -171,8 +171,9 @@ pub async fn ensure(
     let mut inst = inst;
     let want = account::hash(spec);
     let account_done = inst.config.get(account::CONFIG_KEY) == Some(&want);
-    let held_back = spec.running && !inst.is_running() && !starts.may_start(&spec.name);
-    if spec.running && !inst.is_running() && !held_back {
+    let to_start = spec.running && !inst.is_running();
+    let held_back = to_start && !starts.may_start(&spec.name);
+    if to_start && !held_back {
         // Images that carry ssp's boot unit create the account before sshd from
         // the script in the instance config: nothing has to run inside afterwards.
         let at_boot = !account_done && account::created_at_boot(&inst);

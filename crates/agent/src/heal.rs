@@ -220,13 +220,13 @@ impl HostState {
     /// Heals `name` at `t` (the end of its backoff); one retry per container waits
     /// at a time, however many events and resyncs asked for it.
     pub fn schedule_heal(self: &Arc<Self>, name: &str, t: Instant) {
-        match self.restarts.pending.lock() {
-            Ok(mut p) => {
-                if !p.insert(name.to_string()) {
-                    return;
-                }
-            }
-            Err(_) => return,
+        let first = self
+            .restarts
+            .pending
+            .lock()
+            .is_ok_and(|mut p| p.insert(name.to_string()));
+        if !first {
+            return;
         }
         let me = self.clone();
         let name = name.to_string();
@@ -251,15 +251,26 @@ impl HostState {
                 return;
             }
         };
-        match crate::ensure::ensure(&self.client, &ctx, &self.addrs, &spec, &self.restarts).await {
+        match self.ensure(&ctx, &spec).await {
             Ok(st) if st.changed.is_empty() => {}
             Ok(st) => tracing::info!(instance = %name, changed = ?st.changed, why, "healed"),
             Err(e) => tracing::warn!(instance = %name, why, "heal failed: {e}"),
         }
-        if let Some(t) = self.restarts.wait_until(name) {
-            // The container stopped again while this heal ran, or the start was held back.
-            self.schedule_heal(name, t);
+    }
+
+    /// [`crate::ensure::ensure`] under the crash-loop backoff (the caller holds the
+    /// instance's lock). A start it held back, or a stop that came while it ran,
+    /// gets a retry at the end of the wait.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        ctx: &crate::render::HostContext,
+        spec: &InstanceSpec,
+    ) -> Result<ssp_proto::InstanceStatus, crate::ensure::EnsureError> {
+        let st = crate::ensure::ensure(&self.client, ctx, &self.addrs, spec, &self.restarts).await;
+        if let Some(t) = self.restarts.wait_until(&spec.name) {
+            self.schedule_heal(&spec.name, t);
         }
+        st
     }
 
     /// Checks every stored spec against one listing of the daemon's instances and

@@ -88,19 +88,7 @@ impl Agent for AgentService {
             .specs
             .put(&spec)
             .map_err(|e| Status::internal(format!("storing the spec of {}: {e}", spec.name)))?;
-        let st = ensure::ensure(
-            self.client(),
-            &ctx,
-            &self.host.addrs,
-            &spec,
-            &self.host.restarts,
-        )
-        .await
-        .map_err(to_status)?;
-        if let Some(t) = self.host.restarts.wait_until(&spec.name) {
-            // Held back by the crash-loop backoff: the agent starts it when the wait is over.
-            self.host.schedule_heal(&spec.name, t);
-        }
+        let st = self.host.ensure(&ctx, &spec).await.map_err(to_status)?;
         if !st.changed.is_empty() {
             tracing::info!(instance = %spec.name, changed = ?st.changed, "ensured");
         }

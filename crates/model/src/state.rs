@@ -347,18 +347,12 @@ impl State {
                 if keys.is_empty() {
                     return Err(Rejection::NoSshKey(name.clone()));
                 }
-                let instances: Vec<String> = self
-                    .instances
-                    .values()
-                    .filter(|i| i.owner.as_str() == name)
-                    .map(|i| i.name.clone())
-                    .collect();
-                if self
-                    .instances
-                    .values()
-                    .any(|i| i.owner.as_str() == name && i.deleting)
-                {
-                    return Err(Rejection::UserRemoving(name.clone()));
+                let mut instances = Vec::new();
+                for i in self.instances.values().filter(|i| i.owner.as_str() == name) {
+                    if i.deleting {
+                        return Err(Rejection::UserRemoving(name.clone()));
+                    }
+                    instances.push(i.name.clone());
                 }
                 let user = self
                     .users

@@ -17,15 +17,7 @@ const REPEATS: usize = 5;
 
 fn main() -> Result<()> {
     let host = Host::start("hb", Kind::Incus, 54)?;
-    let mut p = Platform::start(
-        "bench-heal",
-        &[AgentSpec {
-            host: &host,
-            gpu_inventory: None,
-            labels: &[],
-            ssh_forward: None,
-        }],
-    )?;
+    let mut p = Platform::start("bench-heal", &[AgentSpec::new(&host)])?;
     let key = ssh_keypair(p.scratch.path(), "hb")?;
     // Two containers, so that neither reaches the crash-loop threshold (more than
     // five starts a minute).

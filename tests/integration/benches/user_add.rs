@@ -149,10 +149,8 @@ fn main() -> Result<()> {
     let p = Platform::start(
         "bench",
         &[AgentSpec {
-            host: &host,
             gpu_inventory: Some(inv),
-            labels: &[],
-            ssh_forward: None,
+            ..AgentSpec::new(&host)
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "bench")?;

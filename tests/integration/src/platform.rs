@@ -62,6 +62,18 @@ pub struct AgentSpec<'a> {
     pub ssh_forward: Option<&'a str>,
 }
 
+impl<'a> AgentSpec<'a> {
+    /// An agent on `host` with NVML for GPUs, no labels and the default forward.
+    pub fn new(host: &'a Host) -> Self {
+        AgentSpec {
+            host,
+            gpu_inventory: None,
+            labels: &[],
+            ssh_forward: None,
+        }
+    }
+}
+
 impl Platform {
     /// Starts a coordinator in the root namespace and an agent in each host's namespace,
     /// and waits until every agent has registered.

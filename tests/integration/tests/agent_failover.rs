@@ -12,12 +12,7 @@ fn an_agent_registers_and_serves_with_its_first_coordinator_dead() -> Result<()>
     let mut p = Platform::start_coordinators("agent-failover", 3)?;
     // The first coordinator formed the cluster and leads; kill it before any agent starts.
     p.coordinator.signal(libc::SIGKILL);
-    p.add_agents(&[AgentSpec {
-        host: &host,
-        gpu_inventory: None,
-        labels: &[],
-        ssh_forward: None,
-    }])?;
+    p.add_agents(&[AgentSpec::new(&host)])?;
     let key = ssh_keypair(p.scratch.path(), "ann")?;
     p.ctl_ok(&[
         "user",

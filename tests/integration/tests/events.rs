@@ -31,15 +31,7 @@ async fn expect(
 #[test]
 fn events_survive_a_daemon_restart() -> Result<()> {
     let mut host = Host::start("ev", Kind::Incus, 41)?;
-    let p = Platform::start(
-        "events",
-        &[AgentSpec {
-            host: &host,
-            gpu_inventory: None,
-            labels: &[],
-            ssh_forward: None,
-        }],
-    )?;
+    let p = Platform::start("events", &[AgentSpec::new(&host)])?;
     // No static inventory: the agent asks NVML, which this host does not have; it
     // runs anyway, reports no GPUs and says why.
     let hosts = p.ctl_json(&["hosts"])?;

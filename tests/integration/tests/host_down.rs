@@ -13,15 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(6);
 #[test]
 fn a_silent_host_is_marked_down_and_comes_back() -> Result<()> {
     let host = Host::start("hd", Kind::Incus, 52)?;
-    let mut p = Platform::start(
-        "host-down",
-        &[AgentSpec {
-            host: &host,
-            gpu_inventory: None,
-            labels: &[],
-            ssh_forward: None,
-        }],
-    )?;
+    let mut p = Platform::start("host-down", &[AgentSpec::new(&host)])?;
     let key = ssh_keypair(p.scratch.path(), "hal")?;
     let pubkey = format!("{}.pub", key.display());
     p.ctl_ok(&[

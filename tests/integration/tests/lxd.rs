@@ -12,10 +12,9 @@ fn lxd_create_ssh_and_limits() -> Result<()> {
     let p = Platform::start(
         "lxd",
         &[AgentSpec {
-            host: &host,
             gpu_inventory: Some(inv),
-            labels: &[],
             ssh_forward: Some("proxy"),
+            ..AgentSpec::new(&host)
         }],
     )?;
     let hosts = p.ctl_json(&["hosts"])?;

@@ -18,22 +18,17 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
         "placement",
         &[
             AgentSpec {
-                host: &pa,
                 gpu_inventory: Some(inv_a),
-                labels: &[],
-                ssh_forward: None,
+                ..AgentSpec::new(&pa)
             },
             AgentSpec {
-                host: &pb,
                 gpu_inventory: Some(inv_b),
                 labels: &["ib"],
-                ssh_forward: None,
+                ..AgentSpec::new(&pb)
             },
             AgentSpec {
-                host: &pc,
                 gpu_inventory: Some(inv_c),
-                labels: &[],
-                ssh_forward: None,
+                ..AgentSpec::new(&pc)
             },
         ],
     )?;

@@ -19,15 +19,7 @@ fn state_of(p: &Platform, name: &str) -> Option<String> {
 #[test]
 fn the_leader_reconciles_from_reports_and_leaves_others_alone() -> Result<()> {
     let host = Host::start("rc", Kind::Incus, 56)?;
-    let mut p = Platform::start(
-        "reconcile",
-        &[AgentSpec {
-            host: &host,
-            gpu_inventory: None,
-            labels: &[],
-            ssh_forward: None,
-        }],
-    )?;
+    let mut p = Platform::start("reconcile", &[AgentSpec::new(&host)])?;
     let key = ssh_keypair(p.scratch.path(), "ria")?;
     let pubkey = format!("{}.pub", key.display());
     p.ctl_ok(&["user", "add", "ria", "--ssh-key", &pubkey])?;

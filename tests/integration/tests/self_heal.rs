@@ -18,10 +18,8 @@ fn the_agent_heals_its_host_on_its_own() -> Result<()> {
     let mut p = Platform::start(
         "self-heal",
         &[AgentSpec {
-            host: &host,
             gpu_inventory: Some(inv),
-            labels: &[],
-            ssh_forward: None,
+            ..AgentSpec::new(&host)
         }],
     )?;
     let key = ssh_keypair(p.scratch.path(), "sam")?;

@@ -21,10 +21,8 @@ fn single_host_end_to_end() -> Result<()> {
     let mut p = Platform::start(
         "single",
         &[AgentSpec {
-            host: &host,
             gpu_inventory: Some(inv),
-            labels: &[],
-            ssh_forward: None,
+            ..AgentSpec::new(&host)
         }],
     )?;
     let dir = p.scratch.path().to_path_buf();

@@ -41,12 +41,7 @@ fn rule(parts: &[&str]) -> Vec<String> {
 fn a_cut_off_leader_does_not_remake_what_the_new_leader_removed() -> Result<()> {
     let host = Host::start("sl", Kind::Incus, 57)?;
     let mut p = Platform::start_coordinators_as("stale-leader", 3, Some(GID_BASE))?;
-    p.add_agents(&[AgentSpec {
-        host: &host,
-        gpu_inventory: None,
-        labels: &[],
-        ssh_forward: None,
-    }])?;
+    p.add_agents(&[AgentSpec::new(&host)])?;
     let key = ssh_keypair(p.scratch.path(), "ann")?;
     p.ctl_ok(&[
         "user",
