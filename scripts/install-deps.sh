@@ -5,10 +5,15 @@
 #   install-deps.sh --test    also what the test suite needs (LXD 5.0 for the LXD tests)
 set -euo pipefail
 
-need_pkgs=(incus iptables btrfs-progs debootstrap busybox-static openssh-client
-           iproute2 lxcfs uidmap)
+# incus-base is Incus without virtual machines: the `incus` package would pull in
+# qemu, swtpm and, through their recommendations, a desktop audio stack. Nothing is
+# installed for its recommendations; what ssp needs is named here (dnsmasq-base runs
+# the bridge's DHCP, recommended only by Incus and LXD).
+need_pkgs=(incus-base incus-client dnsmasq-base iptables btrfs-progs debootstrap
+           busybox-static openssh-client iproute2 lxcfs uidmap)
 if [ "${1:-}" = "--test" ]; then
-  need_pkgs+=(lxd etcd-server etcd-client protobuf-compiler)
+  # libprotobuf-dev: protoc's well-known .proto files (the etcd client's build needs them).
+  need_pkgs+=(lxd etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 fi
 
 missing=()
@@ -36,8 +41,8 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 apt-get update -q
-apt-get install -y -q -t bookworm-backports incus
-apt-get install -y -q "${need_pkgs[@]}"
+apt-get install -y -q --no-install-recommends -t bookworm-backports incus-base incus-client
+apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
 # etcd is only a benchmark baseline: the suite starts its own members on loopback.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled etcd >/dev/null 2>&1; then
   systemctl disable --now etcd >/dev/null 2>&1 || true

@@ -3,18 +3,37 @@
 # Arguments go to install-deps.sh (--test adds the test suite's packages).
 #  - the Debian packages (install-deps.sh) and offline images (build-images.sh)
 #  - /etc/subuid and /etc/subgid entries: root may map ssp's user uid range 1:1 into
-#    containers (shared-folder ownership), beside the large range for isolated idmaps
+#    containers (shared-folder ownership), and has one large range for isolated idmaps
 #  - lxcfs running, so free/top inside a container show its own limits
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/install-deps.sh" "$@"
 bash "$here/build-images.sh" >/dev/null
 
+# Root needs one large range for isolated containers (each takes 65536 ids from it)
+# and the lab's uid range, which ssp maps 1:1 into containers. Incus and LXD map
+# every range of root's of 65536 ids or more at id 0 of a container with the default
+# idmap, so two large ranges make a plain `incus launch` fail (newuidmap: "Invalid
+# argument"). ssp therefore adds a large range only where root has none, after every
+# range already in the file, and records it; where a package added another large
+# range for root later (Debian's lxd does at install), ssp's own goes again. Ranges
+# the admin or other packages wrote are never changed.
 SSP_UID_FIRST=${SSP_UID_FIRST:-10000}
 SSP_UID_COUNT=${SSP_UID_COUNT:-10000}
+mkdir -p /var/lib/ssp
 for f in /etc/subuid /etc/subgid; do
   touch "$f"
-  grep -qx "root:1000000:1000000000" "$f" || echo "root:1000000:1000000000" >> "$f"
+  rec=/var/lib/ssp/$(basename "$f")-added
+  ours=$(cat "$rec" 2>/dev/null || true)
+  large=$(awk -F: '$1 == "root" && $3 >= 65536' "$f")
+  if [ -z "$large" ]; then
+    next=$(awk -F: 'BEGIN { n = 1000000 } NF >= 3 && $2 + $3 > n { n = $2 + $3 } END { print n }' "$f")
+    echo "root:$next:1000000000" >> "$f"
+    echo "root:$next:1000000000" > "$rec"
+  elif [ -n "$ours" ] && [ "$(grep -c . <<<"$large")" -gt 1 ] && grep -qx "$ours" <<<"$large"; then
+    echo "prepare-host: root has another large range in $f; removing ssp's $ours" >&2
+    grep -vx "$ours" "$f" > "$f.ssp-new" && cat "$f.ssp-new" > "$f" && rm -f "$f.ssp-new" "$rec"
+  fi
   grep -qx "root:$SSP_UID_FIRST:$SSP_UID_COUNT" "$f" || echo "root:$SSP_UID_FIRST:$SSP_UID_COUNT" >> "$f"
 done
 

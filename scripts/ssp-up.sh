@@ -9,45 +9,63 @@
 #   SSP_POOL_SIZE  size of a new btrfs pool          (30GiB)
 #   SSP_SSH_HOST   address users ssh to              (first address of `hostname -I`)
 #   SSP_DEMO_USER  name of the demo user             (demo)
-set -euo pipefail
+#   SSP_SHARED     the lab's shared folder, /shared inside every container (/srv/ssp/shared)
+#   SSP_BIN        where the binaries are installed (/usr/local/bin)
+#   SSP_STATE      parent of the coordinator's and agent's state dirs (/var/lib)
+#   SSP_LOG, SSP_RUN  logs and pid files            (/var/log/ssp, /run/ssp)
+#   INCUS_DIR      use (or start) the Incus daemon of this state dir only
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
-ETC=${SSP_ETC:-/etc/ssp}
-LOG=/var/log/ssp
-RUN=/run/ssp
-DEMO=${SSP_DEMO_USER:-demo}
-mkdir -p "$ETC" "$LOG" "$RUN" /srv/ssp/shared
-
+STEP="starting"
 say() { printf 'ssp-up: %s\n' "$*"; }
+step() { STEP="$*"; say "$*"; }
+# Never fail silently: name the step that failed and how to retry.
+trap 'rc=$?; say "FAILED (exit $rc) while $STEP, at scripts/ssp-up.sh line $LINENO." >&2
+      say "fix the cause printed above, then run again: bash scripts/ssp-up.sh (it is idempotent)" >&2' ERR
+ETC=${SSP_ETC:-/etc/ssp}
+LOG=${SSP_LOG:-/var/log/ssp}
+RUN=${SSP_RUN:-/run/ssp}
+BIN=${SSP_BIN:-/usr/local/bin}
+STATE=${SSP_STATE:-/var/lib}
+SHARED=${SSP_SHARED:-/srv/ssp/shared}
+DEMO=${SSP_DEMO_USER:-demo}
+mkdir -p "$ETC" "$LOG" "$RUN" "$BIN"
+export PATH="$BIN:$PATH"
 
+step "checking for a Rust toolchain"
 bash scripts/ensure-rust.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+step "preparing the host (Debian packages, images, /etc/subuid, lxcfs)"
 bash scripts/prepare-host.sh
 
 systemd_pid1() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 
 # --- the daemon: the one that is there, else Incus -------------------------------
+step "finding the Incus or LXD daemon"
 CLI=""; SOCKET=""
 if [ -S "${INCUS_DIR:-/var/lib/incus}/unix.socket" ] && incus info >/dev/null 2>&1; then
   CLI=incus; SOCKET="${INCUS_DIR:-/var/lib/incus}/unix.socket"
-elif [ -S /var/snap/lxd/common/lxd/unix.socket ] && lxc info >/dev/null 2>&1; then
+elif [ -z "${INCUS_DIR:-}" ] && [ -S /var/snap/lxd/common/lxd/unix.socket ] && lxc info >/dev/null 2>&1; then
   CLI=lxc; SOCKET=/var/snap/lxd/common/lxd/unix.socket
-elif [ -S /var/lib/lxd/unix.socket ] && lxc info >/dev/null 2>&1; then
+elif [ -z "${INCUS_DIR:-}" ] && [ -S /var/lib/lxd/unix.socket ] && lxc info >/dev/null 2>&1; then
   CLI=lxc; SOCKET=/var/lib/lxd/unix.socket
 else
-  say "starting Incus"
-  if systemd_pid1; then
+  step "starting Incus"
+  if systemd_pid1 && [ -z "${INCUS_DIR:-}" ]; then
     systemctl enable --now incus.socket incus.service
   else
-    mkdir -p /var/log/incus
-    setsid /usr/libexec/incus/incusd --group root --logfile /var/log/incus/incusd.log \
+    setsid /usr/libexec/incus/incusd --group root --logfile "$LOG/incusd.log" \
       </dev/null >>"$LOG/incusd.out" 2>&1 &
+    echo $! > "$RUN/incusd.pid"
   fi
-  incus admin waitready --timeout 60
+  incus admin waitready --timeout 60 ||
+    { say "Incus did not become ready; see $LOG/incusd.log"; false; }
   CLI=incus; SOCKET="${INCUS_DIR:-/var/lib/incus}/unix.socket"
 fi
 say "using $CLI at $SOCKET"
 
 # Storage that clones rather than copies, a bridge without NAT, and a default profile.
+step "setting up the storage pool, bridge and default profile"
 if [ -z "$($CLI storage list -f csv | head -n1)" ]; then
   say "creating btrfs storage pool 'default' (${SSP_POOL_SIZE:-30GiB}, loop file)"
   $CLI storage create default btrfs "size=${SSP_POOL_SIZE:-30GiB}"
@@ -67,12 +85,14 @@ if ! $CLI profile device show default | grep -q '^eth0:'; then
   fi
   $CLI profile device add default eth0 nic network=sspbr0 name=eth0
 fi
+step "importing the images"
 CACHE=${SSP_IMAGE_CACHE:-/var/cache/ssp/images}
 # The alias follows the cached image: after build-images.sh changed an image, new
 # containers start from the new one (containers of the old one keep it).
 for img in busybox debian-ssh; do
   want=$(sha256sum "$CACHE/$img.tar.gz" | cut -d' ' -f1)
-  have=$($CLI image info "$img" 2>/dev/null | awk '/^Fingerprint:/ {print $2}')
+  # A daemon that has no image of that alias yet answers with an error: have stays empty.
+  have=$($CLI image info "$img" 2>/dev/null | awk '/^Fingerprint:/ {print $2}' || true)
   if [ "$have" != "$want" ]; then
     [ -z "$have" ] || $CLI image alias delete "$img"
     $CLI image import "$CACHE/$img.tar.gz" --alias "$img" 2>/dev/null ||
@@ -81,15 +101,16 @@ for img in busybox debian-ssh; do
 done
 
 # --- ssp itself --------------------------------------------------------------------
-say "building ssp (release)"
+step "building ssp (release)"
 cargo build --release --locked --bins -q
 # A coordinator or agent still running an older build (its executable was replaced,
 # so /proc/PID/exe no longer names the installed file) is restarted below.
-stale() { [ -n "$1" ] && [ "$1" != 0 ] && [ "$(readlink "/proc/$1/exe")" != "/usr/local/bin/$2" ]; }
+stale() { [ -n "$1" ] && [ "$1" != 0 ] && [ "$(readlink "/proc/$1/exe")" != "$BIN/$2" ]; }
 for b in ssp-agent ssp-coordinator sspctl; do
-  cmp -s "target/release/$b" "/usr/local/bin/$b" || install -m 0755 "target/release/$b" /usr/local/bin/
+  cmp -s "target/release/$b" "$BIN/$b" || install -m 0755 "target/release/$b" "$BIN/"
 done
 
+step "starting the coordinator and the agent"
 HOST=$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)
 SSH_HOST=${SSP_SSH_HOST:-$(hostname -I 2>/dev/null | awk '{print $1}')}
 SSH_HOST=${SSH_HOST:-127.0.0.1}
@@ -97,9 +118,12 @@ SSH_HOST=${SSH_HOST:-127.0.0.1}
 listen = "0.0.0.0:7400"
 # This host's first coordinator forms a one-node cluster; more join with: sspctl cluster join ADDRESS
 bootstrap = true
-data_dir = "/var/lib/ssp-coordinator"
-shared_roots = ["/srv/ssp/shared"]
-default_shares = ["/srv/ssp/shared:/shared"]
+data_dir = "$STATE/ssp-coordinator"
+shared_roots = ["$SHARED"]
+# Every user gets the lab's shared folder, writable by every member (files keep
+# their writer as owner); ":ro" or ":owner" after a share choose read-only or
+# owner-only (each file changed or removed only by its owner).
+default_shares = ["$SHARED:/shared"]
 CFG
 [ -f "$ETC/agent.toml" ] || cat > "$ETC/agent.toml" <<CFG
 name = "$HOST"
@@ -109,9 +133,11 @@ coordinators = ["http://127.0.0.1:7400"]
 socket = "$SOCKET"
 ssh_host = "$SSH_HOST"
 storage_pool = "$POOL"
+state_dir = "$STATE/ssp-agent"
 CFG
 
-if systemd_pid1; then
+# systemd units name the default paths; other paths run as plain processes.
+if systemd_pid1 && [ "$BIN" = /usr/local/bin ] && [ "$ETC" = /etc/ssp ] && [ "$STATE" = /var/lib ]; then
   install -m 0644 deploy/systemd/ssp-coordinator.service deploy/systemd/ssp-agent.service /etc/systemd/system/
   systemctl daemon-reload
   systemctl enable --now ssp-coordinator.service ssp-agent.service
@@ -134,8 +160,8 @@ else
     setsid "$2" --config "$3" </dev/null >>"$LOG/$1.log" 2>&1 &
     echo $! > "$RUN/$1.pid"
   }
-  start ssp-coordinator /usr/local/bin/ssp-coordinator "$ETC/coordinator.toml"
-  start ssp-agent /usr/local/bin/ssp-agent "$ETC/agent.toml"
+  start ssp-coordinator "$BIN/ssp-coordinator" "$ETC/coordinator.toml"
+  start ssp-agent "$BIN/ssp-agent" "$ETC/agent.toml"
 fi
 
 for _ in $(seq 1 100); do
@@ -145,6 +171,7 @@ done
 sspctl -o json hosts | grep -q "\"name\": \"$HOST\"" || { say "the agent did not register; see $LOG"; exit 1; }
 
 # --- a demo user you can ssh into -----------------------------------------------------
+step "adding the demo user $DEMO and logging in"
 KEY=$HOME/.ssh/ssp-$DEMO
 mkdir -p "$HOME/.ssh"
 [ -f "$KEY" ] || ssh-keygen -q -t ed25519 -N "" -C "ssp-$DEMO" -f "$KEY"
@@ -157,7 +184,10 @@ elif ! grep -qF "$(cut -d' ' -f2 "$KEY.pub")" <<<"$USERS"; then
   sspctl user keys "$DEMO" --ssh-key "$KEY.pub"
 fi
 sspctl ssh-config "$DEMO" --identity "$KEY" > "$HOME/.ssh/ssp-$DEMO.conf"
-login() { ssh -F "$HOME/.ssh/ssp-$DEMO.conf" -o BatchMode=yes -o ConnectTimeout=3 "ssp-$DEMO" true; }
+# The check is of the login path and key; the container's host key is the user's to
+# accept (a stale known_hosts entry from an earlier demo container must not fail it).
+login() { ssh -F "$HOME/.ssh/ssp-$DEMO.conf" -o BatchMode=yes -o ConnectTimeout=3 \
+  -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "ssp-$DEMO" true; }
 for _ in $(seq 1 60); do
   login 2>/dev/null && break
   sleep 1

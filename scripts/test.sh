@@ -12,11 +12,13 @@ bash scripts/prepare-host.sh --test
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
+# The release build is what scripts/ssp-up.sh installs (tests/first_day.rs runs it)
+# and what the benchmarks measure.
+cargo build --release --workspace --bins --locked
 # Integration tests share /dev nodes and the daemons' port ranges: one test at a time.
 cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 
 # Benchmarks print figures; they do not pass or fail on them.
-cargo build --release --workspace --bins --locked
 cargo bench -p ssp-integration --bench user_add --locked
 cargo bench -p ssp-integration --bench failover --locked
 cargo bench -p ssp-integration --bench raft_vs_etcd --locked

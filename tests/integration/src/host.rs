@@ -53,6 +53,22 @@ pub struct Host {
 impl Host {
     /// Starts host number `index` (1-200) named `name`.
     pub fn start(name: &str, kind: Kind, index: u8) -> anyhow::Result<Host> {
+        let mut h = Host::bare_with(name, kind, index)?;
+        h.daemon()?;
+        h.init(index)
+            .with_context(|| format!("initialising host {name}"))?;
+        Ok(h)
+    }
+
+    /// Host number `index` with its network namespace but no daemon: for a test
+    /// that has a setup script start one (with `dir` as `INCUS_DIR`, through
+    /// [`Host::in_ns_with_cgroups`]) and set it up from nothing. Dropping it still
+    /// deletes the instances, kills every process in the namespace and removes `dir`.
+    pub fn bare(name: &str, index: u8) -> anyhow::Result<Host> {
+        Host::bare_with(name, Kind::Incus, index)
+    }
+
+    fn bare_with(name: &str, kind: Kind, index: u8) -> anyhow::Result<Host> {
         crate::preflight(kind)?;
         let netns = format!("ssptb-{name}");
         let veth = format!("ssptb{index}");
@@ -71,10 +87,16 @@ impl Host {
         };
         h.teardown(); // leftovers of an earlier, killed run
         h.network()?;
-        h.daemon()?;
-        h.init(index)
-            .with_context(|| format!("initialising host {name}"))?;
         Ok(h)
+    }
+
+    /// `sh -c SCRIPT sh PROGRAM ARGS...` in this host's namespace with the cgroup
+    /// hierarchies mounted again, as a daemon started there needs them; add the
+    /// program and its arguments.
+    pub fn in_ns_with_cgroups(&self) -> Command {
+        let mut c = self.in_ns("sh");
+        c.args(["-c", REMOUNT_CGROUPS, "sh"]);
+        c
     }
 
     fn network(&self) -> anyhow::Result<()> {
@@ -125,17 +147,16 @@ impl Host {
     fn daemon(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let log = std::fs::File::create(self.dir.join("daemon.log"))?;
-        let mut c = self.in_ns("sh");
-        c.args(["-c", REMOUNT_CGROUPS, "sh"])
-            .arg(match self.kind {
-                Kind::Incus => "/usr/libexec/incus/incusd",
-                Kind::Lxd => "/usr/bin/lxd",
-            })
-            .args(["--group", "root"])
-            .env(self.env_var(), &self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        let mut c = self.in_ns_with_cgroups();
+        c.arg(match self.kind {
+            Kind::Incus => "/usr/libexec/incus/incusd",
+            Kind::Lxd => "/usr/bin/lxd",
+        })
+        .args(["--group", "root"])
+        .env(self.env_var(), &self.dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         crate::procs::new_session(&mut c);
         self.daemon = Some(c.spawn().context("starting the daemon")?);
         let waitready = match self.kind {
