@@ -45,16 +45,25 @@ pub fn script(spec: &InstanceSpec) -> String {
         .map(|m| format!("{} {}", m.name, m.uid))
         .collect();
     format!(
-        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nmembers={}\n{BODY}",
+        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nmembers={}\nname={}\nlabgid={}\n{BODY}",
         quote(&spec.owner),
         spec.owner_uid,
         quote(&spec.ssh_keys.join("\n")),
         quote(&members.join("\n")),
+        quote(&spec.name),
+        spec.lab_gid,
     )
 }
 
 const BODY: &str = r#"set -e
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# The container's name is its hostname, and it resolves (sudo looks it up).
+if [ -n "$name" ]; then
+  [ "$(cat /etc/hostname 2>/dev/null)" = "$name" ] || echo "$name" > /etc/hostname
+  [ "$(hostname 2>/dev/null)" = "$name" ] || hostname "$name" 2>/dev/null || true
+  grep -Eq "^[^#]*[[:space:]]$name([[:space:]]|\$)" /etc/hosts 2>/dev/null ||
+    printf '127.0.1.1\t%s\n' "$name" >> /etc/hosts
+fi
 if ! id -u "$u" >/dev/null 2>&1; then
   if command -v useradd >/dev/null 2>&1; then
     getent group "$uid" >/dev/null 2>&1 || groupadd -g "$uid" "$u"
@@ -62,6 +71,17 @@ if ! id -u "$u" >/dev/null 2>&1; then
   else
     addgroup -g "$uid" "$u" 2>/dev/null || true
     adduser -D -u "$uid" -G "$u" -s /bin/sh "$u"
+  fi
+fi
+# The lab group owns the shared folders; the owner is a member, so they can write there.
+if [ "$labgid" -gt 0 ]; then
+  if ! getent group "$labgid" >/dev/null 2>&1; then
+    if command -v groupadd >/dev/null 2>&1; then groupadd -g "$labgid" lab 2>/dev/null || groupadd -g "$labgid" ssp-lab
+    else addgroup -g "$labgid" lab 2>/dev/null || addgroup -g "$labgid" ssp-lab; fi
+  fi
+  lab=$(getent group "$labgid" | cut -d: -f1)
+  if ! id -nG "$u" | tr ' ' '\n' | grep -qx "$lab"; then
+    if command -v usermod >/dev/null 2>&1; then usermod -aG "$lab" "$u"; else addgroup "$u" "$lab"; fi
   fi
 fi
 # A locked account refuses even key logins in OpenSSH; make it key-only instead.

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::json;
 use ssp_lxd::{Client, Instance};
-use ssp_proto::{InstanceSpec, InstanceStatus};
+use ssp_proto::{InstanceSpec, InstanceStatus, SharedFolder};
 
 use crate::account;
 use crate::forward::{self, Addrs};
@@ -103,7 +103,7 @@ pub async fn ensure(
         crate::subid::check(&spec.uid_range).map_err(EnsureError::Host)?;
     }
     for s in &spec.shares {
-        ensure_share_dir(Path::new(&s.host_path))?;
+        ensure_share_dir(s, spec.lab_gid)?;
     }
     let mut changed = Vec::new();
     let t0 = std::time::Instant::now();
@@ -229,7 +229,7 @@ pub fn in_sync(inst: &Instance, host: &HostContext, spec: &InstanceSpec) -> bool
         && merge_devices(&inst.devices, &r) == inst.devices
         && spec.running == inst.is_running()
         && (!spec.running || inst.config.get(account::CONFIG_KEY) == Some(&account::hash(spec)))
-        && spec.shares.iter().all(|s| Path::new(&s.host_path).is_dir())
+        && spec.shares.iter().all(|s| share_dir_ok(s, spec.lab_gid))
 }
 
 /// Maps a daemon instance to the wire status.
@@ -282,11 +282,36 @@ async fn mark_account(
     Ok(())
 }
 
-/// A shared folder that does not exist yet is made world-writable with the sticky bit,
-/// like /tmp: everyone may add files, only owners may remove them.
-fn ensure_share_dir(path: &Path) -> Result<(), EnsureError> {
+/// Owner, group and mode a shared folder's top directory should have, by its mode:
+/// `rw` root:lab 2775 (every member writes, files join the lab group), `owner`
+/// root:lab 3775 (the sticky bit: only a file's owner renames or removes it).
+/// `None` for `ro`: a read-only share keeps whatever the admin gave it.
+fn share_dir_want(s: &SharedFolder, lab_gid: u32) -> Option<(u32, u32, u32)> {
+    match s.mode.as_str() {
+        "ro" => None,
+        "owner" => Some((0, lab_gid, 0o3775)),
+        _ => Some((0, lab_gid, 0o2775)),
+    }
+}
+
+/// True when the shared folder is there with the owner and mode its share mode wants.
+fn share_dir_ok(s: &SharedFolder, lab_gid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(&s.host_path) else {
+        return false;
+    };
+    m.is_dir()
+        && share_dir_want(s, lab_gid).is_none_or(|(uid, gid, mode)| {
+            (m.uid(), m.gid(), m.mode() & 0o7777) == (uid, gid, mode)
+        })
+}
+
+/// Makes a shared folder that is missing, and gives a writable one the lab group and
+/// the mode of its share mode (see [`share_dir_want`]).
+fn ensure_share_dir(s: &SharedFolder, lab_gid: u32) -> Result<(), EnsureError> {
     use std::os::unix::fs::PermissionsExt;
-    if path.is_dir() {
+    let path = Path::new(&s.host_path);
+    if share_dir_ok(s, lab_gid) {
         return Ok(());
     }
     let err = |source| EnsureError::Share {
@@ -294,7 +319,12 @@ fn ensure_share_dir(path: &Path) -> Result<(), EnsureError> {
         source,
     };
     std::fs::create_dir_all(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o1777)).map_err(err)?;
+    if let Some((uid, gid, mode)) = share_dir_want(s, lab_gid) {
+        // Without a lab group (a spec from an older coordinator) the group stays as it is.
+        let gid = (gid != 0).then_some(gid);
+        std::os::unix::fs::chown(path, Some(uid), gid).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
     Ok(())
 }
 

@@ -242,14 +242,15 @@ pub fn render(
         }
     }
     for (i, s) in spec.shares.iter().enumerate() {
-        devices.insert(
-            format!("{DEVICE_PREFIX}share{i}"),
-            dev(&[
-                ("type", "disk"),
-                ("source", &s.host_path),
-                ("path", &s.container_path),
-            ]),
-        );
+        let mut d = dev(&[
+            ("type", "disk"),
+            ("source", &s.host_path),
+            ("path", &s.container_path),
+        ]);
+        if s.mode == "ro" {
+            d.insert("readonly".into(), "true".into());
+        }
+        devices.insert(format!("{DEVICE_PREFIX}share{i}"), d);
     }
     config.insert("user.ssp.spec-hash".into(), ssp_wire::spec_hash(spec));
     Ok(Rendered { config, devices })
@@ -299,13 +300,22 @@ mod tests {
             processes: 2000,
             gpu_pci: vec!["0000:19:00.0".into(), "0000:1a:00.0".into()],
             ssh_port: 22005,
-            shares: vec![SharedFolder {
-                host_path: "/srv/ssp/shared/team".into(),
-                container_path: "/shared".into(),
-            }],
+            shares: vec![
+                SharedFolder {
+                    host_path: "/srv/ssp/shared/team".into(),
+                    container_path: "/shared".into(),
+                    mode: "rw".into(),
+                },
+                SharedFolder {
+                    host_path: "/srv/ssp/shared/papers".into(),
+                    container_path: "/papers".into(),
+                    mode: "ro".into(),
+                },
+            ],
             running: true,
             uid_range: "10000-19999".into(),
             members: vec![],
+            lab_gid: 19999,
         }
     }
 
@@ -352,6 +362,8 @@ mod tests {
         assert_eq!(r.devices["ssp-ssh"]["listen"], "tcp:0.0.0.0:22005");
         assert_eq!(r.devices["root"]["size"], "10240MiB");
         assert_eq!(r.devices["ssp-share0"]["source"], "/srv/ssp/shared/team");
+        assert!(!r.devices["ssp-share0"].contains_key("readonly"));
+        assert_eq!(r.devices["ssp-share1"]["readonly"], "true");
     }
 
     #[test]

@@ -43,10 +43,12 @@ pub fn spec_for<'a>(
             .map(|s| pb::SharedFolder {
                 host_path: s.host_path.clone(),
                 container_path: s.container_path.clone(),
+                mode: s.mode.as_str().into(),
             })
             .collect(),
         running: true,
         uid_range: format!("{}-{}", settings.uid_first, settings.uid_last),
+        lab_gid: settings.lab_gid(),
         members: members
             .into_iter()
             .filter(|u| u.name != owner.name)

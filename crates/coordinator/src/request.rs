@@ -1,7 +1,7 @@
 //! Turning client requests into validated commands (pure; no IO).
 
 use ssp_model::{
-    ByteSize, Command, Constraints, Host, HostName, InputError, Limits, NewUser, Role,
+    ByteSize, Command, Constraints, Host, HostName, InputError, Limits, NewUser, Role, ShareMode,
     SharedFolder, SshKey, Username,
 };
 use ssp_proto as pb;
@@ -69,11 +69,10 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
         cfg.default_share_list()?
     };
     for s in &req.shares {
-        shares.push(SharedFolder::new(
-            &s.host_path,
-            &s.container_path,
-            &cfg.shared_roots,
-        )?);
+        shares.push(
+            SharedFolder::new(&s.host_path, &s.container_path, &cfg.shared_roots)?
+                .with_mode(ShareMode::parse(&s.mode)?),
+        );
     }
     shares.sort();
     shares.dedup();
@@ -305,12 +304,21 @@ mod tests {
         r.shares = vec![pb::SharedFolder {
             host_path: "/etc".into(),
             container_path: "/x".into(),
+            mode: String::new(),
         }];
         cases.push((r, "configured roots"));
         let mut r = req("bob");
         r.shares = vec![pb::SharedFolder {
+            host_path: "/srv/ssp/shared/x".into(),
+            container_path: "/x".into(),
+            mode: "write".into(),
+        }];
+        cases.push((r, "allowed modes are rw"));
+        let mut r = req("bob");
+        r.shares = vec![pb::SharedFolder {
             host_path: "/srv/ssp/shared/../../etc".into(),
             container_path: "/x".into(),
+            mode: String::new(),
         }];
         cases.push((r, "'..'"));
         let mut r = req("bob");

@@ -288,24 +288,76 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// How the lab's members may use a shared folder.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareMode {
+    /// Writable by every lab member; each file keeps its writer as owner. The folder
+    /// belongs to the lab group with the setgid bit, so files made in it are the lab's.
+    #[default]
+    Rw,
+    /// Read-only inside every container.
+    Ro,
+    /// Every member may add files, but a file is renamed or removed only by its
+    /// owner (the sticky bit, as on /tmp).
+    Owner,
+}
+
+impl ShareMode {
+    /// Parses `rw`, `ro` or `owner` (empty: `rw`).
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        match s {
+            "" | "rw" => Ok(ShareMode::Rw),
+            "ro" => Ok(ShareMode::Ro),
+            "owner" => Ok(ShareMode::Owner),
+            _ => Err(bad(
+                "shared folder mode",
+                s,
+                "allowed modes are rw (every member writes), ro (read-only) and owner (each file changed only by its owner)",
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareMode::Rw => "rw",
+            ShareMode::Ro => "ro",
+            ShareMode::Owner => "owner",
+        }
+    }
+}
+
 /// A host folder shared into a container at `container_path`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SharedFolder {
     pub host_path: String,
     pub container_path: String,
+    #[serde(default)]
+    pub mode: ShareMode,
 }
 
 impl SharedFolder {
-    /// Parses `HOST[:CONTAINER]`; the host path must lie under one of `roots`.
+    /// Parses `HOST[:CONTAINER[:MODE]]`; the host path must lie under one of `roots`.
     pub fn parse(s: &str, roots: &[String]) -> Result<Self, InputError> {
-        let (host, cont) = match s.split_once(':') {
-            Some((h, c)) => (h, c),
-            None => (s, s),
-        };
-        Self::new(host, cont, roots).map_err(|mut e| {
+        let mut parts = s.splitn(3, ':');
+        let host = parts.next().unwrap_or_default();
+        let cont = parts.next().unwrap_or(host);
+        let mode = parts.next().unwrap_or_default();
+        let with_value = |mut e: InputError| {
             e.value = s.to_string();
             e
-        })
+        };
+        Ok(Self::new(host, cont, roots)
+            .map_err(with_value)?
+            .with_mode(ShareMode::parse(mode).map_err(with_value)?))
+    }
+
+    /// The same folder with `mode`.
+    pub fn with_mode(mut self, mode: ShareMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// Checks both paths; the host path must be under one of `roots`.
@@ -373,6 +425,7 @@ impl SharedFolder {
         Ok(Self {
             host_path: host.trim_end_matches('/').to_string(),
             container_path: container.to_string(),
+            mode: ShareMode::default(),
         })
     }
 }
@@ -508,6 +561,18 @@ mod tests {
         ] {
             assert!(SharedFolder::parse(no, &roots).is_err(), "{no}");
         }
+        assert_eq!(s.mode, ShareMode::Rw);
+        let ro = SharedFolder::parse("/srv/ssp/shared/papers:/papers:ro", &roots).unwrap();
+        assert_eq!(
+            (ro.container_path.as_str(), ro.mode),
+            ("/papers", ShareMode::Ro)
+        );
+        let own = SharedFolder::parse("/srv/ssp/shared/drop:/drop:owner", &roots).unwrap();
+        assert_eq!(own.mode, ShareMode::Owner);
+        let e = SharedFolder::parse("/srv/ssp/shared/x:/x:rwx", &roots)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rwx") && e.contains("owner"), "{e}");
         let e = SharedFolder::parse("/srv/ssp/shared/../etc:/x", &roots)
             .unwrap_err()
             .to_string();

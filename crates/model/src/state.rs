@@ -21,6 +21,15 @@ pub struct Settings {
     pub uid_last: u32,
 }
 
+impl Settings {
+    /// The lab group's gid: the last of the uid range, never a user's uid. Shared
+    /// folders belong to this group (setgid), and every owner is a member inside
+    /// their container, so every member can write there and files keep their writer.
+    pub fn lab_gid(&self) -> u32 {
+        self.uid_last
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -426,14 +435,15 @@ impl State {
                 }
             })?;
         let s = self.settings();
-        let uid =
-            self.usage
-                .uids
-                .lowest_free(s.uid_first, s.uid_last)
-                .ok_or(Rejection::NoFreeUid {
-                    first: s.uid_first,
-                    last: s.uid_last,
-                })?;
+        // The last uid of the range is the lab group's gid, never a user's.
+        let uid = self
+            .usage
+            .uids
+            .lowest_free(s.uid_first, s.lab_gid().saturating_sub(1))
+            .ok_or(Rejection::NoFreeUid {
+                first: s.uid_first,
+                last: s.uid_last,
+            })?;
         let user = User {
             name: req.name.clone(),
             uid,

@@ -22,6 +22,8 @@ fn an_agent_registers_and_serves_with_its_first_coordinator_dead() -> Result<()>
         &format!("{}.pub", key.display()),
         "--image",
         "busybox",
+        "--wait",
+        "running",
     ])?;
     let state = wait_for("ann's container running", Duration::from_secs(60), || {
         let ls = p.ctl_json(&["ls"]).ok()?;

@@ -54,6 +54,8 @@ fn events_survive_a_daemon_restart() -> Result<()> {
         &format!("{}.pub", key.display()),
         "--image",
         "busybox",
+        "--wait",
+        "running",
     ])?;
 
     let rt = tokio::runtime::Runtime::new()?;

@@ -24,6 +24,8 @@ fn a_silent_host_is_marked_down_and_comes_back() -> Result<()> {
         &pubkey,
         "--image",
         "busybox",
+        "--wait",
+        "running",
     ])?;
     let status = |p: &Platform| -> Option<String> {
         let hosts = p.ctl_json(&["hosts"]).ok()?;
@@ -67,6 +69,8 @@ fn a_silent_host_is_marked_down_and_comes_back() -> Result<()> {
         &pubkey,
         "--image",
         "busybox",
+        "--wait",
+        "running",
     ])?;
     ensure!(err.contains("hd: down"), "{err}");
 

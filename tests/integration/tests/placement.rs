@@ -43,6 +43,8 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
             &pubkey,
             "--image",
             "busybox",
+            "--wait",
+            "running",
         ];
         args.extend_from_slice(extra);
         p.ctl_ok(&args).map(|_| ())

@@ -51,6 +51,8 @@ fn a_cut_off_leader_does_not_remake_what_the_new_leader_removed() -> Result<()> 
         &format!("{}.pub", key.display()),
         "--image",
         "busybox",
+        "--wait",
+        "running",
     ])?;
     ensure!(
         host.instance_names()?.contains(&"ann".to_string()),

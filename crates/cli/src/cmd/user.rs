@@ -37,6 +37,14 @@ pub enum UserCmd {
     },
 }
 
+/// See [`AddArgs::wait`].
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wait {
+    Ssh,
+    Running,
+    None,
+}
+
 #[derive(clap::Args)]
 pub struct AddArgs {
     /// Login name (also the container's name).
@@ -59,7 +67,8 @@ pub struct AddArgs {
     /// Image alias on the hosts.
     #[arg(long)]
     image: Option<String>,
-    /// Extra shared folder, HOST_PATH[:CONTAINER_PATH]; may repeat.
+    /// Extra shared folder, HOST_PATH[:CONTAINER_PATH[:MODE]], MODE rw (every member
+    /// writes; the default), ro or owner (each file changed only by its owner); may repeat.
     #[arg(long = "share")]
     shares: Vec<String>,
     /// Do not add the coordinator's default shared folders.
@@ -68,9 +77,18 @@ pub struct AddArgs {
     /// Role: user or admin.
     #[arg(long, default_value = "user")]
     role: String,
-    /// Answer once the user is recorded; ssp creates the container in the background.
+    /// What to wait for before answering: `ssh` (the user can log in: their
+    /// container's SSH server answers at the address `sspctl ssh-config` prints),
+    /// `running` (the container runs) or `none` (the user is recorded; ssp creates
+    /// the container in the background).
+    #[arg(long, value_enum, default_value_t = Wait::Ssh)]
+    wait: Wait,
+    /// The same as `--wait none`.
     #[arg(long)]
     no_wait: bool,
+    /// Seconds to wait for SSH to answer before giving up with an error.
+    #[arg(long, default_value_t = 120)]
+    wait_timeout: u64,
     /// Only GPUs whose model contains this, e.g. A100 (needs --gpus).
     #[arg(long)]
     gpu_model: Option<String>,
@@ -117,10 +135,12 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 .shares
                 .iter()
                 .map(|s| {
-                    let (h, c) = s.split_once(':').unwrap_or((s, s));
+                    let mut parts = s.splitn(3, ':');
+                    let h = parts.next().unwrap_or_default();
                     SharedFolder {
                         host_path: h.into(),
-                        container_path: c.into(),
+                        container_path: parts.next().unwrap_or(h).into(),
+                        mode: parts.next().unwrap_or_default().into(),
                     }
                 })
                 .collect();
@@ -135,7 +155,7 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 shares,
                 no_default_shares: a.no_default_shares,
                 role: a.role.clone(),
-                no_wait: a.no_wait,
+                no_wait: a.no_wait || a.wait == Wait::None,
                 gpu_model: a.gpu_model.clone().unwrap_or_default(),
                 gpu_memory_bytes: a.gpu_memory.map(|m| m.0).unwrap_or(0),
                 host: a.host.clone().unwrap_or_default(),
@@ -153,6 +173,21 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
             let i = reply.instance.unwrap_or_default();
             if !reply.warning.is_empty() {
                 eprintln!("sspctl: warning: {}", reply.warning);
+            }
+            if a.wait == Wait::Ssh && !a.no_wait {
+                if !reply.warning.is_empty() {
+                    anyhow::bail!(
+                        "user {} is added, but their container is not running yet, so they cannot log in; `sspctl ls` shows when it runs",
+                        a.name
+                    );
+                }
+                let timeout = std::time::Duration::from_secs(a.wait_timeout);
+                wait_for_ssh(&i.ssh_host, i.ssh_port, timeout).await.with_context(|| {
+                    format!(
+                        "user {} is added and their container runs on {}, but SSH at {}:{} did not answer from here within {}s (--wait running or --no-wait do not wait for it)",
+                        a.name, i.host, i.ssh_host, i.ssh_port, a.wait_timeout
+                    )
+                })?;
             }
             match cli.output {
                 output::Format::Json => crate::outln!(
@@ -261,4 +296,42 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Waits until an SSH server answers at `host:port`: the connection is accepted and
+/// the server sends its identification line (`SSH-2.0-...`). The account and keys
+/// are in place before sshd starts (ssp's images make them first; for other images
+/// the agent has made them before the container is reported running), so from then
+/// on a login with the user's key works.
+async fn wait_for_ssh(host: &str, port: u32, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    use tokio::time::{sleep, timeout as within, Duration, Instant};
+    let port = u16::try_from(port).context("the coordinator gave no SSH port")?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let mut conn = tokio::net::TcpStream::connect((host, port)).await?;
+            let mut banner = Vec::new();
+            let mut buf = [0u8; 256];
+            while !banner.contains(&b'\n') && banner.len() < 1024 {
+                let n = conn.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                banner.extend_from_slice(&buf[..n]);
+            }
+            Ok::<_, std::io::Error>(banner)
+        };
+        let last = match within(Duration::from_secs(3), attempt).await {
+            Ok(Ok(b)) if b.starts_with(b"SSH-") => return Ok(()),
+            Ok(Ok(b)) if b.is_empty() => "the connection was closed without a greeting".to_string(),
+            Ok(Ok(_)) => "something other than an SSH server answered".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no greeting within 3s".to_string(),
+        };
+        if Instant::now() >= deadline {
+            anyhow::bail!("last try: {last}");
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
 }
