@@ -8,6 +8,7 @@ pub mod ensure;
 pub mod forward;
 pub mod heal;
 pub mod host;
+pub mod hostcheck;
 pub mod inventory;
 pub mod lxcfs;
 pub mod register;
@@ -59,6 +60,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(p) => GpuSource::Static(p.clone()),
         None => GpuSource::nvml(),
     };
+    for problem in hostcheck::cgroups(std::path::Path::new(hostcheck::CGROUP_ROOT)) {
+        tracing::error!("host check: {problem}");
+    }
     let specs = heal::Specs::open(&cfg.state_dir.join("specs"))?;
     let host = HostState::new(
         client,
