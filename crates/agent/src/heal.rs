@@ -277,6 +277,15 @@ impl HostState {
     /// ensures those that differ (or are missing). Returns how many were checked
     /// and how many were ensured.
     pub async fn resync(self: &Arc<Self>, why: &str) -> (usize, usize) {
+        // A driver upgrade since the last pass gives GPU containers the new
+        // driver's files in this one.
+        let me = self.clone();
+        if let Ok(true) = tokio::task::spawn_blocking(move || me.nvidia.refresh()).await {
+            tracing::info!(
+                why,
+                "nvidia: the driver changed; GPU containers get its files"
+            );
+        }
         let names = self.specs.names();
         let listed = match self.client.instances().await {
             Ok(l) => l,
