@@ -322,8 +322,14 @@ impl HostState {
 
     /// Resyncs at start and every `every`.
     pub async fn resync_loop(self: Arc<Self>, every: Duration) {
+        let mut first = true;
         loop {
             self.resync("resync").await;
+            if std::mem::take(&mut first) {
+                // GPU containers now use the current driver's files; older go.
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.nvidia.prune_old()).await;
+            }
             tokio::time::sleep(every).await;
         }
     }

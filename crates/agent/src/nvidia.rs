@@ -243,27 +243,38 @@ fn is_elf64(path: &Path) -> bool {
 }
 
 /// The `DT_SONAME` of a 64-bit little-endian ELF shared object, read through its
-/// section headers (`.dynamic` and the string table it links to).
+/// section headers (`.dynamic` and the string table it links to). Reads only
+/// those parts: a driver's libraries are up to hundreds of megabytes.
 pub fn soname(path: &Path) -> Option<String> {
-    let data = std::fs::read(path).ok()?;
-    let u16_at = |o: usize| Some(u16::from_le_bytes(data.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(data.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(data.get(o..o + 8)?.try_into().ok()?));
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).ok()?;
+    let read = |offset: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).ok().map(|_| buf)
+    };
+    let u16_at = |b: &[u8], o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |b: &[u8], o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |b: &[u8], o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    let header = read(0, 64)?;
     // ELF64, little-endian.
-    if data.get(0..6)? != [0x7f, b'E', b'L', b'F', 2, 1] {
+    if header[0..6] != [0x7f, b'E', b'L', b'F', 2, 1] {
         return None;
     }
-    let shoff = usize::try_from(u64_at(0x28)?).ok()?;
-    let shentsize = usize::from(u16_at(0x3a)?);
-    let shnum = usize::from(u16_at(0x3c)?);
+    let shoff = u64_at(&header, 0x28)?;
+    let shentsize = usize::from(u16_at(&header, 0x3a)?);
+    let shnum = usize::from(u16_at(&header, 0x3c)?);
+    if shentsize < 0x40 || shnum > 1 << 14 {
+        return None;
+    }
+    let table = read(shoff, shnum * shentsize)?;
+    // (type, offset, size, link) of section i.
     let section = |i: usize| {
-        let o = shoff.checked_add(i.checked_mul(shentsize)?)?;
-        // (type, offset, size, link)
+        let o = i * shentsize;
         Some((
-            u32_at(o + 4)?,
-            usize::try_from(u64_at(o + 0x18)?).ok()?,
-            usize::try_from(u64_at(o + 0x20)?).ok()?,
-            usize::try_from(u32_at(o + 0x28)?).ok()?,
+            u32_at(&table, o + 4)?,
+            u64_at(&table, o + 0x18)?,
+            usize::try_from(u64_at(&table, o + 0x20)?).ok()?,
+            usize::try_from(u32_at(&table, o + 0x28)?).ok()?,
         ))
     };
     const SHT_DYNAMIC: u32 = 6;
@@ -273,21 +284,21 @@ pub fn soname(path: &Path) -> Option<String> {
         .filter_map(section)
         .find(|(t, ..)| *t == SHT_DYNAMIC)?;
     let (_, str_off, str_size, _) = section(link)?;
-    let mut at = dyn_off;
-    while at + 16 <= dyn_off.checked_add(dyn_size)? {
-        let (tag, val) = (u64_at(at)?, u64_at(at + 8)?);
-        if tag == DT_NULL {
-            break;
-        }
-        if tag == DT_SONAME {
-            let start = str_off.checked_add(usize::try_from(val).ok()?)?;
-            let strtab = data.get(start..str_off.checked_add(str_size)?)?;
-            let end = strtab.iter().position(|b| *b == 0)?;
-            return String::from_utf8(strtab[..end].to_vec()).ok();
-        }
-        at += 16;
+    // Both are small (kilobytes) in any real library.
+    if dyn_size > 1 << 20 || str_size > 16 << 20 {
+        return None;
     }
-    None
+    let dynamic = read(dyn_off, dyn_size)?;
+    let val = dynamic
+        .chunks_exact(16)
+        .map(|e| (u64_at(e, 0), u64_at(e, 8)))
+        .take_while(|(tag, _)| *tag != Some(DT_NULL))
+        .find(|(tag, _)| *tag == Some(DT_SONAME))?
+        .1?;
+    let strtab = read(str_off, str_size)?;
+    let name = strtab.get(usize::try_from(val).ok()?..)?;
+    let end = name.iter().position(|b| *b == 0)?;
+    String::from_utf8(name[..end].to_vec()).ok()
 }
 
 /// Hard-links `from` to `to`, or copies it (and syncs the copy) where the two are
@@ -456,18 +467,29 @@ impl Nvidia {
         };
         if bind {
             me.refresh();
-            let cur = me.current.lock().map(|c| c.version.clone()).ok().flatten();
-            if let (Some(v), true) = (cur, me.dir().is_some()) {
-                match prune(state_dir, &v) {
-                    Ok(r) if !r.is_empty() => {
-                        tracing::info!(removed = ?r, "nvidia: removed old driver directories")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("nvidia: removing old driver directories: {e}"),
-                }
-            }
         }
         me
+    }
+
+    /// Removes every driver directory but the current one. The agent calls it
+    /// once, after its first resync has pointed every GPU container at the
+    /// current one, so no container it manages still uses what goes.
+    pub fn prune_old(&self) {
+        let Some(v) = self
+            .current
+            .lock()
+            .ok()
+            .and_then(|c| c.dir.as_ref().and(c.version.clone()))
+        else {
+            return;
+        };
+        match prune(&self.state_dir, &v) {
+            Ok(r) if !r.is_empty() => {
+                tracing::info!(removed = ?r, "nvidia: removed old driver directories")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("nvidia: removing old driver directories: {e}"),
+        }
     }
 
     fn dir(&self) -> Option<PathBuf> {
@@ -801,10 +823,13 @@ mod tests {
         let nv = Nvidia::start(&cfg, &state);
         let first = version_dir(&state, "999.1.0").display().to_string();
         assert_eq!(nv.userspace(), Userspace::Bind { dir: first.clone() });
+        assert!(state.join("nvidia/990.0.0").exists());
+        nv.prune_old();
         assert!(
             !state.join("nvidia/990.0.0").exists(),
-            "old versions go at start"
+            "old versions go after the first resync"
         );
+        assert!(Path::new(&first).is_dir());
         assert!(!nv.refresh(), "same version: nothing to do");
         // The driver is unloaded for an upgrade: containers keep what they have.
         std::fs::remove_file(&cfg.version_file).unwrap();
