@@ -79,6 +79,29 @@ fn install_driver(root: &Path, version: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the account script ran at boot (ssp's debian-ssh image runs it
+/// in the `ssp-account` unit) and fails unless it succeeded.
+fn account_script_succeeded(host: &Host, name: &str) -> Result<()> {
+    let show = |p: &str| host.exec(name, &format!("systemctl show -p {p} --value ssp-account"));
+    wait_for(
+        &format!("{name}'s account script to run"),
+        Duration::from_secs(90),
+        || {
+            show("ExecMainExitTimestampMonotonic")
+                .ok()
+                .filter(|t| !matches!(t.trim(), "" | "0"))
+        },
+    )?;
+    let result = show("Result")?;
+    ensure!(
+        result.trim() == "success",
+        "the account script in {name} ended with {result:?}: {}",
+        host.exec(name, "journalctl -u ssp-account --no-pager | tail -20")
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
 #[test]
 fn driver_userspace_in_gpu_containers_follows_the_host_driver() -> Result<()> {
     let mut host = Host::start("nv", Kind::Incus, 71)?;
@@ -144,6 +167,7 @@ fn driver_userspace_in_gpu_containers_follows_the_host_driver() -> Result<()> {
         out.contains("Driver Version: 999.1.0"),
         "nvidia-smi printed {out:?}"
     );
+    account_script_succeeded(&host, "nvuser")?;
     let which = host.exec("nvuser", "su - nvuser -c 'command -v nvidia-smi'")?;
     ensure!(
         which.trim() == "/usr/local/bin/nvidia-smi",
@@ -180,6 +204,29 @@ fn driver_userspace_in_gpu_containers_follows_the_host_driver() -> Result<()> {
                 .join("\n")
         );
     }
+
+    // A container without GPUs gets none of it, and its account script still succeeds.
+    p.ctl_ok(&[
+        "user",
+        "add",
+        "nvplain",
+        "--ssh-key",
+        &format!("{}.pub", key.display()),
+    ])?;
+    let devices = host.cli_run(&["config", "device", "show", "nvplain"])?;
+    ensure!(
+        !devices.contains("ssp-nvidia"),
+        "a container without GPUs got the driver files:\n{devices}"
+    );
+    account_script_succeeded(&host, "nvplain")?;
+    let none = host.exec(
+        "nvplain",
+        "command -v nvidia-smi || test -e /etc/ld.so.conf.d/ssp-nvidia.conf && echo found || echo none",
+    )?;
+    ensure!(
+        none.trim() == "none",
+        "nvidia files in a container without GPUs: {none:?}"
+    );
 
     // The host's driver is upgraded: the next resync gives the running container
     // the new files, and it is not recreated.
