@@ -128,7 +128,7 @@ pub fn parse_ld_cache(text: &str) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// Reads the loader's cache at `cache` (empty when ldconfig cannot read it).
+/// Reads the loader's cache at `cache` with `ldconfig -p -C`.
 pub fn read_ld_cache(cache: &Path) -> Result<Vec<(String, PathBuf)>, String> {
     let mut last = String::new();
     for ldconfig in ["ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"] {
@@ -425,7 +425,7 @@ impl Nvidia {
     }
 
     /// Resolves the mode, logs the choice and why, and in bind mode assembles the
-    /// current driver's directory and removes every other version's.
+    /// current driver's directory.
     pub fn start(cfg: &NvidiaConfig, state_dir: &Path) -> Nvidia {
         let driver = cfg.version_file.exists();
         let (runtime, bind) = match cfg.mode {
