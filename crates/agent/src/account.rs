@@ -116,6 +116,30 @@ getent passwd | awk -F: '$5 == "ssp lab member" {print $1}' | while read -r m; d
   printf '%s\n' "$members" | grep -q "^$m " && continue
   if command -v userdel >/dev/null 2>&1; then userdel "$m" 2>/dev/null || true; else deluser "$m" 2>/dev/null || true; fi
 done
+# The host's NVIDIA driver files, which ssp mounts read-only on GPU containers:
+# the loader finds the libraries and the binaries are on PATH. Without the
+# mount, what this made before goes.
+nv=/usr/local/lib/ssp-nvidia
+nvconf=/etc/ld.so.conf.d/ssp-nvidia.conf
+nvldconfig=
+if [ -d "$nv/lib" ]; then
+  mkdir -p /etc/ld.so.conf.d /usr/local/bin
+  printf '%s\n' "$nv/lib" > "$nvconf"
+  for f in "$nv"/bin/*; do
+    [ -f "$f" ] && ln -sfn "$f" "/usr/local/bin/${f##*/}"
+  done
+  nvldconfig=1
+elif [ -e "$nvconf" ]; then
+  rm -f "$nvconf"
+  nvldconfig=1
+fi
+for l in /usr/local/bin/*; do
+  [ -L "$l" ] && [ ! -e "$l" ] || continue
+  case "$(readlink "$l")" in "$nv"/bin/*) rm -f "$l" ;; esac
+done
+if [ -n "$nvldconfig" ] && command -v ldconfig >/dev/null 2>&1; then
+  ldconfig || echo "ssp: ldconfig failed" >&2
+fi
 "#;
 
 /// Runs the script inside the running container now.

@@ -52,6 +52,9 @@ pub struct AgentConfig {
     /// back what was changed by hand.
     #[serde(default = "default_resync")]
     pub resync_secs: u64,
+    /// How GPU containers get the NVIDIA driver's user-space (`[nvidia]`).
+    #[serde(default)]
+    pub nvidia: crate::nvidia::NvidiaConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -127,5 +130,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`nat`") && e.contains("`proxy`"), "{e}");
+    }
+
+    #[test]
+    fn nvidia_table_is_optional_key_by_key() {
+        use crate::nvidia::{Mode, NvidiaConfig};
+        let c: AgentConfig = toml::from_str(BASE).unwrap();
+        assert_eq!(c.nvidia, NvidiaConfig::default());
+        assert_eq!(c.nvidia.mode, Mode::Auto);
+        assert_eq!(
+            c.nvidia.version_file,
+            PathBuf::from("/proc/driver/nvidia/version")
+        );
+        assert_eq!(
+            c.nvidia.lib_dirs[0],
+            PathBuf::from("/usr/local/nvidia/lib64")
+        );
+        assert_eq!(c.nvidia.bin_dirs[0], PathBuf::from("/usr/local/nvidia/bin"));
+        let c: AgentConfig = toml::from_str(&format!(
+            "{BASE}[nvidia]\nmode = \"bind\"\nlib_dirs = [\"/opt/nv/lib\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.nvidia.mode, Mode::Bind);
+        assert_eq!(c.nvidia.lib_dirs, vec![PathBuf::from("/opt/nv/lib")]);
+        assert_eq!(c.nvidia.bin_dirs, NvidiaConfig::default().bin_dirs);
+        for bad in ["[nvidia]\nmode = \"cdi\"\n", "[nvidia]\nlibdirs = []\n"] {
+            assert!(
+                toml::from_str::<AgentConfig>(&format!("{BASE}{bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -106,6 +106,9 @@ pub async fn ensure(
         ensure_share_dir(s, spec.lab_gid)?;
     }
     let mut changed = Vec::new();
+    // The driver files of a running container changed (a driver upgrade, or
+    // bind mode newly on): its loader must learn of them.
+    let mut nvidia_changed = false;
     let t0 = std::time::Instant::now();
     let step = |what: &str| tracing::debug!(instance = %spec.name, step = what, ms = t0.elapsed().as_millis() as u64, "ensure step");
     let inst = match current {
@@ -144,6 +147,9 @@ pub async fn ensure(
                 if devices != inst.devices {
                     changed.push("devices".into());
                 }
+                nvidia_changed = inst.is_running()
+                    && inst.devices.get(crate::nvidia::DEVICE)
+                        != devices.get(crate::nvidia::DEVICE);
                 client
                     .put_instance(
                         &spec.name,
@@ -200,6 +206,15 @@ pub async fn ensure(
         mark_account(client, spec, &mut inst, &want).await?;
         changed.push("account".into());
         step("account");
+    } else if nvidia_changed && spec.running && inst.is_running() {
+        // The account script ends with the driver setup (loader config, ldconfig,
+        // links on PATH); it is idempotent. Best effort: the container runs either way.
+        match account::exec(client, spec).await {
+            Ok(()) => changed.push("nvidia".into()),
+            Err(e) => {
+                tracing::warn!(instance = %spec.name, "ldconfig after the NVIDIA driver files changed: {e}")
+            }
+        }
     }
     let mut st = status_of(&inst);
     st.changed = changed;

@@ -277,6 +277,15 @@ impl HostState {
     /// ensures those that differ (or are missing). Returns how many were checked
     /// and how many were ensured.
     pub async fn resync(self: &Arc<Self>, why: &str) -> (usize, usize) {
+        // A driver upgrade since the last pass gives GPU containers the new
+        // driver's files in this one.
+        let me = self.clone();
+        if let Ok(true) = tokio::task::spawn_blocking(move || me.nvidia.refresh()).await {
+            tracing::info!(
+                why,
+                "nvidia: the driver changed; GPU containers get its files"
+            );
+        }
         let names = self.specs.names();
         let listed = match self.client.instances().await {
             Ok(l) => l,
@@ -313,8 +322,14 @@ impl HostState {
 
     /// Resyncs at start and every `every`.
     pub async fn resync_loop(self: Arc<Self>, every: Duration) {
+        let mut first = true;
         loop {
             self.resync("resync").await;
+            if std::mem::take(&mut first) {
+                // GPU containers now use the current driver's files; older go.
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.nvidia.prune_old()).await;
+            }
             tokio::time::sleep(every).await;
         }
     }

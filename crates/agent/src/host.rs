@@ -27,6 +27,8 @@ pub struct HostState {
     /// The last spec given for each container, kept on disk (see `heal`).
     pub specs: crate::heal::Specs,
     pub restarts: crate::heal::Restarts,
+    /// The NVIDIA driver's user-space for GPU containers.
+    pub nvidia: crate::nvidia::Nvidia,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     facts: RwLock<Option<Facts>>,
 }
@@ -47,6 +49,9 @@ const FACTS_TTL: Duration = Duration::from_secs(60);
 const CONTROL_NODES: &[&str] = &["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"];
 
 impl HostState {
+    // Each argument is one part of the host from the agent's config; a struct
+    // for them would repeat these fields.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         gpus: GpuSource,
@@ -55,6 +60,7 @@ impl HostState {
         ssh_host: String,
         ssh_forward: crate::config::ForwardMode,
         specs: crate::heal::Specs,
+        nvidia: crate::nvidia::Nvidia,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Self {
@@ -68,6 +74,7 @@ impl HostState {
             events,
             specs,
             restarts: Default::default(),
+            nvidia,
             locks: Mutex::new(HashMap::new()),
             facts: RwLock::new(None),
         })
@@ -82,8 +89,15 @@ impl HostState {
         m.lock_owned().await
     }
 
-    /// The host's facts, read again when older than a minute.
+    /// The host's facts, read again when older than a minute; the NVIDIA driver
+    /// directory is always the current one.
     pub async fn facts(&self) -> anyhow::Result<Facts> {
+        let mut f = self.cached_facts().await?;
+        f.context.nvidia = self.nvidia.userspace();
+        Ok(f)
+    }
+
+    async fn cached_facts(&self) -> anyhow::Result<Facts> {
         if let Some(f) = self
             .facts
             .read()
@@ -166,6 +180,7 @@ impl HostState {
             pool: self.pool.clone(),
             ssh,
             gpu_mode,
+            nvidia: Default::default(),
         }
     }
 

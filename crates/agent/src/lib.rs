@@ -8,8 +8,10 @@ pub mod ensure;
 pub mod forward;
 pub mod heal;
 pub mod host;
+pub mod hostcheck;
 pub mod inventory;
 pub mod lxcfs;
+pub mod nvidia;
 pub mod register;
 pub mod render;
 pub mod service;
@@ -59,6 +61,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(p) => GpuSource::Static(p.clone()),
         None => GpuSource::nvml(),
     };
+    for problem in hostcheck::cgroups(std::path::Path::new(hostcheck::CGROUP_ROOT)) {
+        tracing::error!("host check: {problem}");
+    }
+    let nvidia = {
+        let (nv, dir) = (cfg.nvidia.clone(), cfg.state_dir.clone());
+        tokio::task::spawn_blocking(move || nvidia::Nvidia::start(&nv, &dir)).await?
+    };
     let specs = heal::Specs::open(&cfg.state_dir.join("specs"))?;
     let host = HostState::new(
         client,
@@ -68,6 +77,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.ssh_host.clone(),
         cfg.ssh_forward,
         specs,
+        nvidia,
     );
     tokio::spawn(host.clone().follow_events());
     tokio::spawn(host.clone().heal_on_events());

@@ -5,6 +5,8 @@ use std::net::Ipv4Addr;
 
 use ssp_proto::InstanceSpec;
 
+use crate::nvidia::Userspace;
+
 /// A device: its keys and values, all strings as the daemon wants them.
 pub type Device = BTreeMap<String, String>;
 
@@ -22,6 +24,8 @@ pub const MANAGED_KEYS: &[&str] = &[
     "user.ssp.owner",
     "user.ssp.spec-hash",
     crate::account::SCRIPT_KEY,
+    "nvidia.runtime",
+    "nvidia.driver.capabilities",
 ];
 
 /// Device names ssp owns start with this (plus the root disk).
@@ -110,6 +114,9 @@ pub struct HostContext {
     pub pool: String,
     pub ssh: SshForward,
     pub gpu_mode: GpuMode,
+    /// How GPU containers get the NVIDIA driver's user-space (chosen and kept
+    /// current by [`crate::nvidia::Nvidia`]; render itself reads no files).
+    pub nvidia: crate::nvidia::Userspace,
 }
 
 /// The rendered config and devices, plus a hash of both.
@@ -241,6 +248,29 @@ pub fn render(
             }
         }
     }
+    if !spec.gpu_pci.is_empty() {
+        match &host.nvidia {
+            Userspace::Off => {}
+            Userspace::Runtime => {
+                config.insert("nvidia.runtime".into(), "true".into());
+                config.insert(
+                    "nvidia.driver.capabilities".into(),
+                    "compute,utility".into(),
+                );
+            }
+            Userspace::Bind { dir } => {
+                devices.insert(
+                    crate::nvidia::DEVICE.into(),
+                    dev(&[
+                        ("type", "disk"),
+                        ("source", dir),
+                        ("path", crate::nvidia::MOUNT_PATH),
+                        ("readonly", "true"),
+                    ]),
+                );
+            }
+        }
+    }
     for (i, s) in spec.shares.iter().enumerate() {
         let mut d = dev(&[
             ("type", "disk"),
@@ -337,7 +367,60 @@ mod tests {
                 .collect(),
                 control: vec!["nvidiactl".into(), "nvidia-uvm".into()],
             },
+            nvidia: Userspace::Off,
         }
+    }
+
+    #[test]
+    fn driver_userspace_by_runtime_or_bind_only_for_gpu_containers() {
+        let off = render(&spec(), &nodes_ctx(), None).unwrap();
+        assert!(!off.devices.contains_key("ssp-nvidia"));
+        assert!(!off.config.keys().any(|k| k.starts_with("nvidia.")));
+        let runtime = HostContext {
+            nvidia: Userspace::Runtime,
+            ..nodes_ctx()
+        };
+        let r = render(&spec(), &runtime, None).unwrap();
+        assert_eq!(r.config["nvidia.runtime"], "true");
+        assert_eq!(r.config["nvidia.driver.capabilities"], "compute,utility");
+        assert!(!r.devices.contains_key("ssp-nvidia"));
+        let bind = HostContext {
+            nvidia: Userspace::Bind {
+                dir: "/var/lib/ssp-agent/nvidia/580.159.04".into(),
+            },
+            ..nodes_ctx()
+        };
+        let b = render(&spec(), &bind, None).unwrap();
+        let d = &b.devices["ssp-nvidia"];
+        assert_eq!(d["type"], "disk");
+        assert_eq!(d["source"], "/var/lib/ssp-agent/nvidia/580.159.04");
+        assert_eq!(d["path"], "/usr/local/lib/ssp-nvidia");
+        assert_eq!(d["readonly"], "true");
+        assert!(!b.config.contains_key("nvidia.runtime"));
+        // Without GPUs, neither; and a key left from runtime mode is removed on merge.
+        let mut s = spec();
+        s.gpu_pci.clear();
+        for ctx in [&runtime, &bind] {
+            let n = render(&s, ctx, None).unwrap();
+            assert!(!n.devices.contains_key("ssp-nvidia"));
+            assert!(!n.config.contains_key("nvidia.runtime"));
+            let merged = merge_config(&r.config, &n);
+            assert!(!merged.contains_key("nvidia.runtime"));
+            assert!(!merged.contains_key("nvidia.driver.capabilities"));
+        }
+        // A driver upgrade changes only the device's source.
+        let up = HostContext {
+            nvidia: Userspace::Bind {
+                dir: "/var/lib/ssp-agent/nvidia/580.200.01".into(),
+            },
+            ..nodes_ctx()
+        };
+        let u = render(&spec(), &up, None).unwrap();
+        assert_eq!(u.config, b.config);
+        assert_eq!(
+            u.devices["ssp-nvidia"]["source"],
+            "/var/lib/ssp-agent/nvidia/580.200.01"
+        );
     }
 
     #[test]

@@ -41,6 +41,7 @@ fn main() -> Result<()> {
             host.addr.clone(),
             ssp_agent::config::ForwardMode::Nat,
             specs,
+            ssp_agent::nvidia::Nvidia::off(),
         );
         let ctx = state.facts().await?.context;
         if !matches!(ctx.ssh, ssp_agent::render::SshForward::Nat { .. }) {

@@ -60,6 +60,8 @@ pub struct AgentSpec<'a> {
     pub labels: &'a [&'a str],
     /// The agent's `ssh_forward` (default: NAT).
     pub ssh_forward: Option<&'a str>,
+    /// Raw lines appended to the agent's config (e.g. an `[nvidia]` table).
+    pub extra_config: &'a str,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -70,6 +72,7 @@ impl<'a> AgentSpec<'a> {
             gpu_inventory: None,
             labels: &[],
             ssh_forward: None,
+            extra_config: "",
         }
     }
 }
@@ -198,6 +201,7 @@ impl Platform {
             if !a.labels.is_empty() {
                 cfg.push_str(&format!("labels = {:?}\n", a.labels));
             }
+            cfg.push_str(a.extra_config);
             self.agent_addrs.push(format!("http://{}:{aport}", h.addr));
             let path = dir.join(format!("agent-{}.toml", h.name));
             std::fs::write(&path, cfg)?;
