@@ -128,9 +128,37 @@ impl HostState {
         Ok(f)
     }
 
-    /// The host inventory as the wire type.
+    /// The host inventory as the wire type. Images are read each time (one cheap
+    /// request): they are imported and deleted by hand, and placement needs them current.
     pub async fn inventory(&self) -> anyhow::Result<HostInventory> {
-        Ok(self.facts().await?.inventory)
+        let mut inv = self.facts().await?.inventory;
+        inv.images = self.images().await?;
+        Ok(inv)
+    }
+
+    /// The daemon's images with their aliases, sorted by fingerprint.
+    pub async fn images(&self) -> anyhow::Result<Vec<ssp_proto::Image>> {
+        let mut images: Vec<ssp_proto::Image> = self
+            .client
+            .images()
+            .await?
+            .iter()
+            .map(|i| ssp_proto::Image {
+                fingerprint: i.fingerprint.to_ascii_lowercase(),
+                aliases: i.alias_names(),
+            })
+            .collect();
+        images.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
+        Ok(images)
+    }
+
+    /// Ports of `range` that something other than ssp's own forwards holds here.
+    pub async fn foreign_ports(&self, range: (u16, u16)) -> anyhow::Result<Vec<u16>> {
+        // Listeners first: one that appears while the daemon is listed belongs to an
+        // instance the listing already shows, so it is not taken for a foreign port.
+        let listening = crate::ports::host_listeners();
+        let instances = self.client.instances().await?;
+        Ok(crate::ports::foreign_ports(&instances, &listening, range))
     }
 
     /// How GPUs are attached here: by PCI address when the daemon sees every

@@ -10,6 +10,7 @@ pub mod heal;
 pub mod host;
 pub mod inventory;
 pub mod lxcfs;
+pub mod ports;
 pub mod register;
 pub mod render;
 pub mod service;
