@@ -42,7 +42,7 @@ async fn register_once(cfg: &AgentConfig, host: &HostState, addr: &str) -> anyho
     let mut c = CoordinatorClient::new(channel);
     let mut req = tonic::Request::new(RegisterHostRequest {
         name: cfg.name.clone(),
-        agent_address: cfg.advertise.clone(),
+        agent_address: cfg.advertise_address()?,
         ssh_host: cfg.ssh_host.clone(),
         ssh_port_first: cfg.ssh_ports.0 as u32,
         ssh_port_last: cfg.ssh_ports.1 as u32,
