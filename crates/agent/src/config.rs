@@ -14,8 +14,11 @@ pub struct AgentConfig {
     /// gRPC listen address.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// How coordinators reach this agent, e.g. `http://10.0.0.5:7401`.
-    pub advertise: String,
+    /// How coordinators reach this agent, e.g. `http://10.0.0.5:7401`; default:
+    /// `listen` when it is a specific address, else `ssh_host` with `listen`'s port.
+    /// Use [`AgentConfig::advertise_address`].
+    #[serde(default)]
+    pub advertise: Option<String>,
     /// Every coordinator's address; the agent tries them in turn.
     pub coordinators: Vec<String>,
     /// The daemon's unix socket; default: the first of Incus's and LXD's defaults that exists.
@@ -110,8 +113,47 @@ impl AgentConfig {
                 path.display()
             );
         }
+        cfg.advertise_address()
+            .with_context(|| format!("advertise in {}", path.display()))?;
         Ok(cfg)
     }
+
+    /// How coordinators reach this agent: `advertise`, or `http://LISTEN` when
+    /// `listen` is a specific address, or `http://SSH_HOST:PORT` (users reach the host
+    /// at `ssh_host`, so coordinators can too) when it is a wildcard.
+    pub fn advertise_address(&self) -> anyhow::Result<String> {
+        match &self.advertise {
+            Some(a) if a.starts_with("http://") => Ok(a.clone()),
+            Some(a) => anyhow::bail!("{a:?}: expected http://ADDRESS:PORT"),
+            None if !self.listen.ip().is_unspecified() => Ok(format!("http://{}", self.listen)),
+            None => {
+                let port = self.listen.port();
+                let host = self.ssh_host.trim();
+                match host.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V6(ip)) => Ok(format!("http://[{ip}]:{port}")),
+                    Ok(ip) => Ok(format!("http://{ip}:{port}")),
+                    Err(_) if is_host_name(host) => Ok(format!("http://{host}:{port}")),
+                    Err(_) => anyhow::bail!(
+                        "not set, and ssh_host {host:?} is no address or host name to derive it \
+                         from: set advertise = \"http://ADDRESS:{port}\""
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// A DNS name: dot-separated labels of letters, digits and '-'.
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 #[cfg(test)]
@@ -160,5 +202,40 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn advertise_defaults_to_a_specific_listen_address_else_to_ssh_host() {
+        let base = "name = \"h1\"\ncoordinators = [\"http://10.0.0.2:7400\"]\n";
+        let adv = |extra: &str| {
+            toml::from_str::<AgentConfig>(&format!("{base}{extra}"))
+                .unwrap()
+                .advertise_address()
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            adv("ssh_host = \"10.0.0.5\"\n").unwrap(),
+            "http://10.0.0.5:7401"
+        );
+        assert_eq!(
+            adv("ssh_host = \"gpu1.lab.example\"\nlisten = \"[::]:7500\"\n").unwrap(),
+            "http://gpu1.lab.example:7500"
+        );
+        assert_eq!(
+            adv("ssh_host = \"fd00::5\"\n").unwrap(),
+            "http://[fd00::5]:7401"
+        );
+        assert_eq!(
+            adv("ssh_host = \"10.0.0.5\"\nlisten = \"192.0.2.9:7401\"\n").unwrap(),
+            "http://192.0.2.9:7401"
+        );
+        assert_eq!(
+            adv("ssh_host = \"10.0.0.5\"\nadvertise = \"http://10.9.9.9:1\"\n").unwrap(),
+            "http://10.9.9.9:1"
+        );
+        let e = adv("ssh_host = \"not a host\"\n").unwrap_err();
+        assert!(e.contains("set advertise"), "{e}");
+        let e = adv("ssh_host = \"10.0.0.5\"\nadvertise = \"10.0.0.5:7401\"\n").unwrap_err();
+        assert!(e.contains("expected http://"), "{e}");
     }
 }

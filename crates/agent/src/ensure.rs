@@ -113,13 +113,14 @@ pub async fn ensure(
     let step = |what: &str| tracing::debug!(instance = %spec.name, step = what, ms = t0.elapsed().as_millis() as u64, "ensure step");
     let inst = match current {
         None => {
+            let source = image_source(client, &spec.image).await?;
             client
                 .post(
                     "/1.0/instances",
                     json!({
                         "name": spec.name,
                         "type": "container",
-                        "source": {"type": "image", "alias": spec.image},
+                        "source": source,
                         "config": r.config,
                         "devices": r.devices,
                         "profiles": ["default"],
@@ -367,4 +368,27 @@ pub async fn list(client: &Client, managed_only: bool) -> Result<Vec<InstanceSta
         .map(status_of)
         .filter(|s| s.managed || !managed_only)
         .collect())
+}
+/// The image source for a new container: by alias, or by full fingerprint when the
+/// spec names the image by its fingerprint (or a prefix of it, as placement allows).
+async fn image_source(client: &Client, image: &str) -> Result<serde_json::Value, EnsureError> {
+    let images = client.images().await?;
+    if images
+        .iter()
+        .any(|i| i.alias_names().iter().any(|a| a == image))
+    {
+        return Ok(json!({"type": "image", "alias": image}));
+    }
+    let by_print = images.iter().find(|i| {
+        ssp_model::Image {
+            fingerprint: i.fingerprint.clone(),
+            aliases: vec![],
+        }
+        .matches(image)
+    });
+    Ok(match by_print {
+        Some(i) => json!({"type": "image", "fingerprint": i.fingerprint}),
+        // The daemon's error names the missing image.
+        None => json!({"type": "image", "alias": image}),
+    })
 }

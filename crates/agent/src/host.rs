@@ -31,6 +31,10 @@ pub struct HostState {
     pub nvidia: crate::nvidia::Nvidia,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     facts: RwLock<Option<Facts>>,
+    /// The images and foreign ports last read, reported again while the daemon
+    /// does not answer (a heartbeat says the agent is alive; it must not fail for that).
+    last_images: std::sync::Mutex<Option<Vec<ssp_proto::Image>>>,
+    last_foreign: std::sync::Mutex<Option<Vec<u16>>>,
 }
 
 /// Host facts gathered from the daemon and the GPU source. `/1.0/resources`
@@ -77,6 +81,8 @@ impl HostState {
             nvidia,
             locks: Mutex::new(HashMap::new()),
             facts: RwLock::new(None),
+            last_images: Default::default(),
+            last_foreign: Default::default(),
         })
     }
 
@@ -142,9 +148,46 @@ impl HostState {
         Ok(f)
     }
 
-    /// The host inventory as the wire type.
+    /// The host inventory as the wire type. Images are read each time (one cheap
+    /// request): they are imported and deleted by hand, and placement needs them current.
     pub async fn inventory(&self) -> anyhow::Result<HostInventory> {
-        Ok(self.facts().await?.inventory)
+        let mut inv = self.facts().await?.inventory;
+        inv.images = self.images().await?;
+        Ok(inv)
+    }
+
+    /// The daemon's images with their aliases, sorted by fingerprint.
+    pub async fn images(&self) -> anyhow::Result<Vec<ssp_proto::Image>> {
+        let read = self.client.images().await;
+        or_last(
+            read.map_err(Into::into).map(|list| {
+                let mut images: Vec<ssp_proto::Image> = list
+                    .iter()
+                    .map(|i| ssp_proto::Image {
+                        fingerprint: i.fingerprint.to_ascii_lowercase(),
+                        aliases: i.alias_names(),
+                    })
+                    .collect();
+                images.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
+                images
+            }),
+            &self.last_images,
+            "images",
+        )
+    }
+
+    /// Ports of `range` that something other than ssp's own forwards holds here.
+    pub async fn foreign_ports(&self, range: (u16, u16)) -> anyhow::Result<Vec<u16>> {
+        // Listeners first: one that appears while the daemon is listed belongs to an
+        // instance the listing already shows, so it is not taken for a foreign port.
+        let listening = crate::ports::host_listeners();
+        let read = self.client.instances().await;
+        or_last(
+            read.map_err(Into::into)
+                .map(|list| crate::ports::foreign_ports(&list, &listening, range)),
+            &self.last_foreign,
+            "foreign ports",
+        )
     }
 
     /// How GPUs are attached here: by PCI address when the daemon sees every
@@ -214,8 +257,53 @@ impl HostState {
     }
 }
 
+/// `read` when it worked (and remembered in `last`), else what `last` holds, if anything.
+fn or_last<T: Clone>(
+    read: anyhow::Result<T>,
+    last: &std::sync::Mutex<Option<T>>,
+    what: &str,
+) -> anyhow::Result<T> {
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    match read {
+        Ok(v) => {
+            *last = Some(v.clone());
+            Ok(v)
+        }
+        Err(e) => match last.as_ref() {
+            Some(v) => {
+                tracing::warn!("cannot read {what} from the daemon, reporting the last: {e:#}");
+                Ok(v.clone())
+            }
+            None => Err(e),
+        },
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_read_reports_the_last_good_one_and_nothing_before_the_first() {
+        let last = std::sync::Mutex::new(None);
+        assert!(or_last::<Vec<u16>>(Err(anyhow::anyhow!("down")), &last, "ports").is_err());
+        assert_eq!(
+            or_last(Ok(vec![22000]), &last, "ports").unwrap(),
+            vec![22000]
+        );
+        assert_eq!(
+            or_last(Err(anyhow::anyhow!("down")), &last, "ports").unwrap(),
+            vec![22000]
+        );
+        assert_eq!(
+            or_last(Ok(vec![]), &last, "ports").unwrap(),
+            Vec::<u16>::new()
+        );
+    }
 }

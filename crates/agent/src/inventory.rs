@@ -192,6 +192,8 @@ pub async fn collect(
         daemon: client.kind().as_str().into(),
         daemon_version: client.info().version.clone(),
         driver_version: report.driver_version,
+        // Read per registration, not cached with the facts (see `HostState::inventory`).
+        images: Vec::new(),
     };
     Ok((inv, daemon_gpus))
 }

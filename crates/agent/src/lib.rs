@@ -12,6 +12,7 @@ pub mod hostcheck;
 pub mod inventory;
 pub mod lxcfs;
 pub mod nvidia;
+pub mod ports;
 pub mod register;
 pub mod render;
 pub mod service;

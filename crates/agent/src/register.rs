@@ -34,17 +34,21 @@ pub async fn register_loop(cfg: AgentConfig, host: Arc<HostState>) {
 }
 
 async fn register_once(cfg: &AgentConfig, host: &HostState, addr: &str) -> anyhow::Result<u32> {
+    // Sent with every heartbeat; the coordinator writes the record only when it
+    // changed (a new image, a port taken or given back).
     let inventory = host.inventory().await?;
+    let foreign_ports = host.foreign_ports(cfg.ssh_ports).await?;
     let channel = ssp_net::connect(addr).await?;
     let mut c = CoordinatorClient::new(channel);
     let mut req = tonic::Request::new(RegisterHostRequest {
         name: cfg.name.clone(),
-        agent_address: cfg.advertise.clone(),
+        agent_address: cfg.advertise_address()?,
         ssh_host: cfg.ssh_host.clone(),
         ssh_port_first: cfg.ssh_ports.0 as u32,
         ssh_port_last: cfg.ssh_ports.1 as u32,
         inventory: Some(inventory),
         labels: cfg.labels.clone(),
+        foreign_ports: foreign_ports.into_iter().map(u32::from).collect(),
     });
     // A coordinator that is paused or cut off must not hold the heartbeat up.
     req.set_timeout(Duration::from_secs(5));

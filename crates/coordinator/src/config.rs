@@ -79,9 +79,10 @@ impl Default for RaftTuning {
     }
 }
 
-/// Limits and image a user gets when the request leaves them out.
+/// Limits and image a user gets when the request leaves them out; every key is
+/// optional (the built-in default fills in).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Defaults {
     pub cpus: u32,
     pub memory: String,
@@ -174,6 +175,18 @@ impl CoordinatorConfig {
 
     /// The default limits, parsed.
     pub fn default_limits(&self) -> Result<Limits, ssp_model::InputError> {
+        for (what, n) in [
+            ("CPU count", self.defaults.cpus),
+            ("process limit", self.defaults.processes),
+        ] {
+            if n == 0 {
+                return Err(ssp_model::InputError {
+                    what,
+                    value: "0".into(),
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
         Ok(Limits {
             cpus: self.defaults.cpus,
             memory: ByteSize::parse(&self.defaults.memory)?,
@@ -196,5 +209,48 @@ impl CoordinatorConfig {
             .iter()
             .map(|s| SharedFolder::parse(s, &self.shared_roots))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> anyhow::Result<CoordinatorConfig> {
+        let f = tempfile::NamedTempFile::new()?;
+        std::fs::write(f.path(), text)?;
+        CoordinatorConfig::load(f.path())
+    }
+
+    #[test]
+    fn every_key_of_every_table_is_optional() {
+        let c = load("").unwrap();
+        assert_eq!(c.defaults.image, "debian-ssh");
+        let c = load("[defaults]\nimage = \"busybox\"\n").unwrap();
+        assert_eq!(c.defaults.image, "busybox");
+        let l = c.default_limits().unwrap();
+        assert_eq!(
+            (l.cpus, l.memory.0, l.disk.0, l.processes),
+            (2, 4 << 30, 20 << 30, 4000)
+        );
+        let c = load("[defaults]\ncpus = 4\n[raft]\nsnapshot_every = 100\n[quota]\ngpus = 1\n")
+            .unwrap();
+        assert_eq!(c.defaults.cpus, 4);
+        assert_eq!(c.defaults.memory, "4GiB");
+        assert_eq!(c.raft.snapshot_every, 100);
+        assert_eq!(c.raft.heartbeat_ms, 100);
+        assert_eq!(c.quota.gpus, Some(1));
+        assert_eq!(c.quota.memory, None);
+    }
+
+    #[test]
+    fn bad_defaults_and_unknown_keys_are_refused_by_name() {
+        let e = format!("{:#}", load("[defaults]\ncpus = 0\n").unwrap_err());
+        assert!(
+            e.contains("[defaults]") && e.contains("invalid CPU count \"0\": must be at least 1"),
+            "{e}"
+        );
+        let e = format!("{:#}", load("[defaults]\nimages = \"x\"\n").unwrap_err());
+        assert!(e.contains("unknown field `images`"), "{e}");
     }
 }

@@ -168,7 +168,12 @@ mod tests {
             ssh_ports: (22000, 22099),
             status: Default::default(),
             labels: vec![],
+            foreign_ports: vec![],
             inventory: Inventory {
+                images: vec![ssp_model::Image {
+                    fingerprint: "0123456789abcdef".repeat(4),
+                    aliases: vec!["debian-ssh".into()],
+                }],
                 cpus: 64,
                 memory_bytes: 512 << 30,
                 pools: vec![Pool {

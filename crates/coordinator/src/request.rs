@@ -42,7 +42,17 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
     let ssh_keys = ssh_keys(&req.ssh_keys)?;
     let d = cfg.default_limits()?;
     let limits = Limits {
-        cpus: if req.cpus == 0 { d.cpus } else { req.cpus },
+        cpus: match req.cpus {
+            None => d.cpus,
+            Some(0) => {
+                return Err(InputError {
+                    what: "CPU count",
+                    value: "0".into(),
+                    reason: "must be at least 1 (leave --cpus out for the default)".into(),
+                })
+            }
+            Some(n) => n,
+        },
         memory: if req.memory_bytes == 0 {
             d.memory
         } else {
@@ -246,6 +256,22 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
     for p in &mut inventory.pools {
         p.used_bytes = 0;
     }
+    for i in &mut inventory.images {
+        i.fingerprint.make_ascii_lowercase();
+        i.aliases.sort();
+        i.aliases.dedup();
+    }
+    inventory.images.sort();
+    inventory.images.dedup();
+    // Only ports of the range matter; the record stays small and in one order.
+    let mut foreign_ports: Vec<u16> = req
+        .foreign_ports
+        .iter()
+        .filter_map(|&p| u16::try_from(p).ok())
+        .filter(|p| (first..=last).contains(p))
+        .collect();
+    foreign_ports.sort_unstable();
+    foreign_ports.dedup();
     Ok(Command::RegisterHost(Host {
         name,
         agent_address: req.agent_address.clone(),
@@ -254,6 +280,7 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
         inventory,
         status: Default::default(),
         labels: labels(&req.labels)?,
+        foreign_ports,
     }))
 }
 
@@ -325,6 +352,15 @@ mod tests {
         r.memory_bytes = 1000;
         cases.push((r, "at least 64MiB"));
         let mut r = req("bob");
+        r.cpus = Some(0);
+        cases.push((
+            r,
+            "invalid CPU count \"0\": must be at least 1 (leave --cpus out for the default)",
+        ));
+        let mut r = req("bob");
+        r.gpus = 65;
+        cases.push((r, "at most 64 GPUs per container"));
+        let mut r = req("bob");
         r.image = "../x".into();
         cases.push((r, "image alias"));
         let mut r = req("bob");
@@ -353,7 +389,7 @@ mod tests {
             toml::from_str("gpus = 2\ncpus = 8\nmemory = \"16GiB\"\ndisk = \"100GiB\"").unwrap();
         let mut ok = req("ann");
         ok.gpus = 2;
-        ok.cpus = 8;
+        ok.cpus = Some(8);
         ok.memory_bytes = 16 << 30;
         assert!(add_user(&ok, &c).is_ok());
         type Case = (fn(&mut pb::AddUserRequest), &'static str);
@@ -363,7 +399,7 @@ mod tests {
                 "invalid GPU count \"3\": the per-user quota is 2 ([quota] gpus",
             ),
             (
-                |r| r.cpus = 9,
+                |r| r.cpus = Some(9),
                 "invalid CPU count \"9\": the per-user quota is 8 ([quota] cpus",
             ),
             (
@@ -381,6 +417,59 @@ mod tests {
             let e = add_user(&r, &c).unwrap_err().to_string();
             assert!(e.contains(want), "{e} should say {want}");
         }
+    }
+
+    #[test]
+    fn cpus_left_out_take_the_default_and_a_number_is_kept() {
+        let mut r = req("ann");
+        let cpus = |r: &pb::AddUserRequest| match add_user(r, &cfg()).unwrap() {
+            Command::AddUser(u) => u.limits.cpus,
+            _ => unreachable!(),
+        };
+        assert_eq!(cpus(&r), 2);
+        r.cpus = Some(3);
+        assert_eq!(cpus(&r), 3);
+    }
+
+    #[test]
+    fn registration_keeps_only_foreign_ports_of_the_range_in_order() {
+        let r = pb::RegisterHostRequest {
+            name: "h1".into(),
+            ssh_port_first: 22000,
+            ssh_port_last: 22009,
+            foreign_ports: vec![22005, 80, 22000, 22005, 70000, 22010],
+            inventory: Some(pb::HostInventory {
+                images: vec![
+                    pb::Image {
+                        fingerprint: "BB".repeat(32),
+                        aliases: vec!["z".into(), "a".into()],
+                    },
+                    pb::Image {
+                        fingerprint: "aa".repeat(32),
+                        aliases: vec![],
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let Command::RegisterHost(h) = register_host(&r).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.foreign_ports, vec![22000, 22005]);
+        let images: Vec<_> = h
+            .inventory
+            .images
+            .iter()
+            .map(|i| (i.fingerprint.as_str(), i.aliases.join(",")))
+            .collect();
+        assert_eq!(
+            images,
+            vec![
+                ("aa".repeat(32).as_str(), String::new()),
+                ("bb".repeat(32).as_str(), "a,z".into())
+            ]
+        );
     }
 
     #[test]

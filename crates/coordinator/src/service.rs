@@ -399,6 +399,7 @@ impl Coordinator for CoordinatorService {
                     unmanaged: found.unmanaged,
                     stray: found.stray,
                     labels: h.labels.clone(),
+                    foreign_ports: h.foreign_ports.iter().map(|&p| p.into()).collect(),
                 }
             })
             .collect();

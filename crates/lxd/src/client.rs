@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use hyperlocal::UnixConnector;
 use serde_json::{json, Value};
 
-use crate::types::{DaemonKind, Instance, ServerInfo};
+use crate::types::{DaemonKind, Image, Instance, ServerInfo};
 use crate::Error;
 
 /// A connection to one daemon's REST API.
@@ -252,6 +252,12 @@ impl Client {
     pub async fn instances(&self) -> Result<Vec<Instance>, Error> {
         let v = self.get("/1.0/instances?recursion=1").await?;
         serde_json::from_value(v).map_err(|e| self.protocol("/1.0/instances", e.to_string()))
+    }
+
+    /// Every image with its fingerprint and aliases (`recursion=1`).
+    pub async fn images(&self) -> Result<Vec<Image>, Error> {
+        let v = self.get("/1.0/images?recursion=1").await?;
+        serde_json::from_value(v).map_err(|e| self.protocol("/1.0/images", e.to_string()))
     }
 
     /// One instance and its ETag; `Ok(None)` when it does not exist.

@@ -12,7 +12,7 @@ mod types;
 pub use client::{Client, ExecOutput};
 pub use error::Error;
 pub use events::{lifecycle_events, LifecycleEvent};
-pub use types::{DaemonKind, Instance, ServerInfo};
+pub use types::{DaemonKind, Image, ImageAlias, Instance, ServerInfo};
 
 /// Default unix socket paths, tried in order when none is configured.
 pub const DEFAULT_SOCKETS: &[&str] = &[

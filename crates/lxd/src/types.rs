@@ -113,3 +113,34 @@ impl Instance {
         self.status_code == 103 || self.status.eq_ignore_ascii_case("running")
     }
 }
+
+/// An image as returned by `GET /1.0/images?recursion=1` (the parts ssp needs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Image {
+    pub fingerprint: String,
+    /// `null` from some daemons when there are none.
+    #[serde(default)]
+    pub aliases: Option<Vec<ImageAlias>>,
+}
+
+impl Image {
+    /// The alias names, sorted.
+    pub fn alias_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .aliases
+            .iter()
+            .flatten()
+            .map(|a| a.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// One alias of an image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImageAlias {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}

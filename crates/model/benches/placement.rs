@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use ssp_model::place::{choose, choose_by_scan};
 use ssp_model::{
-    ByteSize, Command, Constraints, Gpu, Host, HostName, Inventory, Limits, NewUser, PciAddress,
-    Pool, Role, Settings, SshKey, State, Username,
+    ByteSize, Command, Constraints, Gpu, Host, HostName, Image, Inventory, Limits, NewUser,
+    PciAddress, Pool, Role, Settings, SshKey, State, Username,
 };
 
 const HOSTS: u32 = 1000;
@@ -25,7 +25,12 @@ fn host(i: u32) -> Host {
         ssh_ports: (22000, 22999),
         status: Default::default(),
         labels: vec![],
+        foreign_ports: vec![],
         inventory: Inventory {
+            images: vec![Image {
+                fingerprint: "0123456789abcdef".repeat(4),
+                aliases: vec!["debian-ssh".into()],
+            }],
             cpus: 128,
             memory_bytes: 1 << 40,
             pools: vec![Pool {
@@ -108,20 +113,20 @@ fn main() {
     let mut placed = 0u64;
     for r in 0..rounds {
         let (g, c) = &asks[r % asks.len()];
-        placed += choose(&s, &l, *g, c).is_ok() as u64;
+        placed += choose(&s, &l, *g, "debian-ssh", c).is_ok() as u64;
     }
     let fast = rounds as f64 / t.elapsed().as_secs_f64();
     let scan_rounds = 500;
     let t = Instant::now();
     for r in 0..scan_rounds {
         let (g, c) = &asks[r % asks.len()];
-        placed += choose_by_scan(&s, &l, *g, c).is_ok() as u64;
+        placed += choose_by_scan(&s, &l, *g, "debian-ssh", c).is_ok() as u64;
     }
     let scan = scan_rounds as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     let refusals = 200;
     for _ in 0..refusals {
-        placed += choose(&s, &l, 9, &too_big).is_ok() as u64;
+        placed += choose(&s, &l, 9, "debian-ssh", &too_big).is_ok() as u64;
     }
     let refused = refusals as f64 / t.elapsed().as_secs_f64();
     println!(

@@ -12,5 +12,6 @@ pub use names::{
 };
 pub use state::{Command, Outcome, Rejection, Settings, State};
 pub use types::{
-    Constraints, Gpu, Host, HostStatus, Instance, Inventory, Limits, NewUser, Pool, Role, User,
+    Constraints, Gpu, Host, HostStatus, Image, Instance, Inventory, Limits, NewUser, Pool, Role,
+    User,
 };

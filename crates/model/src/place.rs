@@ -66,7 +66,8 @@ pub fn free_gpus(state: &State, host: &Host) -> Vec<PciAddress> {
         .collect()
 }
 
-/// The lowest SSH port of `host`'s range that no instance on it uses.
+/// The lowest SSH port of `host`'s range that no instance on it uses and nothing
+/// else on the host holds (its foreign ports).
 pub fn free_port(state: &State, host: &Host) -> Option<u16> {
     let (first, last) = host.ssh_ports;
     if first > last {
@@ -86,6 +87,7 @@ pub fn free_port(state: &State, host: &Host) -> Option<u16> {
                 .values()
                 .filter(|i| i.host == host.name)
                 .map(|i| i.ssh_port)
+                .chain(host.foreign_ports.iter().copied())
                 .collect();
             (first..=last).find(|p| !used.contains(p))
         }
@@ -115,12 +117,16 @@ fn why_not(
     host: &Host,
     limits: &Limits,
     gpus: u32,
+    image: &str,
     c: &Constraints,
 ) -> Result<Placement, (String, bool)> {
     let inv = &host.inventory;
     let name = host.name.as_str();
     if host.status != crate::types::HostStatus::Ready {
         return Err((format!("{name}: {}", host.status.as_str()), false));
+    }
+    if !inv.has_image(image) {
+        return Err((format!("{name}: no image {image}"), false));
     }
     if let Some(l) = c.labels.iter().find(|l| !host.labels.contains(l)) {
         return Err((format!("{name}: no label {l}"), false));
@@ -188,7 +194,8 @@ fn why_not(
     })
 }
 
-/// Chooses a host for a container with `limits` and `gpus` GPUs under `c`:
+/// Chooses a host for a container with `limits` and `gpus` GPUs from `image`
+/// (an alias or fingerprint the host's daemon has) under `c`:
 /// by default the fullest host that fits (pack), with `c.spread` the emptiest.
 /// Ties go to the first host by name, so every replica chooses alike.
 ///
@@ -199,6 +206,7 @@ pub fn choose(
     state: &State,
     limits: &Limits,
     gpus: u32,
+    image: &str,
     c: &Constraints,
 ) -> Result<Placement, NoFit> {
     let plain = c.gpu_model.is_none() && c.gpu_memory.is_none() && c.host.is_none();
@@ -207,7 +215,7 @@ pub fn choose(
             state
                 .hosts
                 .get(name)
-                .and_then(|h| why_not(state, h, limits, gpus, c).ok())
+                .and_then(|h| why_not(state, h, limits, gpus, image, c).ok())
         };
         let candidates = usage.by_free.range((gpus, String::new())..);
         if !c.spread {
@@ -232,7 +240,7 @@ pub fn choose(
             }
         }
     }
-    choose_by_scan(state, limits, gpus, c)
+    choose_by_scan(state, limits, gpus, image, c)
 }
 
 /// [`choose`] by looking at every host.
@@ -240,6 +248,7 @@ pub fn choose_by_scan(
     state: &State,
     limits: &Limits,
     gpus: u32,
+    image: &str,
     c: &Constraints,
 ) -> Result<Placement, NoFit> {
     let mut best: Option<(usize, Placement)> = None;
@@ -259,13 +268,34 @@ pub fn choose_by_scan(
             });
         }
     }
-    for host in state.hosts.values() {
-        if c.host.as_ref().is_some_and(|h| *h != host.name) {
-            continue;
-        }
+    let considered = || {
+        state
+            .hosts
+            .values()
+            .filter(|h| c.host.as_ref().is_none_or(|n| *n == h.name))
+    };
+    if considered().next().is_some() && !considered().any(|h| h.inventory.has_image(image)) {
+        let have: Vec<String> = considered()
+            .map(|h| {
+                let mut names: Vec<String> = h.inventory.images.iter().map(|i| i.label()).collect();
+                names.sort();
+                match names.is_empty() {
+                    true => format!("{}: none", h.name),
+                    false => format!("{}: {}", h.name, names.join(", ")),
+                }
+            })
+            .collect();
+        return Err(NoFit {
+            gpus_asked: gpus,
+            gpus_free: 0,
+            only_gpus_short: false,
+            reasons: vec![format!("no host has image {image} ({})", have.join("; "))],
+        });
+    }
+    for host in considered() {
         let free = eligible_gpus(state, host, c).len();
         gpus_free += free as u32;
-        match why_not(state, host, limits, gpus, c) {
+        match why_not(state, host, limits, gpus, image, c) {
             Ok(p) => {
                 let better = match &best {
                     None => true,

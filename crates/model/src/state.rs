@@ -79,8 +79,41 @@ pub struct Usage {
 /// One host's ports and GPUs in use (GPU → holding instance).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostUsage {
+    /// Ports that allocation skips: those of the host's instances and its foreign ports.
     pub ports: Numbers,
     pub gpus: BTreeMap<PciAddress, String>,
+    /// Ports the host's instances hold.
+    own: BTreeSet<u32>,
+    /// The host's foreign ports ([`Host::foreign_ports`]), as last registered.
+    foreign: BTreeSet<u32>,
+}
+
+impl HostUsage {
+    fn hold(&mut self, port: u32) {
+        self.own.insert(port);
+        self.ports.insert(port);
+    }
+
+    fn release(&mut self, port: u32) {
+        self.own.remove(&port);
+        if !self.foreign.contains(&port) {
+            self.ports.remove(port);
+        }
+    }
+
+    /// Replaces the foreign ports, touching only those that changed.
+    fn set_foreign(&mut self, ports: &[u16]) {
+        let new: BTreeSet<u32> = ports.iter().map(|&p| p.into()).collect();
+        for &gone in self.foreign.difference(&new) {
+            if !self.own.contains(&gone) {
+                self.ports.remove(gone);
+            }
+        }
+        for &p in new.difference(&self.foreign) {
+            self.ports.insert(p);
+        }
+        self.foreign = new;
+    }
 }
 
 /// Numbers in use, with the unused ones between the smallest and the largest, so
@@ -177,9 +210,18 @@ impl Usage {
             u.add(i);
         }
         for h in hosts.values() {
+            u.set_foreign(h);
             u.refresh(h);
         }
         u
+    }
+
+    /// Takes `host`'s foreign ports into its used ports (after it registered).
+    fn set_foreign(&mut self, host: &Host) {
+        self.hosts
+            .entry(host.name.to_string())
+            .or_default()
+            .set_foreign(&host.foreign_ports);
     }
 
     /// Re-counts `host`'s free GPUs in `by_free` (after its inventory or holders changed).
@@ -200,7 +242,7 @@ impl Usage {
 
     fn add(&mut self, i: &Instance) {
         let h = self.hosts.entry(i.host.to_string()).or_default();
-        h.ports.insert(i.ssh_port.into());
+        h.hold(i.ssh_port.into());
         for g in &i.gpus {
             h.gpus.insert(g.clone(), i.name.clone());
         }
@@ -209,7 +251,7 @@ impl Usage {
 
     fn remove(&mut self, i: &Instance) {
         if let Some(h) = self.hosts.get_mut(i.host.as_str()) {
-            h.ports.remove(i.ssh_port.into());
+            h.release(i.ssh_port.into());
             for g in &i.gpus {
                 h.gpus.remove(g);
             }
@@ -339,6 +381,7 @@ impl State {
                     .get(h.name.as_str())
                     .map(|old| old.status)
                     .unwrap_or_default();
+                self.usage.set_foreign(&h);
                 self.usage.refresh(&h);
                 self.hosts.insert(h.name.to_string(), h);
                 Ok(Outcome::HostRegistered)
@@ -427,12 +470,10 @@ impl State {
         if req.ssh_keys.is_empty() {
             return Err(Rejection::NoSshKey(name.into()));
         }
-        let place =
-            place::choose(self, &req.limits, req.gpus, &req.placement).map_err(|e: NoFit| {
-                Rejection::NoFit {
-                    user: name.into(),
-                    reason: e.to_string(),
-                }
+        let place = place::choose(self, &req.limits, req.gpus, &req.image, &req.placement)
+            .map_err(|e: NoFit| Rejection::NoFit {
+                user: name.into(),
+                reason: e.to_string(),
             })?;
         let s = self.settings();
         // The last uid of the range is the lab group's gid, never a user's.

@@ -26,6 +26,43 @@ pub struct Pool {
     pub used_bytes: u64,
 }
 
+/// An image in a host's daemon.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Image {
+    /// The full sha256 fingerprint, lower-case hex.
+    pub fingerprint: String,
+    /// The image's aliases, sorted.
+    pub aliases: Vec<String>,
+}
+
+/// Shortest fingerprint prefix a request may name an image by.
+pub const MIN_FINGERPRINT_PREFIX: usize = 12;
+
+impl Image {
+    /// True when `name` is one of the aliases, the fingerprint, or a prefix of the
+    /// fingerprint of at least [`MIN_FINGERPRINT_PREFIX`] hex digits.
+    pub fn matches(&self, name: &str) -> bool {
+        self.aliases.iter().any(|a| a == name)
+            || (name.len() >= MIN_FINGERPRINT_PREFIX
+                && name.chars().all(|c| c.is_ascii_hexdigit())
+                && self
+                    .fingerprint
+                    .starts_with(name.to_ascii_lowercase().as_str()))
+    }
+
+    /// How people know the image: its aliases, or the start of its fingerprint.
+    pub fn label(&self) -> String {
+        if self.aliases.is_empty() {
+            self.fingerprint
+                .chars()
+                .take(MIN_FINGERPRINT_PREFIX)
+                .collect()
+        } else {
+            self.aliases.join(", ")
+        }
+    }
+}
+
 /// What an agent reports about its host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Inventory {
@@ -37,6 +74,16 @@ pub struct Inventory {
     pub daemon: String,
     pub daemon_version: String,
     pub driver_version: String,
+    /// The daemon's images, sorted by fingerprint; containers are made only from these.
+    #[serde(default)]
+    pub images: Vec<Image>,
+}
+
+impl Inventory {
+    /// True when the daemon has an image called `name` (alias or fingerprint).
+    pub fn has_image(&self, name: &str) -> bool {
+        self.images.iter().any(|i| i.matches(name))
+    }
 }
 
 /// A registered GPU host.
@@ -56,6 +103,10 @@ pub struct Host {
     /// Labels the host's agent declares (e.g. `ib`, `nvlink`); requests may require them.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Ports of `ssh_ports` that something other than ssp's containers holds on the
+    /// host (another container's proxy device, a host process), sorted; never allocated.
+    #[serde(default)]
+    pub foreign_ports: Vec<u16>,
 }
 
 /// Whether a host takes new containers.

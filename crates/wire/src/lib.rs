@@ -1,7 +1,7 @@
 //! Conversions between the domain model (`ssp-model`) and the wire messages
 //! (`ssp-proto`) that both the agent and the coordinator need.
 
-use ssp_model::{Gpu, Inventory, PciAddress, Pool};
+use ssp_model::{Gpu, Image, Inventory, PciAddress, Pool};
 use ssp_proto as pb;
 
 /// Parses an agent's inventory report.
@@ -39,6 +39,14 @@ pub fn inventory_from_wire(w: &pb::HostInventory) -> Result<Inventory, ssp_model
         daemon: w.daemon.clone(),
         daemon_version: w.daemon_version.clone(),
         driver_version: w.driver_version.clone(),
+        images: w
+            .images
+            .iter()
+            .map(|i| Image {
+                fingerprint: i.fingerprint.clone(),
+                aliases: i.aliases.clone(),
+            })
+            .collect(),
     })
 }
 
@@ -63,6 +71,14 @@ pub fn inventory_to_wire(hostname: &str, inv: &Inventory) -> pb::HostInventory {
         daemon: inv.daemon.clone(),
         daemon_version: inv.daemon_version.clone(),
         driver_version: inv.driver_version.clone(),
+        images: inv
+            .images
+            .iter()
+            .map(|i| pb::Image {
+                fingerprint: i.fingerprint.clone(),
+                aliases: i.aliases.clone(),
+            })
+            .collect(),
     }
 }
 

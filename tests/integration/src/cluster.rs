@@ -587,8 +587,17 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
             daemon: "incus".into(),
             daemon_version: "6.0".into(),
             driver_version: String::new(),
+            images: ["busybox", "debian-ssh"]
+                .iter()
+                .enumerate()
+                .map(|(n, a)| ssp_proto::Image {
+                    fingerprint: format!("{n:064x}"),
+                    aliases: vec![a.to_string()],
+                })
+                .collect(),
         }),
         labels: vec![],
+        foreign_ports: vec![],
     }
 }
 

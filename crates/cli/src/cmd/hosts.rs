@@ -66,7 +66,9 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "memory_bytes": inv.memory_bytes, "gpus_total": h.gpus_total, "gpus_free": h.gpus_free,
                    "instances": h.instances, "driver_version": inv.driver_version, "gpu_source": inv.gpu_source,
                    "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago,
-                   "unmanaged": h.unmanaged, "stray": h.stray, "labels": h.labels})
+                   "unmanaged": h.unmanaged, "stray": h.stray, "labels": h.labels,
+                   "images": inv.images.iter().map(|i| json!({"fingerprint": i.fingerprint, "aliases": i.aliases})).collect::<Vec<_>>(),
+                   "foreign_ports": h.foreign_ports})
         })
         .collect::<Vec<_>>());
     output::print(

@@ -148,7 +148,7 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 name: a.name.clone(),
                 ssh_keys: keys,
                 gpus: a.gpus,
-                cpus: a.cpus.unwrap_or(0),
+                cpus: a.cpus,
                 memory_bytes: a.memory.map(|m| m.0).unwrap_or(0),
                 disk_bytes: a.disk.map(|m| m.0).unwrap_or(0),
                 image: a.image.clone().unwrap_or_default(),

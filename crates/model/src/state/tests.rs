@@ -15,7 +15,9 @@ fn host(name: &str, gpus: u32) -> Host {
         ssh_ports: (22000, 22003),
         status: Default::default(),
         labels: vec![],
+        foreign_ports: vec![],
         inventory: Inventory {
+            images: vec![image("a1b2c3d4e5f60718293a4b5c6d7e8f90", &["debian-ssh"])],
             cpus: 8,
             memory_bytes: 32 << 30,
             pools: vec![Pool {
@@ -37,6 +39,13 @@ fn host(name: &str, gpus: u32) -> Host {
                 .collect(),
             ..Default::default()
         },
+    }
+}
+
+fn image(fingerprint: &str, aliases: &[&str]) -> crate::types::Image {
+    crate::types::Image {
+        fingerprint: fingerprint.into(),
+        aliases: aliases.iter().map(|a| a.to_string()).collect(),
     }
 }
 
@@ -451,8 +460,8 @@ fn labels_restrict_hosts_and_a_refusal_names_the_missing_label() {
         processes: 100,
     };
     assert_eq!(
-        crate::place::choose(&s, &limits, 1, &c),
-        crate::place::choose_by_scan(&s, &limits, 1, &c)
+        crate::place::choose(&s, &limits, 1, "debian-ssh", &c),
+        crate::place::choose_by_scan(&s, &limits, 1, "debian-ssh", &c)
     );
 }
 
@@ -516,8 +525,8 @@ fn the_indexed_choice_is_the_scans_choice() {
                 };
                 let l = limits(1 + rnd(10) as u32);
                 assert_eq!(
-                    place::choose(&s, &l, gpus, &c),
-                    place::choose_by_scan(&s, &l, gpus, &c),
+                    place::choose(&s, &l, gpus, "debian-ssh", &c),
+                    place::choose_by_scan(&s, &l, gpus, "debian-ssh", &c),
                     "step {step}, {gpus} GPUs, spread {spread}"
                 );
             }
@@ -540,4 +549,130 @@ fn the_indexed_choice_is_the_scans_choice() {
             }
         }
     }
+}
+
+fn user_image(name: &str, image: &str) -> Command {
+    let Command::AddUser(mut u) = user(name, 0) else {
+        unreachable!()
+    };
+    u.image = image.into();
+    Command::AddUser(u)
+}
+
+#[test]
+fn only_hosts_with_the_image_are_chosen_and_a_refusal_names_every_hosts_images() {
+    let mut s = State::default();
+    s.apply(&Command::Init(Settings::default())).unwrap();
+    let mut h1 = host("h1", 0);
+    h1.inventory.images = vec![
+        image("0123456789abcdef0123456789abcdef", &["debian-ssh"]),
+        image("fedcba9876543210fedcba9876543210", &["busybox"]),
+    ];
+    let mut h2 = host("h2", 0);
+    h2.inventory.images = vec![image("0123456789abcdef0123456789abcdef", &["debian-ssh"])];
+    s.apply(&Command::RegisterHost(h1)).unwrap();
+    s.apply(&Command::RegisterHost(h2.clone())).unwrap();
+    let before = s.clone();
+    let e = s
+        .apply(&user_image("carol", "no-such-image"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "cannot place carol: no host has image no-such-image (h1: busybox, debian-ssh; h2: debian-ssh)"
+    );
+    assert_eq!(s, before);
+    // Only h1 has busybox: by alias, full fingerprint or a prefix of 12 or more.
+    for (n, img) in [
+        ("a", "busybox"),
+        ("b", "fedcba9876543210fedcba9876543210"),
+        ("c", "FEDCBA987654"),
+    ] {
+        let (h, _) = placed(&mut s, &user_image(n, img));
+        assert_eq!(h, "h1", "{img}");
+    }
+    // A prefix shorter than 12 hex digits names no image.
+    let e = s
+        .apply(&user_image("d", "fedcba98765"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no host has image fedcba98765"), "{e}");
+    assert_eq!(placed(&mut s, &user_image("d", "busybox")).0, "h1");
+    // h1 full: the others' reasons say what they lack.
+    let e = s
+        .apply(&user_image("e", "busybox"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "cannot place e: h1: all SSH ports 22000-22003 are taken; h2: no image busybox"
+    );
+    // A host that gets the image (a heartbeat with its new image set) takes it.
+    h2.inventory
+        .images
+        .push(image("fedcba9876543210fedcba9876543210", &["busybox"]));
+    s.apply(&Command::RegisterHost(h2)).unwrap();
+    assert_eq!(placed(&mut s, &user_image("e", "busybox")).0, "h2");
+    // --host names a host without it.
+    let mut c = user_image("f", "nope-image");
+    if let Command::AddUser(u) = &mut c {
+        u.placement.host = Some(HostName::parse("h2").unwrap());
+    }
+    let e = s.apply(&c).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "cannot place f: no host has image nope-image (h2: busybox, debian-ssh)"
+    );
+}
+
+#[test]
+fn foreign_ports_are_skipped_and_released_when_they_go() {
+    let mut s = state_with(&[("host1", 0)]);
+    let mut h = host("host1", 0);
+    h.foreign_ports = vec![22000, 22002];
+    s.apply(&Command::RegisterHost(h.clone())).unwrap();
+    let port = |s: &mut State, n: &str| match s.apply(&user(n, 0)).unwrap() {
+        Outcome::UserAdded { instance, .. } => instance.ssh_port,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(port(&mut s, "a"), 22001);
+    assert_eq!(port(&mut s, "b"), 22003);
+    let e = s.apply(&user("c", 0)).unwrap_err().to_string();
+    assert!(e.contains("all SSH ports 22000-22003 are taken"), "{e}");
+    // 22000 is free again; 22001, a's, also shows up as foreign (seen in a race):
+    // it stays taken while a holds it, and after that while it is foreign.
+    h.foreign_ports = vec![22001, 22002];
+    s.apply(&Command::RegisterHost(h.clone())).unwrap();
+    assert_eq!(
+        s.usage(),
+        Some(&Usage::build(&s.users, &s.instances, &s.hosts))
+    );
+    assert_eq!(port(&mut s, "c"), 22000);
+    s.apply(&Command::RemoveUser { name: "a".into() }).unwrap();
+    s.apply(&Command::ForgetInstance { name: "a".into() })
+        .unwrap();
+    assert!(s.apply(&user("d", 0)).is_err());
+    h.foreign_ports = vec![22002];
+    s.apply(&Command::RegisterHost(h.clone())).unwrap();
+    assert_eq!(
+        s.usage(),
+        Some(&Usage::build(&s.users, &s.instances, &s.hosts))
+    );
+    assert_eq!(port(&mut s, "d"), 22001);
+    // A restored replica allocates the same.
+    let mut restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    h.foreign_ports = vec![];
+    s.apply(&Command::RegisterHost(h.clone())).unwrap();
+    restored.apply(&Command::RegisterHost(h)).unwrap();
+    assert_eq!(port(&mut s, "e"), 22002);
+    assert_eq!(port(&mut restored, "e"), 22002);
+}
+
+#[test]
+fn a_host_record_from_before_images_and_foreign_ports_still_loads() {
+    let mut v = serde_json::to_value(host("host1", 1)).unwrap();
+    v.as_object_mut().unwrap().remove("foreign_ports");
+    v["inventory"].as_object_mut().unwrap().remove("images");
+    let h: Host = serde_json::from_value(v).unwrap();
+    assert!(h.foreign_ports.is_empty() && h.inventory.images.is_empty());
 }
