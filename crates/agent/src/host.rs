@@ -153,6 +153,7 @@ impl HostState {
     pub async fn inventory(&self) -> anyhow::Result<HostInventory> {
         let mut inv = self.facts().await?.inventory;
         inv.images = self.images().await?;
+        inv.images_reported = true;
         Ok(inv)
     }
 

@@ -193,7 +193,7 @@ pub async fn collect(
         daemon_version: client.info().version.clone(),
         driver_version: report.driver_version,
         // Read per registration, not cached with the facts (see `HostState::inventory`).
-        images: Vec::new(),
+        images: None,
     };
     Ok((inv, daemon_gpus))
 }

@@ -170,10 +170,10 @@ mod tests {
             labels: vec![],
             foreign_ports: vec![],
             inventory: Inventory {
-                images: vec![ssp_model::Image {
+                images: Some(vec![ssp_model::Image {
                     fingerprint: "0123456789abcdef".repeat(4),
                     aliases: vec!["debian-ssh".into()],
-                }],
+                }]),
                 cpus: 64,
                 memory_bytes: 512 << 30,
                 pools: vec![Pool {

@@ -256,13 +256,15 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
     for p in &mut inventory.pools {
         p.used_bytes = 0;
     }
-    for i in &mut inventory.images {
-        i.fingerprint.make_ascii_lowercase();
-        i.aliases.sort();
-        i.aliases.dedup();
+    if let Some(images) = &mut inventory.images {
+        for i in images.iter_mut() {
+            i.fingerprint.make_ascii_lowercase();
+            i.aliases.sort();
+            i.aliases.dedup();
+        }
+        images.sort();
+        images.dedup();
     }
-    inventory.images.sort();
-    inventory.images.dedup();
     // Only ports of the range matter; the record stays small and in one order.
     let mut foreign_ports: Vec<u16> = req
         .foreign_ports
@@ -449,6 +451,7 @@ mod tests {
                         aliases: vec![],
                     },
                 ],
+                images_reported: true,
                 ..Default::default()
             }),
             ..Default::default()
@@ -461,6 +464,7 @@ mod tests {
             .inventory
             .images
             .iter()
+            .flatten()
             .map(|i| (i.fingerprint.as_str(), i.aliases.join(",")))
             .collect();
         assert_eq!(

@@ -27,10 +27,10 @@ fn host(i: u32) -> Host {
         labels: vec![],
         foreign_ports: vec![],
         inventory: Inventory {
-            images: vec![Image {
+            images: Some(vec![Image {
                 fingerprint: "0123456789abcdef".repeat(4),
                 aliases: vec!["debian-ssh".into()],
-            }],
+            }]),
             cpus: 128,
             memory_bytes: 1 << 40,
             pools: vec![Pool {

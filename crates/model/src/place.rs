@@ -277,7 +277,13 @@ pub fn choose_by_scan(
     if considered().next().is_some() && !considered().any(|h| h.inventory.has_image(image)) {
         let have: Vec<String> = considered()
             .map(|h| {
-                let mut names: Vec<String> = h.inventory.images.iter().map(|i| i.label()).collect();
+                let mut names: Vec<String> = h
+                    .inventory
+                    .images
+                    .iter()
+                    .flatten()
+                    .map(|i| i.label())
+                    .collect();
                 names.sort();
                 match names.is_empty() {
                     true => format!("{}: none", h.name),

@@ -75,14 +75,20 @@ pub struct Inventory {
     pub daemon_version: String,
     pub driver_version: String,
     /// The daemon's images, sorted by fingerprint; containers are made only from these.
+    /// `None` in a record from an agent that did not report images (one older than
+    /// image-aware placement): placement does not check them there, so the log entries
+    /// applied before image reports existed give the same result when replayed.
     #[serde(default)]
-    pub images: Vec<Image>,
+    pub images: Option<Vec<Image>>,
 }
 
 impl Inventory {
-    /// True when the daemon has an image called `name` (alias or fingerprint).
+    /// True when the daemon has an image called `name` (alias or fingerprint), or
+    /// when the host never reported its images.
     pub fn has_image(&self, name: &str) -> bool {
-        self.images.iter().any(|i| i.matches(name))
+        self.images
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|i| i.matches(name)))
     }
 }
 

@@ -39,14 +39,15 @@ pub fn inventory_from_wire(w: &pb::HostInventory) -> Result<Inventory, ssp_model
         daemon: w.daemon.clone(),
         daemon_version: w.daemon_version.clone(),
         driver_version: w.driver_version.clone(),
-        images: w
-            .images
-            .iter()
-            .map(|i| Image {
-                fingerprint: i.fingerprint.clone(),
-                aliases: i.aliases.clone(),
-            })
-            .collect(),
+        images: w.images_reported.then(|| {
+            w.images
+                .iter()
+                .map(|i| Image {
+                    fingerprint: i.fingerprint.clone(),
+                    aliases: i.aliases.clone(),
+                })
+                .collect()
+        }),
     })
 }
 
@@ -71,9 +72,11 @@ pub fn inventory_to_wire(hostname: &str, inv: &Inventory) -> pb::HostInventory {
         daemon: inv.daemon.clone(),
         daemon_version: inv.daemon_version.clone(),
         driver_version: inv.driver_version.clone(),
+        images_reported: inv.images.is_some(),
         images: inv
             .images
             .iter()
+            .flatten()
             .map(|i| pb::Image {
                 fingerprint: i.fingerprint.clone(),
                 aliases: i.aliases.clone(),

@@ -595,6 +595,7 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
                     aliases: vec![a.to_string()],
                 })
                 .collect(),
+            images_reported: true,
         }),
         labels: vec![],
         foreign_ports: vec![],

@@ -17,7 +17,10 @@ fn host(name: &str, gpus: u32) -> Host {
         labels: vec![],
         foreign_ports: vec![],
         inventory: Inventory {
-            images: vec![image("a1b2c3d4e5f60718293a4b5c6d7e8f90", &["debian-ssh"])],
+            images: Some(vec![image(
+                "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                &["debian-ssh"],
+            )]),
             cpus: 8,
             memory_bytes: 32 << 30,
             pools: vec![Pool {
@@ -564,12 +567,15 @@ fn only_hosts_with_the_image_are_chosen_and_a_refusal_names_every_hosts_images()
     let mut s = State::default();
     s.apply(&Command::Init(Settings::default())).unwrap();
     let mut h1 = host("h1", 0);
-    h1.inventory.images = vec![
+    h1.inventory.images = Some(vec![
         image("0123456789abcdef0123456789abcdef", &["debian-ssh"]),
         image("fedcba9876543210fedcba9876543210", &["busybox"]),
-    ];
+    ]);
     let mut h2 = host("h2", 0);
-    h2.inventory.images = vec![image("0123456789abcdef0123456789abcdef", &["debian-ssh"])];
+    h2.inventory.images = Some(vec![image(
+        "0123456789abcdef0123456789abcdef",
+        &["debian-ssh"],
+    )]);
     s.apply(&Command::RegisterHost(h1)).unwrap();
     s.apply(&Command::RegisterHost(h2.clone())).unwrap();
     let before = s.clone();
@@ -610,6 +616,7 @@ fn only_hosts_with_the_image_are_chosen_and_a_refusal_names_every_hosts_images()
     // A host that gets the image (a heartbeat with its new image set) takes it.
     h2.inventory
         .images
+        .get_or_insert_default()
         .push(image("fedcba9876543210fedcba9876543210", &["busybox"]));
     s.apply(&Command::RegisterHost(h2)).unwrap();
     assert_eq!(placed(&mut s, &user_image("e", "busybox")).0, "h2");
@@ -674,5 +681,17 @@ fn a_host_record_from_before_images_and_foreign_ports_still_loads() {
     v.as_object_mut().unwrap().remove("foreign_ports");
     v["inventory"].as_object_mut().unwrap().remove("images");
     let h: Host = serde_json::from_value(v).unwrap();
-    assert!(h.foreign_ports.is_empty() && h.inventory.images.is_empty());
+    assert!(h.foreign_ports.is_empty() && h.inventory.images.is_none());
+}
+
+#[test]
+fn a_host_that_never_reported_images_is_not_checked_so_old_log_entries_replay_the_same() {
+    // A log written before agents reported images: replaying its AddUser with
+    // today's code must place the user as the code of the time did.
+    let mut s = State::default();
+    s.apply(&Command::Init(Settings::default())).unwrap();
+    let mut old = host("h1", 1);
+    old.inventory.images = None;
+    s.apply(&Command::RegisterHost(old)).unwrap();
+    assert_eq!(placed(&mut s, &user_image("ann", "anything")).0, "h1");
 }
