@@ -1,10 +1,8 @@
 //! Makes one instance match its spec: create it, or change only what differs.
 
-use std::path::Path;
-
 use serde_json::json;
 use ssp_lxd::{Client, Instance};
-use ssp_proto::{InstanceSpec, InstanceStatus, SharedFolder};
+use ssp_proto::{InstanceSpec, InstanceStatus};
 
 use crate::account;
 use crate::forward::{self, Addrs};
@@ -103,7 +101,10 @@ pub async fn ensure(
         crate::subid::check(&spec.uid_range).map_err(EnsureError::Host)?;
     }
     for s in &spec.shares {
-        ensure_share_dir(s, spec.lab_gid)?;
+        crate::share::ensure(s, spec.lab_gid).map_err(|source| EnsureError::Share {
+            path: s.host_path.clone(),
+            source,
+        })?;
     }
     let mut changed = Vec::new();
     // The driver files of a running container changed (a driver upgrade, or
@@ -245,7 +246,10 @@ pub fn in_sync(inst: &Instance, host: &HostContext, spec: &InstanceSpec) -> bool
         && merge_devices(&inst.devices, &r) == inst.devices
         && spec.running == inst.is_running()
         && (!spec.running || inst.config.get(account::CONFIG_KEY) == Some(&account::hash(spec)))
-        && spec.shares.iter().all(|s| share_dir_ok(s, spec.lab_gid))
+        && spec
+            .shares
+            .iter()
+            .all(|s| crate::share::ok(s, spec.lab_gid))
 }
 
 /// Maps a daemon instance to the wire status.
@@ -295,52 +299,6 @@ async fn mark_account(
         .await?;
     inst.config
         .insert(account::CONFIG_KEY.into(), want.to_string());
-    Ok(())
-}
-
-/// Owner, group and mode a shared folder's top directory should have, by its mode:
-/// `rw` root:lab 2775 (every member writes, files join the lab group), `owner`
-/// root:lab 3775 (the sticky bit: only a file's owner renames or removes it).
-/// `None` for `ro`: a read-only share keeps whatever the admin gave it.
-fn share_dir_want(s: &SharedFolder, lab_gid: u32) -> Option<(u32, u32, u32)> {
-    match s.mode.as_str() {
-        "ro" => None,
-        "owner" => Some((0, lab_gid, 0o3775)),
-        _ => Some((0, lab_gid, 0o2775)),
-    }
-}
-
-/// True when the shared folder is there with the owner and mode its share mode wants.
-fn share_dir_ok(s: &SharedFolder, lab_gid: u32) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::metadata(&s.host_path) else {
-        return false;
-    };
-    m.is_dir()
-        && share_dir_want(s, lab_gid).is_none_or(|(uid, gid, mode)| {
-            (m.uid(), m.gid(), m.mode() & 0o7777) == (uid, gid, mode)
-        })
-}
-
-/// Makes a shared folder that is missing, and gives a writable one the lab group and
-/// the mode of its share mode (see [`share_dir_want`]).
-fn ensure_share_dir(s: &SharedFolder, lab_gid: u32) -> Result<(), EnsureError> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = Path::new(&s.host_path);
-    if share_dir_ok(s, lab_gid) {
-        return Ok(());
-    }
-    let err = |source| EnsureError::Share {
-        path: path.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(path).map_err(err)?;
-    if let Some((uid, gid, mode)) = share_dir_want(s, lab_gid) {
-        // Without a lab group (a spec from an older coordinator) the group stays as it is.
-        let gid = (gid != 0).then_some(gid);
-        std::os::unix::fs::chown(path, Some(uid), gid).map_err(err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    }
     Ok(())
 }
 

@@ -16,6 +16,7 @@ pub mod ports;
 pub mod register;
 pub mod render;
 pub mod service;
+pub mod share;
 pub mod subid;
 pub mod uvm;
 
