@@ -303,6 +303,14 @@ impl HostState {
         };
         let by_name: HashMap<&str, &ssp_lxd::Instance> =
             listed.iter().map(|i| (i.name.as_str(), i)).collect();
+        // Driver directories no container mounts any more go (after an upgrade).
+        let in_use: std::collections::BTreeSet<String> = listed
+            .iter()
+            .filter_map(|i| i.expanded_devices.get(crate::nvidia::DEVICE)?.get("source"))
+            .cloned()
+            .collect();
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.nvidia.prune_old(&in_use)).await;
         let mut ensured = 0;
         for name in &names {
             let Some(spec) = self.specs.get(name) else {
@@ -322,14 +330,8 @@ impl HostState {
 
     /// Resyncs at start and every `every`.
     pub async fn resync_loop(self: Arc<Self>, every: Duration) {
-        let mut first = true;
         loop {
             self.resync("resync").await;
-            if std::mem::take(&mut first) {
-                // GPU containers now use the current driver's files; older go.
-                let me = self.clone();
-                let _ = tokio::task::spawn_blocking(move || me.nvidia.prune_old()).await;
-            }
             tokio::time::sleep(every).await;
         }
     }

@@ -359,9 +359,8 @@ pub fn assemble(state_dir: &Path, found: &Found) -> std::io::Result<PathBuf> {
 }
 
 /// Removes every version directory (and leftover temporary one) under
-/// `state_dir/nvidia` but `keep`'s. Run at start, before any container is given
-/// a newer one, so nothing removed is in use by a container the agent manages.
-pub fn prune(state_dir: &Path, keep: &str) -> std::io::Result<Vec<String>> {
+/// `state_dir/nvidia` whose name is not in `keep`.
+pub fn prune(state_dir: &Path, keep: &BTreeSet<String>) -> std::io::Result<Vec<String>> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(state_dir.join("nvidia")) else {
         return Ok(removed);
@@ -369,7 +368,7 @@ pub fn prune(state_dir: &Path, keep: &str) -> std::io::Result<Vec<String>> {
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().to_string();
-        if name != keep {
+        if !keep.contains(&name) {
             std::fs::remove_dir_all(e.path())?;
             removed.push(name);
         }
@@ -471,10 +470,11 @@ impl Nvidia {
         me
     }
 
-    /// Removes every driver directory but the current one. The agent calls it
-    /// once, after its first resync has pointed every GPU container at the
-    /// current one, so no container it manages still uses what goes.
-    pub fn prune_old(&self) {
+    /// Removes every driver directory but the current one and those in `in_use`
+    /// (the `ssp-nvidia` sources of the daemon's instances, from the same listing a
+    /// resync compares against): a container still on an older driver's files,
+    /// because its ensure failed or is backing off, keeps them.
+    pub fn prune_old(&self, in_use: &BTreeSet<String>) {
         let Some(v) = self
             .current
             .lock()
@@ -483,7 +483,15 @@ impl Nvidia {
         else {
             return;
         };
-        match prune(&self.state_dir, &v) {
+        let base = self.state_dir.join("nvidia");
+        let mut keep: BTreeSet<String> = in_use
+            .iter()
+            .filter_map(|src| Path::new(src).strip_prefix(&base).ok())
+            .filter_map(|rest| rest.components().next())
+            .map(|c| c.as_os_str().to_string_lossy().to_string())
+            .collect();
+        keep.insert(v);
+        match prune(&self.state_dir, &keep) {
             Ok(r) if !r.is_empty() => {
                 tracing::info!(removed = ?r, "nvidia: removed old driver directories")
             }
@@ -517,8 +525,12 @@ impl Nvidia {
         if !self.bind {
             return false;
         }
-        let Ok(mut cur) = self.current.lock() else {
-            return false;
+        // The lock is held only to read and to swap `current`, never while files are
+        // found and copied (hundreds of MB on a real host): heartbeats and ensures
+        // read `userspace()` meanwhile.
+        let known = match self.current.lock() {
+            Ok(cur) => cur.version.clone(),
+            Err(_) => return false,
         };
         // The version the files are for; retried until a directory is built for it.
         let version = match std::fs::read_to_string(&self.cfg.version_file) {
@@ -530,21 +542,11 @@ impl Nvidia {
             Ok(v) => v,
             Err(why) => {
                 // Keep what containers have: a driver being reloaded comes back.
-                if cur.error.as_ref() != Some(&why) {
-                    match &cur.version {
-                        Some(v) => tracing::warn!(
-                            "nvidia: bind: {why}; GPU containers keep the files of driver {v}"
-                        ),
-                        None => tracing::warn!(
-                            "nvidia: bind: {why}; GPU containers get no driver files until a driver is loaded"
-                        ),
-                    }
-                    cur.error = Some(why);
-                }
+                self.note_error(why, false);
                 return false;
             }
         };
-        if cur.version.as_ref() == Some(&version) {
+        if known.as_ref() == Some(&version) {
             return false;
         }
         let ld = match read_ld_cache(&self.cfg.ld_cache) {
@@ -572,6 +574,9 @@ impl Nvidia {
                     dirs.join(", "),
                     dir.display()
                 );
+                let Ok(mut cur) = self.current.lock() else {
+                    return false;
+                };
                 let changed = cur.dir.as_ref() != Some(&dir);
                 *cur = Current {
                     version: Some(version),
@@ -581,22 +586,31 @@ impl Nvidia {
                 changed
             }
             Err(why) => {
-                // Tried again at every resync (the files may still be arriving);
-                // logged once.
-                if cur.error.as_ref() != Some(&why) {
-                    match &cur.version {
-                        Some(v) => tracing::error!(
-                            "nvidia: bind: {why}; GPU containers keep the files of driver {v}"
-                        ),
-                        None => tracing::error!(
-                            "nvidia: bind: {why}; GPU containers get no driver files"
-                        ),
-                    }
-                    cur.error = Some(why);
-                }
+                // Tried again at every resync (the files may still be arriving).
+                self.note_error(why, true);
                 false
             }
         }
+    }
+
+    /// Records why the driver files could not be refreshed, logging it once.
+    fn note_error(&self, why: String, error: bool) {
+        let Ok(mut cur) = self.current.lock() else {
+            return;
+        };
+        if cur.error.as_ref() == Some(&why) {
+            return;
+        }
+        let keep = match &cur.version {
+            Some(v) => format!("GPU containers keep the files of driver {v}"),
+            None => "GPU containers get no driver files until a driver is loaded".to_string(),
+        };
+        if error {
+            tracing::error!("nvidia: bind: {why}; {keep}");
+        } else {
+            tracing::warn!("nvidia: bind: {why}; {keep}");
+        }
+        cur.error = Some(why);
     }
 }
 
@@ -789,7 +803,7 @@ mod tests {
         // A half-built leftover and an old version go at the next start.
         std::fs::create_dir_all(state.join("nvidia/.999.2.0.tmp/lib")).unwrap();
         std::fs::create_dir_all(state.join("nvidia/998.0.0/lib")).unwrap();
-        let mut removed = prune(&state, "999.1.0").unwrap();
+        let mut removed = prune(&state, &["999.1.0".to_string()].into()).unwrap();
         removed.sort();
         assert_eq!(removed, [".999.2.0.tmp", "998.0.0"]);
         assert!(dir.is_dir());
@@ -824,10 +838,16 @@ mod tests {
         let first = version_dir(&state, "999.1.0").display().to_string();
         assert_eq!(nv.userspace(), Userspace::Bind { dir: first.clone() });
         assert!(state.join("nvidia/990.0.0").exists());
-        nv.prune_old();
+        std::fs::create_dir_all(state.join("nvidia/991.0.0")).unwrap();
+        let used = version_dir(&state, "991.0.0").display().to_string();
+        nv.prune_old(&[used].into());
         assert!(
             !state.join("nvidia/990.0.0").exists(),
-            "old versions go after the first resync"
+            "old versions no container uses go"
+        );
+        assert!(
+            state.join("nvidia/991.0.0").exists(),
+            "a version a container still mounts stays"
         );
         assert!(Path::new(&first).is_dir());
         assert!(!nv.refresh(), "same version: nothing to do");
