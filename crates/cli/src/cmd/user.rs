@@ -307,31 +307,48 @@ async fn wait_for_ssh(host: &str, port: u32, timeout: std::time::Duration) -> an
     use tokio::io::AsyncReadExt;
     use tokio::time::{sleep, timeout as within, Duration, Instant};
     let port = u16::try_from(port).context("the coordinator gave no SSH port")?;
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + timeout;
     loop {
-        let attempt = async {
-            let mut conn = tokio::net::TcpStream::connect((host, port)).await?;
-            let mut banner = Vec::new();
-            let mut buf = [0u8; 256];
-            while !banner.contains(&b'\n') && banner.len() < 1024 {
-                let n = conn.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                banner.extend_from_slice(&buf[..n]);
-            }
-            Ok::<_, std::io::Error>(banner)
+        // A short connect timeout at first: until the container has its address, a
+        // SYN sent to it is dropped, and the kernel would resend it only after a
+        // second. After 5 s, a longer one, for a far-away sspctl.
+        let limit = if Instant::now() < start + Duration::from_secs(5) {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(3)
         };
-        let last = match within(Duration::from_secs(3), attempt).await {
-            Ok(Ok(b)) if b.starts_with(b"SSH-") => return Ok(()),
-            Ok(Ok(b)) if b.is_empty() => "the connection was closed without a greeting".to_string(),
-            Ok(Ok(_)) => "something other than an SSH server answered".to_string(),
+        let connect = tokio::net::TcpStream::connect((host, port));
+        let last = match within(limit, connect).await {
+            Err(_) => format!("no connection within {limit:?}"),
             Ok(Err(e)) => e.to_string(),
-            Err(_) => "no greeting within 3s".to_string(),
+            Ok(Ok(mut conn)) => {
+                let greeting = async {
+                    let mut banner = Vec::new();
+                    let mut buf = [0u8; 256];
+                    while !banner.contains(&b'\n') && banner.len() < 1024 {
+                        let n = conn.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        banner.extend_from_slice(&buf[..n]);
+                    }
+                    Ok::<_, std::io::Error>(banner)
+                };
+                match within(Duration::from_secs(3), greeting).await {
+                    Ok(Ok(b)) if b.starts_with(b"SSH-") => return Ok(()),
+                    Ok(Ok(b)) if b.is_empty() => {
+                        "the connection was closed without a greeting".to_string()
+                    }
+                    Ok(Ok(_)) => "something other than an SSH server answered".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no greeting within 3s".to_string(),
+                }
+            }
         };
         if Instant::now() >= deadline {
             anyhow::bail!("last try: {last}");
         }
-        sleep(Duration::from_millis(100)).await;
+        sleep(Duration::from_millis(20)).await;
     }
 }
