@@ -25,7 +25,8 @@ for f in /etc/subuid /etc/subgid; do
   touch "$f"
   rec=/var/lib/ssp/$(basename "$f")-added
   ours=$(cat "$rec" 2>/dev/null || true)
-  large=$(awk -F: '$1 == "root" && $3 >= 65536' "$f")
+  large=$(awk -F: -v f="$SSP_UID_FIRST" -v c="$SSP_UID_COUNT" \
+    '$1 == "root" && $3 >= 65536 && !($2 == f && $3 == c)' "$f")
   if [ -z "$large" ]; then
     next=$(awk -F: 'BEGIN { n = 1000000 } NF >= 3 && $2 + $3 > n { n = $2 + $3 } END { print n }' "$f")
     echo "root:$next:1000000000" >> "$f"
