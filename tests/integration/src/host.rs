@@ -30,6 +30,11 @@ while read -r mp fs opts; do
     cgroup) mount -t cgroup -o "$(echo "$opts" | sed -e 's/^rw,//' -e 's/^ro,//')" cgroup "$mp" ;;
   esac
 done
+# A simulated host can have its own /etc/subuid and /etc/subgid (see Host::daemon).
+if [ -n "${SSP_TESTBED_SUBID:-}" ]; then
+  mount --bind "$SSP_TESTBED_SUBID/subuid" /etc/subuid
+  mount --bind "$SSP_TESTBED_SUBID/subgid" /etc/subgid
+fi
 exec "$@"
 "#;
 
@@ -147,7 +152,19 @@ impl Host {
     fn daemon(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let log = std::fs::File::create(self.dir.join("daemon.log"))?;
+        // Each simulated host has its own /etc/subuid and /etc/subgid, as
+        // scripts/prepare-host.sh writes them on a host without other large ranges
+        // of root's: the lab's uid range and one large range for isolated containers.
+        // This machine's own files may hold a smaller range that another package
+        // (Debian's lxd) added, too small for the benchmarks' hundreds of containers.
+        for f in ["subuid", "subgid"] {
+            std::fs::write(
+                self.dir.join(f),
+                "root:10000:10000\nroot:1000000:1000000000\n",
+            )?;
+        }
         let mut c = self.in_ns_with_cgroups();
+        c.env("SSP_TESTBED_SUBID", &self.dir);
         c.arg(match self.kind {
             Kind::Incus => "/usr/libexec/incus/incusd",
             Kind::Lxd => "/usr/bin/lxd",

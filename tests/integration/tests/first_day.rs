@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use ssp_integration::{run, ssh_keypair, Host, Scratch};
+use ssp_integration::{run, ssh_keypair, wait_for, Host, Scratch};
 
 /// Where ssp-up keeps everything of this test's platform (all under a scratch dir).
 struct Setup {
@@ -195,9 +196,36 @@ fn ssp_up_from_nothing_then_a_lab_first_day() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        let mut out = monitor.stdout.take().context("monitor stdout")?;
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = seen.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        })
+    };
+    let seen_text = || seen.lock().map(|s| s.clone()).unwrap_or_default();
+    // The monitor listens once it reports a probe's events; only then is "no
+    // event during the second run" worth anything.
+    host.cli_run(&["profile", "create", "ssp-probe"])?;
+    host.cli_run(&["profile", "delete", "ssp-probe"])?;
+    wait_for(
+        "the monitor to see the probe",
+        Duration::from_secs(15),
+        || seen_text().contains("profile-deleted").then_some(()),
+    )?;
+    let from = seen_text().len();
     let second = setup.ssp_up(&host)?;
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1));
 
     // 3. A plain container (no ssp, the daemon's default idmap) starts beside ssp's:
     // the ranges in /etc/subuid and /etc/subgid are ones the daemon accepts. Its
@@ -207,9 +235,19 @@ fn ssp_up_from_nothing_then_a_lab_first_day() -> Result<()> {
     let plain = host.cli_run(&["list", "plain", "-f", "csv", "-c", "s"])?;
     ensure!(plain.trim() == "RUNNING", "plain container is {plain:?}");
     host.cli_run(&["delete", "--force", "plain"])?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    wait_for(
+        "the monitor to see the plain container",
+        Duration::from_secs(15),
+        || {
+            seen_text()[from..]
+                .contains("instance-deleted")
+                .then_some(())
+        },
+    )?;
     let _ = monitor.kill();
-    let events = String::from_utf8_lossy(&monitor.wait_with_output()?.stdout).to_string();
+    let _ = monitor.wait();
+    let _ = reader.join();
+    let events = seen_text()[from..].to_string();
     let after = snapshot(&setup, &host)?;
     ensure!(
         String::from_utf8_lossy(&second.stdout).contains("ssp-up: ready"),
@@ -313,9 +351,17 @@ fn ssp_up_from_nothing_then_a_lab_first_day() -> Result<()> {
     }
     let dir = std::fs::metadata(setup.path("shared"))?;
     ensure!(
-        dir.mode() & 0o7777 == 0o2775,
-        "the shared folder's mode is {:o}, expected 2775 (setgid, group-writable)",
+        (dir.gid(), dir.mode() & 0o7777) == (19999, 0o2775),
+        "the shared folder is group {} mode {:o}, expected the lab group 19999 (the last uid of the range) and 2775 (setgid, group-writable)",
+        dir.gid(),
         dir.mode() & 0o7777
     );
+    for file in ["demo.txt", "bob.txt"] {
+        let gid = std::fs::metadata(setup.path("shared").join(file))?.gid();
+        ensure!(
+            gid == 19999,
+            "{file} has group {gid}, expected the lab's (setgid)"
+        );
+    }
     Ok(())
 }
