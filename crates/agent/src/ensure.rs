@@ -330,6 +330,10 @@ pub async fn list(client: &Client, managed_only: bool) -> Result<Vec<InstanceSta
 /// The image source for a new container: by alias, or by full fingerprint when the
 /// spec names the image by its fingerprint (or a prefix of it, as placement allows).
 async fn image_source(client: &Client, image: &str) -> Result<serde_json::Value, EnsureError> {
+    // Only a name that could be a fingerprint costs a listing of the images.
+    if image.len() < 12 || !image.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(json!({"type": "image", "alias": image}));
+    }
     let images = client.images().await?;
     if images
         .iter()
