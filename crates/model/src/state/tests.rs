@@ -504,6 +504,15 @@ fn the_indexed_choice_is_the_scans_choice() {
         .collect();
     let refs: Vec<(&str, u32)> = hosts.iter().map(|(n, g)| (n.as_str(), *g)).collect();
     let mut s = state_with(&refs);
+    // Some hosts lack the image asked for half the time.
+    for (n, _) in hosts.iter().skip(20) {
+        let mut h = s.hosts[n].clone();
+        h.inventory.images = Some(vec![image(
+            "fedcba9876543210fedcba9876543210",
+            &["busybox"],
+        )]);
+        s.apply(&Command::RegisterHost(h)).unwrap();
+    }
     for (n, _) in hosts.iter().take(6) {
         let status = [HostStatus::Draining, HostStatus::Down][rnd(2) as usize];
         s.apply(&Command::SetHostStatus {
@@ -527,12 +536,20 @@ fn the_indexed_choice_is_the_scans_choice() {
                     ..Default::default()
                 };
                 let l = limits(1 + rnd(10) as u32);
+                let img = ["debian-ssh", "busybox"][rnd(2) as usize];
                 assert_eq!(
-                    place::choose(&s, &l, gpus, "debian-ssh", &c),
-                    place::choose_by_scan(&s, &l, gpus, "debian-ssh", &c),
-                    "step {step}, {gpus} GPUs, spread {spread}"
+                    place::choose(&s, &l, gpus, img, &c),
+                    place::choose_by_scan(&s, &l, gpus, img, &c),
+                    "step {step}, {gpus} GPUs, spread {spread}, image {img}"
                 );
             }
+        }
+        // A host's agent reports other ports in use (hand-made forwards come and go).
+        if rnd(4) == 0 {
+            let (n, _) = &hosts[rnd(hosts.len() as u64) as usize];
+            let mut h = s.hosts[n].clone();
+            h.foreign_ports = (22000..=22003).filter(|_| rnd(3) == 0).collect();
+            s.apply(&Command::RegisterHost(h)).unwrap();
         }
         match rnd(3) {
             0 if !names.is_empty() => {
