@@ -76,7 +76,21 @@ if [ -z "$POOL" ]; then
   $CLI profile device add default root disk path=/ "pool=$POOL"
 fi
 if ! $CLI profile device show default | grep -q '^eth0:'; then
-  if ! $CLI network show sspbr0 >/dev/null 2>&1; then
+  net=$($CLI network show sspbr0 2>/dev/null || true)
+  if [ -n "$net" ] && ! grep -q '^managed: true' <<<"$net"; then
+    # An interface of that name the daemon does not manage: a bridge left behind by
+    # an earlier daemon (its state was removed, the kernel bridge was not) goes when
+    # nothing is attached to it; anything else is the admin's, and ssp stops.
+    if [ -d /sys/class/net/sspbr0/bridge ] && [ -z "$(ls /sys/class/net/sspbr0/brif 2>/dev/null)" ]; then
+      say "removing the unused bridge sspbr0 that $CLI does not manage (left by an earlier daemon)"
+      ip link delete sspbr0
+      net=""
+    else
+      say "an interface named sspbr0 exists that $CLI does not manage; remove it or free the name, then run ssp-up again" >&2
+      false
+    fi
+  fi
+  if [ -z "$net" ]; then
     # An explicit subnet (no auto-detection) and no NAT: containers reach this host only.
     # ssp gives its containers static addresses from the top of the subnet; dynamic
     # leases for other containers stay in the lower half.

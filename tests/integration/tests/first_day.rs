@@ -169,7 +169,17 @@ fn ssp_up_from_nothing_then_a_lab_first_day() -> Result<()> {
         "the daemon must start from nothing, but {} exists",
         host.socket.display()
     );
+    // A bridge an earlier daemon left behind (its state dir gone, the kernel bridge
+    // not) has the name ssp-up wants; nothing is attached to it, so it goes.
+    run(host
+        .in_ns("ip")
+        .args(["link", "add", "sspbr0", "type", "bridge"]))?;
     let first = setup.ssp_up(&host)?;
+    let out = String::from_utf8_lossy(&first.stdout);
+    ensure!(
+        out.contains("removing the unused bridge sspbr0"),
+        "ssp-up did not report the stale bridge:\n{out}"
+    );
     let stdout = String::from_utf8_lossy(&first.stdout).to_string();
     ensure!(stdout.contains("ssp-up: ready"), "no 'ready' in:\n{stdout}");
     let demo = printed_ssh(&stdout)?;
