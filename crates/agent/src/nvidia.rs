@@ -450,11 +450,13 @@ impl Nvidia {
                 (false, true)
             }
             Mode::Auto => {
+                // Checked again at every resync: a driver loaded after the agent
+                // started (a module loaded late at boot) is followed as an upgrade is.
                 tracing::info!(
-                    "nvidia: off: no {} (no NVIDIA driver loaded) and no nvidia-container-cli",
+                    "nvidia: off for now: no {} (no NVIDIA driver loaded) and no nvidia-container-cli; a driver loaded later is bound at the next resync",
                     cfg.version_file.display()
                 );
-                (false, false)
+                (false, true)
             }
         };
         let me = Nvidia {
@@ -541,8 +543,11 @@ impl Nvidia {
         let version = match version {
             Ok(v) => v,
             Err(why) => {
-                // Keep what containers have: a driver being reloaded comes back.
-                self.note_error(why, false);
+                // Keep what containers have: a driver being reloaded comes back. No
+                // driver yet at all (a host without one) is no news.
+                if known.is_some() {
+                    self.note_error(why, false);
+                }
                 return false;
             }
         };
@@ -884,9 +889,24 @@ mod tests {
             mode: Mode::Auto,
             ..t.cfg.clone()
         };
-        // No version file and (on build hosts) no nvidia-container-cli: off.
+        // No version file and (on build hosts) no nvidia-container-cli: off, until a
+        // driver is loaded after the agent started; the next refresh binds it.
         if !on_path("nvidia-container-cli") {
-            assert_eq!(Nvidia::start(&auto, &state).userspace(), Userspace::Off);
+            let mut late = auto.clone();
+            late.lib_dirs.push(t.root.join("cached"));
+            late.ld_cache = t.root.join("no-cache");
+            let nv = Nvidia::start(&late, &state);
+            assert_eq!(nv.userspace(), Userspace::Off);
+            assert!(!nv.refresh());
+            std::fs::write(&late.version_file, H200.replace("580.159.04", "999.1.0")).unwrap();
+            assert!(nv.refresh(), "a driver loaded later is bound");
+            assert_eq!(
+                nv.userspace(),
+                Userspace::Bind {
+                    dir: version_dir(&state, "999.1.0").display().to_string()
+                }
+            );
+            std::fs::remove_file(&late.version_file).unwrap();
         }
         let runtime = NvidiaConfig {
             mode: Mode::Runtime,
