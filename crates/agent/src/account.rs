@@ -64,28 +64,61 @@ if [ -n "$name" ]; then
   grep -Eq "^[^#]*[[:space:]]$name([[:space:]]|\$)" /etc/hosts 2>/dev/null ||
     printf '127.0.1.1\t%s\n' "$name" >> /etc/hosts
 fi
-if ! id -u "$u" >/dev/null 2>&1; then
-  if command -v useradd >/dev/null 2>&1; then
-    getent group "$uid" >/dev/null 2>&1 || groupadd -g "$uid" "$u"
-    useradd -m -u "$uid" -g "$uid" -s /bin/bash "$u"
+# Accounts through the distribution's tools, busybox's, or (images with neither,
+# such as a bare busybox) the files themselves.
+has() { command -v "$1" >/dev/null 2>&1; }
+if ! has getent; then
+  getent() {
+    [ -n "${2:-}" ] || { cat "/etc/$1"; return; }
+    awk -F: -v k="$2" '$1 == k || $3 == k { print; f = 1 } END { exit !f }' "/etc/$1"
+  }
+fi
+ssp_group() { # NAME GID: the group, unless that gid exists
+  getent group "$2" >/dev/null 2>&1 && return 0
+  if has groupadd; then groupadd -g "$2" "$1"
+  elif has addgroup; then addgroup -g "$2" "$1"
+  else printf '%s:x:%s:\n' "$1" "$2" >> /etc/group; fi
+}
+ssp_user() { # NAME UID GECOS SHELL HOME (HOME empty: none), primary group = UID
+  if has useradd; then
+    if [ -n "$5" ]; then useradd -m -u "$2" -g "$2" -c "$3" -s "$4" "$1"
+    else useradd -M -N -u "$2" -g "$2" -c "$3" -s "$4" "$1"; fi
+  elif has adduser; then
+    g=$(getent group "$2" | cut -d: -f1)
+    if [ -n "$5" ]; then adduser -D -u "$2" -G "$g" -g "$3" -s "$4" "$1"
+    else adduser -H -D -u "$2" -G "$g" -g "$3" -s "$4" "$1"; fi
   else
-    addgroup -g "$uid" "$u" 2>/dev/null || true
-    adduser -D -u "$uid" -G "$u" -s /bin/sh "$u"
+    printf '%s:x:%s:%s:%s:%s:%s\n' "$1" "$2" "$2" "$3" "${5:-/nonexistent}" "$4" >> /etc/passwd
+    if [ -n "$5" ]; then mkdir -p "$5" && chown "$2:$2" "$5"; fi
   fi
+}
+ssp_join() { # USER GROUP
+  if has usermod; then usermod -aG "$2" "$1"
+  elif has addgroup && has adduser; then addgroup "$1" "$2"
+  else
+    sed -i -e "/^$2:/ s/\$/,$1/" -e "/^$2:/ s/:,/:/" /etc/group
+  fi
+}
+ssp_deluser() { # NAME
+  if has userdel; then userdel "$1"
+  elif has deluser; then deluser "$1"
+  else sed -i "/^$1:/d" /etc/passwd; fi
+}
+if ! id -u "$u" >/dev/null 2>&1; then
+  if has useradd; then sh=/bin/bash; else sh=/bin/sh; fi
+  ssp_group "$u" "$uid"
+  ssp_user "$u" "$uid" "" "$sh" "/home/$u"
 fi
 # The lab group owns the shared folders; the owner is a member, so they can write there.
 if [ "$labgid" -gt 0 ]; then
-  if ! getent group "$labgid" >/dev/null 2>&1; then
-    if command -v groupadd >/dev/null 2>&1; then groupadd -g "$labgid" lab 2>/dev/null || groupadd -g "$labgid" ssp-lab
-    else addgroup -g "$labgid" lab 2>/dev/null || addgroup -g "$labgid" ssp-lab; fi
-  fi
+  getent group "$labgid" >/dev/null 2>&1 || ssp_group lab "$labgid" 2>/dev/null || ssp_group ssp-lab "$labgid"
   lab=$(getent group "$labgid" | cut -d: -f1)
   if ! id -nG "$u" | tr ' ' '\n' | grep -qx "$lab"; then
-    if command -v usermod >/dev/null 2>&1; then usermod -aG "$lab" "$u"; else addgroup "$u" "$lab"; fi
+    ssp_join "$u" "$lab"
   fi
 fi
 # A locked account refuses even key logins in OpenSSH; make it key-only instead.
-if command -v usermod >/dev/null 2>&1; then usermod -p '*' "$u"; fi
+if has usermod; then usermod -p '*' "$u"; fi
 if [ -d /etc/sudoers.d ]; then
   printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$u" > "/etc/sudoers.d/ssp-$u"
   chmod 0440 "/etc/sudoers.d/ssp-$u"
@@ -102,19 +135,14 @@ chown -R "$uid:$(id -g "$u")" "$home/.ssh"
 printf '%s\n' "$members" | while read -r m muid; do
   [ -n "$m" ] || continue
   if ! getent passwd "$muid" >/dev/null 2>&1 && ! getent passwd "$m" >/dev/null 2>&1; then
-    if command -v useradd >/dev/null 2>&1; then
-      getent group "$muid" >/dev/null 2>&1 || groupadd -g "$muid" "$m"
-      useradd -M -N -g "$muid" -u "$muid" -c "ssp lab member" -s /usr/sbin/nologin "$m"
-    else
-      addgroup -g "$muid" "$m" 2>/dev/null || true
-      adduser -H -D -u "$muid" -G "$m" -g "ssp lab member" -s /sbin/nologin "$m"
-    fi
+    ssp_group "$m" "$muid"
+    ssp_user "$m" "$muid" "ssp lab member" /usr/sbin/nologin ""
   fi
 done
 # Members who left the lab lose the entries ssp made for them.
 getent passwd | awk -F: '$5 == "ssp lab member" {print $1}' | while read -r m; do
   printf '%s\n' "$members" | grep -q "^$m " && continue
-  if command -v userdel >/dev/null 2>&1; then userdel "$m" 2>/dev/null || true; else deluser "$m" 2>/dev/null || true; fi
+  ssp_deluser "$m" 2>/dev/null || true
 done
 # The host's NVIDIA driver files, which ssp mounts read-only on GPU containers:
 # the loader finds the libraries and the binaries are on PATH. Without the
