@@ -148,6 +148,7 @@ socket = "$SOCKET"
 ssh_host = "$SSH_HOST"
 storage_pool = "$POOL"
 state_dir = "$STATE/ssp-agent"
+shared_roots = ["$SHARED"]
 CFG
 
 # systemd units name the default paths; other paths run as plain processes.

@@ -37,6 +37,14 @@ pub struct AgentConfig {
     /// Inclusive range of host ports for per-container SSH.
     #[serde(default = "default_ports")]
     pub ssh_ports: (u16, u16),
+    /// Shared folders of specs must lie under these (resolved, they must not lead
+    /// out of them); a spec with another is refused.
+    #[serde(default = "default_shared_roots")]
+    pub shared_roots: Vec<PathBuf>,
+    /// The uid range mapped 1:1 into containers; it must be the coordinator's
+    /// `uid_range`, and /etc/subuid must let root map it.
+    #[serde(default = "default_uid_range")]
+    pub uid_range: (u32, u32),
     /// Labels requests can ask for with `--label` (e.g. `ib`, `nvlink`).
     #[serde(default)]
     pub labels: Vec<String>,
@@ -77,6 +85,12 @@ fn default_ssh_listen() -> String {
 }
 fn default_ports() -> (u16, u16) {
     (22000, 22999)
+}
+fn default_shared_roots() -> Vec<PathBuf> {
+    vec!["/srv/ssp/shared".into()]
+}
+fn default_uid_range() -> (u32, u32) {
+    (10000, 19999)
 }
 fn default_pool() -> String {
     "default".into()

@@ -12,6 +12,7 @@ pub mod hostcheck;
 pub mod inventory;
 pub mod lxcfs;
 pub mod nvidia;
+pub mod policy;
 pub mod ports;
 pub mod register;
 pub mod render;
@@ -93,6 +94,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "agent listening");
     let svc = service::AgentService {
         host: Arc::clone(&host),
+        policy: Arc::new(policy::Policy {
+            shared_roots: cfg.shared_roots.clone(),
+            ssh_ports: cfg.ssh_ports,
+            uid_range: cfg.uid_range,
+        }),
+        admit: Default::default(),
     };
     ssp_net::Listener::server()
         .add_service(ssp_proto::agent_server::AgentServer::new(svc))

@@ -16,6 +16,11 @@ use crate::host::HostState;
 #[derive(Clone)]
 pub struct AgentService {
     pub host: Arc<HostState>,
+    /// What this host allows in a spec, whoever sends it.
+    pub policy: Arc<crate::policy::Policy>,
+    /// Held from the policy check until the spec is stored, so two specs sent at
+    /// once cannot both take the same GPU or port.
+    pub admit: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn to_status(e: EnsureError) -> Status {
@@ -76,18 +81,41 @@ impl Agent for AgentService {
     ) -> Result<Response<InstanceStatus>, Status> {
         let spec = req.into_inner();
         check_name(&spec.name)?;
-        let ctx = self
+        let facts = self
             .host
             .facts()
             .await
-            .map_err(|e| Status::unavailable(format!("cannot read host facts: {e:#}")))?
-            .context;
+            .map_err(|e| Status::unavailable(format!("cannot read host facts: {e:#}")))?;
+        let ctx = facts.context;
         let _guard = self.host.lock(&spec.name).await;
+        // Refused specs are never stored, so the agent never heals them either.
+        let admitting = self.admit.lock().await;
+        let gpus: Vec<String> = facts
+            .inventory
+            .gpus
+            .iter()
+            .map(|g| g.pci_address.clone())
+            .collect();
+        let others: Vec<InstanceSpec> = self
+            .host
+            .specs
+            .names()
+            .iter()
+            .filter_map(|n| self.host.specs.get(n))
+            .collect();
+        crate::policy::check(&spec, &self.policy, &gpus, &others).map_err(|why| {
+            tracing::warn!(instance = %spec.name, "refused a spec: {why}");
+            Status::invalid_argument(format!(
+                "this host refuses the spec of {}: {why}",
+                spec.name
+            ))
+        })?;
         // Kept before acting, so the agent can enforce it on its own from now on.
         self.host
             .specs
             .put(&spec)
             .map_err(|e| Status::internal(format!("storing the spec of {}: {e}", spec.name)))?;
+        drop(admitting);
         let st = self.host.ensure(&ctx, &spec).await.map_err(to_status)?;
         if !st.changed.is_empty() {
             tracing::info!(instance = %spec.name, changed = ?st.changed, "ensured");

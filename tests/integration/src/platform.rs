@@ -186,11 +186,12 @@ impl Platform {
                 .collect::<Vec<_>>()
                 .join(", ");
             let mut cfg = format!(
-                "name = \"{name}\"\nlisten = \"0.0.0.0:{aport}\"\nadvertise = \"http://{addr}:{aport}\"\ncoordinators = [{coordinators}]\nsocket = \"{sock}\"\nssh_host = \"{addr}\"\nssh_ports = [22000, 22099]\nstate_dir = \"{state}\"\nheartbeat_secs = 2\nresync_secs = 5\n",
+                "name = \"{name}\"\nlisten = \"0.0.0.0:{aport}\"\nadvertise = \"http://{addr}:{aport}\"\ncoordinators = [{coordinators}]\nsocket = \"{sock}\"\nssh_host = \"{addr}\"\nssh_ports = [22000, 22099]\nshared_roots = [\"{root}\"]\nstate_dir = \"{state}\"\nheartbeat_secs = 2\nresync_secs = 5\n",
                 name = h.name,
                 addr = h.addr,
                 sock = h.socket.display(),
                 state = dir.join(format!("agent-{}", h.name)).display(),
+                root = self.shared_root.display(),
             );
             if let Some(inv) = &a.gpu_inventory {
                 cfg.push_str(&format!("gpu_inventory = \"{}\"\n", inv.display()));

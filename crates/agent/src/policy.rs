@@ -1,0 +1,321 @@
+//! The agent's own host policy, checked on every spec before it is stored or acted
+//! on, whoever sent it: a coordinator's bug or a forged request must not be able to
+//! bind-mount the host's root, take the host's sshd port, give one GPU to two
+//! containers or map uids the host did not set aside. Pure: table-tested.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+use ssp_model::ShareMode;
+use ssp_proto::InstanceSpec;
+
+/// What this host allows, from the agent's config.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Shared folders must lie under one of these.
+    pub shared_roots: Vec<PathBuf>,
+    /// SSH ports containers may be forwarded from.
+    pub ssh_ports: (u16, u16),
+    /// The uid range mapped 1:1 into containers.
+    pub uid_range: (u32, u32),
+}
+
+/// Container paths a share may not cover.
+const SYSTEM_PATHS: &[&str] = &[
+    "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/boot", "/run",
+];
+
+fn clean_absolute(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.contains(['\n', '\0', ','])
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// `path` with its existing part resolved (symbolic links followed), the rest as
+/// written: where a bind mount of it would really point.
+fn resolved(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// Refuses `spec` with a reason unless it keeps to `policy`. `gpus` are the PCI
+/// addresses of this host's inventory; `others` are the other specs this agent
+/// holds (a spec of the same name is the one being replaced).
+pub fn check<'a>(
+    spec: &InstanceSpec,
+    policy: &Policy,
+    gpus: &[String],
+    others: impl IntoIterator<Item = &'a InstanceSpec>,
+) -> Result<(), String> {
+    let (first, last) = policy.ssh_ports;
+    if spec.ssh_port < u32::from(first) || spec.ssh_port > u32::from(last) {
+        return Err(format!(
+            "ssh port {} is outside this host's ssh_ports {first}-{last}",
+            spec.ssh_port
+        ));
+    }
+    let image_ok = !spec.image.is_empty()
+        && spec.image.len() <= 128
+        && spec
+            .image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && !spec.image.starts_with(['-', '/', '.']);
+    if !image_ok {
+        return Err(format!(
+            "image {:?} is not an image alias or fingerprint (letters, digits and - _ . /)",
+            spec.image
+        ));
+    }
+    let mut mine = BTreeSet::new();
+    for pci in &spec.gpu_pci {
+        if !gpus.contains(pci) {
+            return Err(format!("GPU {pci} is not in this host's inventory"));
+        }
+        if !mine.insert(pci) {
+            return Err(format!("GPU {pci} is given twice"));
+        }
+    }
+    for o in others.into_iter().filter(|o| o.name != spec.name) {
+        if let Some(pci) = o.gpu_pci.iter().find(|p| mine.contains(p)) {
+            return Err(format!("GPU {pci} is held by {}", o.name));
+        }
+        if o.ssh_port == spec.ssh_port {
+            return Err(format!("ssh port {} is held by {}", spec.ssh_port, o.name));
+        }
+    }
+    let (ufirst, ulast) = policy.uid_range;
+    if !spec.uid_range.is_empty() && spec.uid_range != format!("{ufirst}-{ulast}") {
+        return Err(format!(
+            "uid range {} is not this host's {ufirst}-{ulast}",
+            spec.uid_range
+        ));
+    }
+    for (what, id) in [("owner uid", spec.owner_uid), ("lab gid", spec.lab_gid)] {
+        if !spec.uid_range.is_empty() && id != 0 && !(ufirst..=ulast).contains(&id) {
+            return Err(format!(
+                "{what} {id} is outside this host's uid range {ufirst}-{ulast}"
+            ));
+        }
+    }
+    for s in &spec.shares {
+        ShareMode::parse(&s.mode).map_err(|e| e.to_string())?;
+        for (p, which) in [(&s.host_path, "host"), (&s.container_path, "container")] {
+            if !clean_absolute(p) {
+                return Err(format!(
+                    "shared folder {which} path {p:?} must be absolute, without '..' or ','"
+                ));
+            }
+        }
+        let c = s.container_path.trim_end_matches('/');
+        if c.is_empty()
+            || SYSTEM_PATHS
+                .iter()
+                .any(|sys| c == *sys || c.starts_with(&format!("{sys}/")))
+        {
+            return Err(format!(
+                "shared folder container path {} is / or a system folder",
+                s.container_path
+            ));
+        }
+        let host = resolved(Path::new(&s.host_path));
+        let under = policy.shared_roots.iter().any(|r| {
+            let root = resolved(r);
+            host.starts_with(&root) && Path::new(&s.host_path).starts_with(r)
+        });
+        if !under {
+            return Err(format!(
+                "shared folder {} is not under this host's shared_roots ({}), or leads out of them",
+                s.host_path,
+                policy
+                    .shared_roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssp_proto::SharedFolder;
+
+    fn policy(root: &Path) -> Policy {
+        Policy {
+            shared_roots: vec![root.to_path_buf()],
+            ssh_ports: (22000, 22099),
+            uid_range: (10000, 19999),
+        }
+    }
+
+    fn spec(root: &Path) -> InstanceSpec {
+        InstanceSpec {
+            name: "alice".into(),
+            owner: "alice".into(),
+            owner_uid: 10000,
+            image: "debian-ssh".into(),
+            gpu_pci: vec!["0000:17:00.0".into()],
+            ssh_port: 22000,
+            shares: vec![SharedFolder {
+                host_path: root.join("team").display().to_string(),
+                container_path: "/shared".into(),
+                mode: "rw".into(),
+            }],
+            uid_range: "10000-19999".into(),
+            lab_gid: 19999,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_spec_that_keeps_to_the_policy_passes_and_each_breach_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("shared");
+        std::fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
+        let p = policy(&root);
+        let gpus = vec!["0000:17:00.0".to_string(), "0000:18:00.0".to_string()];
+        let good = spec(&root);
+        assert_eq!(check(&good, &p, &gpus, []), Ok(()));
+        // The same name is the spec being replaced, not another holder.
+        assert_eq!(check(&good, &p, &gpus, [&good]), Ok(()));
+
+        let bob = InstanceSpec {
+            name: "bob".into(),
+            ssh_port: 22001,
+            gpu_pci: vec!["0000:17:00.0".into()],
+            ..good.clone()
+        };
+        let cases: Vec<(InstanceSpec, Vec<InstanceSpec>, &str)> = vec![
+            (
+                InstanceSpec {
+                    ssh_port: 22,
+                    ..good.clone()
+                },
+                vec![],
+                "outside this host's ssh_ports",
+            ),
+            (
+                InstanceSpec {
+                    ssh_port: 7400,
+                    ..good.clone()
+                },
+                vec![],
+                "outside this host's ssh_ports",
+            ),
+            (
+                InstanceSpec {
+                    gpu_pci: vec!["0000:99:00.0".into()],
+                    ..good.clone()
+                },
+                vec![],
+                "not in this host's inventory",
+            ),
+            (
+                InstanceSpec {
+                    gpu_pci: vec!["0000:18:00.0".into(), "0000:18:00.0".into()],
+                    ..good.clone()
+                },
+                vec![],
+                "given twice",
+            ),
+            (good.clone(), vec![bob.clone()], "held by bob"),
+            (
+                InstanceSpec {
+                    gpu_pci: vec![],
+                    ..good.clone()
+                },
+                vec![InstanceSpec {
+                    ssh_port: 22000,
+                    ..bob.clone()
+                }],
+                "ssh port 22000 is held by bob",
+            ),
+            (
+                InstanceSpec {
+                    uid_range: "0-65535".into(),
+                    ..good.clone()
+                },
+                vec![],
+                "not this host's",
+            ),
+            (
+                InstanceSpec {
+                    owner_uid: 0,
+                    lab_gid: 5,
+                    ..good.clone()
+                },
+                vec![],
+                "lab gid 5 is outside",
+            ),
+            (
+                InstanceSpec {
+                    image: "../x".into(),
+                    ..good.clone()
+                },
+                vec![],
+                "not an image alias",
+            ),
+        ];
+        for (s, others, want) in &cases {
+            let e = check(s, &p, &gpus, others).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let share = |host: &str, cont: &str, mode: &str| InstanceSpec {
+            shares: vec![SharedFolder {
+                host_path: host.into(),
+                container_path: cont.into(),
+                mode: mode.into(),
+            }],
+            ..good.clone()
+        };
+        let r = root.display().to_string();
+        for (s, want) in [
+            (
+                share("/", "/host", "rw"),
+                "not under this host's shared_roots",
+            ),
+            (share("/etc", "/x", "rw"), "not under"),
+            (share(&format!("{r}/../etc"), "/x", "rw"), "without '..'"),
+            (
+                share(&format!("{r}/escape/etc"), "/x", "rw"),
+                "leads out of them",
+            ),
+            (share(&format!("{r}/x"), "/etc/x", "rw"), "system folder"),
+            (share(&format!("{r}/x"), "/", "rw"), "system folder"),
+            (share(&format!("{r}/x"), "rel", "rw"), "must be absolute"),
+            (share(&format!("{r}/x"), "/x", "write"), "allowed modes"),
+        ] {
+            let e = check(&s, &p, &gpus, []).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // A folder that does not exist yet under a root is fine.
+        assert_eq!(
+            check(
+                &share(&format!("{r}/new/deeper"), "/x", "ro"),
+                &p,
+                &gpus,
+                []
+            ),
+            Ok(())
+        );
+    }
+}
