@@ -50,7 +50,7 @@ impl Agents {
         host: &str,
     ) -> Result<AgentClient<Channel>, AgentError> {
         let h = record.ok_or_else(|| AgentError::UnknownHost { host: host.into() })?;
-        self.client(&h.agent_address)
+        self.client(h.agent_address.as_str())
             .await
             .map_err(|e| AgentError::Call {
                 host: host.into(),

@@ -73,7 +73,7 @@ pub fn instance_view(
         host: inst.host.to_string(),
         state: state.into(),
         gpu_pci: inst.gpus.iter().map(|p| p.to_string()).collect(),
-        ssh_host: host.map(|h| h.ssh_host.clone()).unwrap_or_default(),
+        ssh_host: host.map(|h| h.ssh_host.to_string()).unwrap_or_default(),
         ssh_port: inst.ssh_port as u32,
         cpus: inst.limits.cpus,
         memory_bytes: inst.limits.memory.0,

@@ -163,8 +163,8 @@ mod tests {
         .unwrap();
         s.apply(&Command::RegisterHost(Host {
             name: HostName::parse("h1").unwrap(),
-            agent_address: "http://h1:7401".into(),
-            ssh_host: "h1".into(),
+            agent_address: ssp_model::Endpoint::parse("http://h1:7401").unwrap(),
+            ssh_host: ssp_model::NetAddress::parse("h1").unwrap(),
             ssh_ports: (22000, 22099),
             status: Default::default(),
             labels: vec![],

@@ -1,8 +1,8 @@
 //! Turning client requests into validated commands (pure; no IO).
 
 use ssp_model::{
-    ByteSize, Command, Constraints, Host, HostName, InputError, Limits, NewUser, Role, ShareMode,
-    SharedFolder, SshKey, Username,
+    ByteSize, Command, Constraints, Endpoint, Host, HostName, InputError, Limits, NetAddress,
+    NewUser, Role, ShareMode, SharedFolder, SshKey, Username,
 };
 use ssp_proto as pb;
 
@@ -276,8 +276,8 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
     foreign_ports.dedup();
     Ok(Command::RegisterHost(Host {
         name,
-        agent_address: req.agent_address.clone(),
-        ssh_host: req.ssh_host.clone(),
+        agent_address: Endpoint::parse(&req.agent_address)?,
+        ssh_host: NetAddress::parse(&req.ssh_host)?,
         ssh_ports: (first, last),
         inventory,
         status: Default::default(),
@@ -434,9 +434,39 @@ mod tests {
     }
 
     #[test]
+    fn registration_values_are_parsed_at_the_edge() {
+        let ok = pb::RegisterHostRequest {
+            name: "h1".into(),
+            agent_address: "http://10.0.0.5:7401".into(),
+            ssh_host: "10.0.0.5".into(),
+            ssh_port_first: 22000,
+            ssh_port_last: 22009,
+            ..Default::default()
+        };
+        assert!(register_host(&ok).is_ok());
+        // A newline and an ssh_config keyword would reach every user's ssh_config.
+        let e = register_host(&pb::RegisterHostRequest {
+            ssh_host: "10.0.0.5\n    ProxyCommand touch /tmp/owned".into(),
+            ..ok.clone()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("IP address or a DNS name"), "{e}");
+        let e = register_host(&pb::RegisterHostRequest {
+            agent_address: "http://10.0.0.5:7401/../x".into(),
+            ..ok.clone()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("http://HOST:PORT"), "{e}");
+    }
+
+    #[test]
     fn registration_keeps_only_foreign_ports_of_the_range_in_order() {
         let r = pb::RegisterHostRequest {
             name: "h1".into(),
+            agent_address: "http://10.0.0.5:7401".into(),
+            ssh_host: "10.0.0.5".into(),
             ssh_port_first: 22000,
             ssh_port_last: 22009,
             foreign_ports: vec![22005, 80, 22000, 22005, 70000, 22010],

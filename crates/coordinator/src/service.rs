@@ -381,8 +381,8 @@ impl Coordinator for CoordinatorService {
                 let found = self.core.found(h.name.as_str());
                 HostView {
                     name: h.name.to_string(),
-                    agent_address: h.agent_address.clone(),
-                    ssh_host: h.ssh_host.clone(),
+                    agent_address: h.agent_address.to_string(),
+                    ssh_host: h.ssh_host.to_string(),
                     gpus_total: h.inventory.gpus.len() as u32,
                     gpus_free: ssp_model::place::free_gpus(&state, h).len() as u32,
                     inventory: Some(ssp_wire::inventory_to_wire("", &h.inventory)),

@@ -20,8 +20,14 @@ const KEY: &str =
 fn host(i: u32) -> Host {
     Host {
         name: HostName::parse(&format!("gpu{i:04}")).expect("name"),
-        agent_address: format!("http://10.0.{}.{}:7401", i / 250, i % 250 + 1),
-        ssh_host: format!("10.0.{}.{}", i / 250, i % 250 + 1),
+        agent_address: ssp_model::Endpoint::parse(&format!(
+            "http://10.0.{}.{}:7401",
+            i / 250,
+            i % 250 + 1
+        ))
+        .expect("valid endpoint"),
+        ssh_host: ssp_model::NetAddress::parse(&format!("10.0.{}.{}", i / 250, i % 250 + 1))
+            .expect("valid address"),
         ssh_ports: (22000, 22999),
         status: Default::default(),
         labels: vec![],

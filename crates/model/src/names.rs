@@ -117,6 +117,75 @@ impl HostName {
     }
 }
 
+/// An address people and programs connect to: an IPv4 or IPv6 address, or a DNS
+/// name (labels of letters, digits and '-'). It reaches ssh_config files and URLs,
+/// so nothing else (spaces, newlines, quotes, '%') can be in it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NetAddress(String);
+
+impl NetAddress {
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        if s.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(Self(s.to_string()));
+        }
+        let label = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        let name = s.strip_suffix('.').unwrap_or(s);
+        if !name.is_empty() && s.len() <= 253 && name.split('.').all(label) {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(bad(
+                "address",
+                s,
+                "expected an IP address or a DNS name (letters, digits, '-' and '.')",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A gRPC endpoint, `http://HOST:PORT` (an IPv6 address in brackets).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Endpoint(String);
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        let fail = || {
+            bad(
+                "endpoint",
+                s,
+                "expected http://HOST:PORT, e.g. http://10.0.0.5:7401",
+            )
+        };
+        let rest = s.strip_prefix("http://").ok_or_else(fail)?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(fail)?;
+        let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            Some(_) => return Err(fail()),
+            None if host.contains(':') => return Err(fail()),
+            None => host,
+        };
+        NetAddress::parse(host).map_err(|_| fail())?;
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 && port.chars().all(|c| c.is_ascii_digit()) => Ok(Self(s.to_string())),
+            _ => Err(fail()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A PCI address in the daemon's form `dddd:bb:dd.f`, lower case.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -444,7 +513,7 @@ macro_rules! string_newtype {
         }
     )*};
 }
-string_newtype!(Username, HostName, PciAddress, SshKey);
+string_newtype!(Username, HostName, PciAddress, SshKey, NetAddress, Endpoint);
 
 /// A host label: 1-63 of lowercase letters, digits, `-`, `_`, `.` and `=`, starting
 /// with a letter or digit (e.g. `ib`, `nvlink`, `rack=a3`).
@@ -467,6 +536,49 @@ pub fn parse_label(s: &str) -> Result<String, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_and_endpoints() {
+        for ok in [
+            "10.0.0.5",
+            "fd00::5",
+            "gpu1",
+            "gpu1.lab.example",
+            "gpu1.lab.example.",
+        ] {
+            assert!(NetAddress::parse(ok).is_ok(), "{ok}");
+        }
+        for no in [
+            "",
+            "10.0.0.5\n    ProxyCommand touch /tmp/x",
+            "a b",
+            "-gpu",
+            "gpu_1",
+            "host%x",
+            "x..y",
+            "[fd00::5]",
+        ] {
+            assert!(NetAddress::parse(no).is_err(), "{no:?}");
+        }
+        for ok in [
+            "http://10.0.0.5:7401",
+            "http://[fd00::5]:7401",
+            "http://gpu1:1",
+        ] {
+            assert!(Endpoint::parse(ok).is_ok(), "{ok}");
+        }
+        for no in [
+            "10.0.0.5:7401",
+            "http://10.0.0.5",
+            "http://10.0.0.5:0",
+            "http://10.0.0.5:7401/x",
+            "http://fd00::5:7401",
+            "http://a b:1",
+            "https://10.0.0.5:7401",
+        ] {
+            assert!(Endpoint::parse(no).is_err(), "{no}");
+        }
+    }
 
     #[test]
     fn usernames() {

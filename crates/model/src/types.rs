@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::names::{ByteSize, HostName, PciAddress, SharedFolder, SshKey, Username};
+use crate::names::{
+    ByteSize, Endpoint, HostName, NetAddress, PciAddress, SharedFolder, SshKey, Username,
+};
 
 /// One GPU of a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,9 +99,9 @@ impl Inventory {
 pub struct Host {
     pub name: HostName,
     /// Where the coordinator reaches the agent (`http://ip:port`).
-    pub agent_address: String,
+    pub agent_address: Endpoint,
     /// The address users ssh to.
-    pub ssh_host: String,
+    pub ssh_host: NetAddress,
     /// Inclusive range of host ports for SSH proxies.
     pub ssh_ports: (u16, u16),
     pub inventory: Inventory,

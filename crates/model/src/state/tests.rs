@@ -10,8 +10,8 @@ const KEY: &str =
 fn host(name: &str, gpus: u32) -> Host {
     Host {
         name: HostName::parse(name).unwrap(),
-        agent_address: format!("http://{name}:7401"),
-        ssh_host: name.into(),
+        agent_address: crate::Endpoint::parse(&format!("http://{name}:7401")).unwrap(),
+        ssh_host: crate::NetAddress::parse(name).unwrap(),
         ssh_ports: (22000, 22003),
         status: Default::default(),
         labels: vec![],
