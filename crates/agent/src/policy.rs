@@ -68,19 +68,7 @@ pub fn check<'a>(
             spec.ssh_port
         ));
     }
-    let image_ok = !spec.image.is_empty()
-        && spec.image.len() <= 128
-        && spec
-            .image
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        && !spec.image.starts_with(['-', '/', '.']);
-    if !image_ok {
-        return Err(format!(
-            "image {:?} is not an image alias or fingerprint (letters, digits and - _ . /)",
-            spec.image
-        ));
-    }
+    ssp_model::parse_image(&spec.image).map_err(|e| e.to_string())?;
     let mut mine = BTreeSet::new();
     for pci in &spec.gpu_pci {
         if !gpus.contains(pci) {
@@ -272,7 +260,7 @@ mod tests {
                     ..good.clone()
                 },
                 vec![],
-                "not an image alias",
+                "invalid image alias",
             ),
         ];
         for (s, others, want) in &cases {

@@ -99,7 +99,7 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
     let image = if req.image.is_empty() {
         cfg.defaults.image.clone()
     } else {
-        image_alias(&req.image)?
+        ssp_model::parse_image(&req.image)?
     };
     let gpu_model = match req.gpu_model.trim() {
         "" => None,
@@ -207,23 +207,6 @@ fn at_least(what: &'static str, v: u64, min: u64) -> Result<ByteSize, InputError
         });
     }
     Ok(ByteSize(v))
-}
-
-fn image_alias(s: &str) -> Result<String, InputError> {
-    let ok = !s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        && !s.starts_with(['-', '/', '.']);
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(InputError {
-            what: "image alias",
-            value: s.into(),
-            reason: "use letters, digits and - _ . / (an alias of an image on the hosts)".into(),
-        })
-    }
 }
 
 /// Builds the `RegisterHost` command from an agent's report.

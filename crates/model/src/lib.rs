@@ -7,8 +7,8 @@ pub mod state;
 pub mod types;
 
 pub use names::{
-    parse_label, ByteSize, Endpoint, HostName, InputError, NetAddress, PciAddress, ShareMode,
-    SharedFolder, SshKey, Username,
+    parse_image, parse_label, ByteSize, Endpoint, HostName, InputError, NetAddress, PciAddress,
+    ShareMode, SharedFolder, SshKey, Username,
 };
 pub use state::{Command, Outcome, Rejection, Settings, State};
 pub use types::{

@@ -515,6 +515,25 @@ macro_rules! string_newtype {
 }
 string_newtype!(Username, HostName, PciAddress, SshKey, NetAddress, Endpoint);
 
+/// An image on the hosts, by alias or fingerprint: 1-128 letters, digits and
+/// `- _ . /`, not starting with `-`, `/` or `.`.
+pub fn parse_image(s: &str) -> Result<String, InputError> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && !s.starts_with(['-', '/', '.']);
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(bad(
+            "image alias",
+            s,
+            "use letters, digits and - _ . / (an alias of an image on the hosts)",
+        ))
+    }
+}
+
 /// A host label: 1-63 of lowercase letters, digits, `-`, `_`, `.` and `=`, starting
 /// with a letter or digit (e.g. `ib`, `nvlink`, `rack=a3`).
 pub fn parse_label(s: &str) -> Result<String, InputError> {
