@@ -277,7 +277,7 @@ pub fn render(
             ("source", &s.host_path),
             ("path", &s.container_path),
         ]);
-        if s.mode == "ro" {
+        if ssp_model::ShareMode::parse(&s.mode) == Ok(ssp_model::ShareMode::Ro) {
             d.insert("readonly".into(), "true".into());
         }
         devices.insert(format!("{DEVICE_PREFIX}share{i}"), d);

@@ -408,12 +408,18 @@ pub struct SharedFolder {
 }
 
 impl SharedFolder {
-    /// Parses `HOST[:CONTAINER[:MODE]]`; the host path must lie under one of `roots`.
-    pub fn parse(s: &str, roots: &[String]) -> Result<Self, InputError> {
+    /// Splits `HOST[:CONTAINER[:MODE]]` into its parts, unchecked (CONTAINER
+    /// defaults to HOST, MODE to empty).
+    pub fn split(s: &str) -> (&str, &str, &str) {
         let mut parts = s.splitn(3, ':');
         let host = parts.next().unwrap_or_default();
         let cont = parts.next().unwrap_or(host);
-        let mode = parts.next().unwrap_or_default();
+        (host, cont, parts.next().unwrap_or_default())
+    }
+
+    /// Parses `HOST[:CONTAINER[:MODE]]`; the host path must lie under one of `roots`.
+    pub fn parse(s: &str, roots: &[String]) -> Result<Self, InputError> {
+        let (host, cont, mode) = Self::split(s);
         let with_value = |mut e: InputError| {
             e.value = s.to_string();
             e

@@ -135,12 +135,11 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 .shares
                 .iter()
                 .map(|s| {
-                    let mut parts = s.splitn(3, ':');
-                    let h = parts.next().unwrap_or_default();
+                    let (host, container, mode) = ssp_model::SharedFolder::split(s);
                     SharedFolder {
-                        host_path: h.into(),
-                        container_path: parts.next().unwrap_or(h).into(),
-                        mode: parts.next().unwrap_or_default().into(),
+                        host_path: host.into(),
+                        container_path: container.into(),
+                        mode: mode.into(),
                     }
                 })
                 .collect();
