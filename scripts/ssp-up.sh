@@ -149,13 +149,35 @@ ssh_host = "$SSH_HOST"
 storage_pool = "$POOL"
 state_dir = "$STATE/ssp-agent"
 shared_roots = ["$SHARED"]
+# Used once, at the agent's first start, to get its certificate from the coordinator.
+token_file = "$ETC/agent.token"
 CFG
+grep -q '^token_file' "$ETC/agent.toml" || echo "token_file = \"$ETC/agent.token\"" >> "$ETC/agent.toml"
+# sspctl presents the first admin's certificate (made when the cluster formed).
+export SSP_BUNDLE=${SSP_BUNDLE:-$HOME/.config/ssp/bundle.pem}
+ADMIN_BUNDLE=$STATE/ssp-coordinator/tls/admin.bundle
+login_admin() {
+  for _ in $(seq 1 100); do [ -f "$ADMIN_BUNDLE" ] && break; sleep 0.2; done
+  [ -f "$ADMIN_BUNDLE" ] || { say "the coordinator made no admin credentials; see $LOG"; exit 1; }
+  if ! cmp -s <(sed -n '/BEGIN CERTIFICATE/,$p' "$ADMIN_BUNDLE") <(sed -n '/BEGIN CERTIFICATE/,$p' "$SSP_BUNDLE" 2>/dev/null); then
+    sspctl login "$ADMIN_BUNDLE" >/dev/null
+    say "sspctl logs in with $SSP_BUNDLE (the cluster's first admin)"
+  fi
+}
+# The agent's join token: made only while the agent has no certificate yet.
+agent_token() {
+  [ -f "$STATE/ssp-agent/tls/node.bundle" ] && return 0
+  sspctl token create --role agent --ttl 1h --out "$ETC/agent.token"
+}
 
 # systemd units name the default paths; other paths run as plain processes.
 if systemd_pid1 && [ "$BIN" = /usr/local/bin ] && [ "$ETC" = /etc/ssp ] && [ "$STATE" = /var/lib ]; then
   install -m 0644 deploy/systemd/ssp-coordinator.service deploy/systemd/ssp-agent.service /etc/systemd/system/
   systemctl daemon-reload
-  systemctl enable --now ssp-coordinator.service ssp-agent.service
+  systemctl enable --now ssp-coordinator.service
+  login_admin
+  agent_token
+  systemctl enable --now ssp-agent.service
   for b in ssp-coordinator ssp-agent; do
     if stale "$(systemctl show -p MainPID --value "$b.service")" "$b"; then
       say "restarting $b (new build)"
@@ -176,6 +198,8 @@ else
     echo $! > "$RUN/$1.pid"
   }
   start ssp-coordinator "$BIN/ssp-coordinator" "$ETC/coordinator.toml"
+  login_admin
+  agent_token
   start ssp-agent "$BIN/ssp-agent" "$ETC/agent.toml"
 fi
 
@@ -192,7 +216,7 @@ mkdir -p "$HOME/.ssh"
 [ -f "$KEY" ] || ssh-keygen -q -t ed25519 -N "" -C "ssp-$DEMO" -f "$KEY"
 USERS=$(sspctl -o json user list)
 if ! grep -q "\"name\": \"$DEMO\"" <<<"$USERS"; then
-  sspctl user add "$DEMO" --ssh-key "$KEY.pub"
+  sspctl user add "$DEMO" --ssh-key "$KEY.pub" --credentials-out "$ETC/credentials/$DEMO.bundle"
 elif ! grep -qF "$(cut -d' ' -f2 "$KEY.pub")" <<<"$USERS"; then
   # The demo user is there from an earlier run, but this key file is new.
   say "giving $DEMO the key $KEY.pub"

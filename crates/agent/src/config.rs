@@ -66,6 +66,10 @@ pub struct AgentConfig {
     /// How GPU containers get the NVIDIA driver's user-space (`[nvidia]`).
     #[serde(default)]
     pub nvidia: crate::nvidia::NvidiaConfig,
+    /// A join token (`sspctl token create --role agent`), used once at first start
+    /// when `state_dir/tls` has no certificate; `--token` overrides it.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {

@@ -19,6 +19,7 @@ pub mod render;
 pub mod service;
 pub mod share;
 pub mod subid;
+pub mod trust;
 pub mod uvm;
 
 use std::sync::Arc;
@@ -31,6 +32,9 @@ use crate::inventory::GpuSource;
 
 /// Runs the agent until the process is stopped.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // Credentials first: without them no coordinator would listen to this agent.
+    let tls = trust::establish(&cfg).await?;
+    tracing::info!(identity = %tls.identity().label(), serial = %tls.identity().serial, "certificate loaded");
     let socket = cfg
         .socket
         .clone()
@@ -88,7 +92,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         host.clone()
             .resync_loop(std::time::Duration::from_secs(cfg.resync_secs.max(1))),
     );
-    tokio::spawn(register::register_loop(cfg.clone(), host.clone()));
+    tokio::spawn(register::register_loop(
+        cfg.clone(),
+        host.clone(),
+        tls.clone(),
+    ));
+    tokio::spawn(trust::renew_loop(cfg.clone(), tls.clone()));
 
     let listener = ssp_net::Listener::bind(cfg.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "agent listening");
@@ -101,9 +110,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }),
         admit: Default::default(),
     };
+    // Only coordinators of this cluster drive an agent.
     ssp_net::Listener::server()
-        .add_service(ssp_proto::agent_server::AgentServer::new(svc))
-        .serve_with_incoming_shutdown(listener.incoming(), shutdown())
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ssp_proto::agent_server::AgentServer::new(svc).max_decoding_message_size(1 << 20),
+            ssp_net::auth::only(
+                tls.clone(),
+                &[ssp_model::CertRole::Coordinator],
+                "drive agents",
+            ),
+        ))
+        .serve_with_incoming_shutdown(listener.incoming(tls)?, shutdown())
         .await?;
     Ok(())
 }

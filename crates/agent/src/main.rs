@@ -16,6 +16,9 @@ struct Args {
         env = "SSP_AGENT_CONFIG"
     )]
     config: PathBuf,
+    /// A join token (`sspctl token create --role agent`), used at first start.
+    #[arg(long, env = "SSP_TOKEN")]
+    token: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -26,6 +29,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let cfg = ssp_agent::config::AgentConfig::load(&args.config)?;
+    let mut cfg = ssp_agent::config::AgentConfig::load(&args.config)?;
+    if args.token.is_some() {
+        cfg.token_file = args.token;
+    }
     ssp_agent::run(cfg).await
 }

@@ -10,12 +10,12 @@ use crate::config::AgentConfig;
 use crate::host::HostState;
 
 /// Registers with the first coordinator that answers, then keeps re-registering as a heartbeat.
-pub async fn register_loop(cfg: AgentConfig, host: Arc<HostState>) {
+pub async fn register_loop(cfg: AgentConfig, host: Arc<HostState>, tls: ssp_net::Tls) {
     let mut next = 0usize;
     let mut registered = false;
     loop {
         let addr = &cfg.coordinators[next % cfg.coordinators.len()];
-        match register_once(&cfg, &host, addr).await {
+        match register_once(&cfg, &host, addr, &tls).await {
             Ok(n) => {
                 if !registered {
                     tracing::info!(coordinator = %addr, instances = n, "registered");
@@ -33,12 +33,17 @@ pub async fn register_loop(cfg: AgentConfig, host: Arc<HostState>) {
     }
 }
 
-async fn register_once(cfg: &AgentConfig, host: &HostState, addr: &str) -> anyhow::Result<u32> {
+async fn register_once(
+    cfg: &AgentConfig,
+    host: &HostState,
+    addr: &str,
+    tls: &ssp_net::Tls,
+) -> anyhow::Result<u32> {
     // Sent with every heartbeat; the coordinator writes the record only when it
     // changed (a new image, a port taken or given back).
     let inventory = host.inventory().await?;
     let foreign_ports = host.foreign_ports(cfg.ssh_ports).await?;
-    let channel = ssp_net::connect(addr).await?;
+    let channel = ssp_net::connect(addr, tls, ssp_net::COORDINATOR_NAME).await?;
     let mut c = CoordinatorClient::new(channel);
     let mut req = tonic::Request::new(RegisterHostRequest {
         name: cfg.name.clone(),
@@ -52,6 +57,15 @@ async fn register_once(cfg: &AgentConfig, host: &HostState, addr: &str) -> anyho
     });
     // A coordinator that is paused or cut off must not hold the heartbeat up.
     req.set_timeout(Duration::from_secs(5));
-    let reply = c.register_host(req).await?;
-    Ok(reply.into_inner().instances)
+    let reply = c.register_host(req).await?.into_inner();
+    // The coordinators' revoked serials: refused here too, also after a restart.
+    if reply.revoked != tls.revoked() {
+        tracing::info!(
+            revoked = reply.revoked.len(),
+            "revoked certificates updated"
+        );
+        tls.set_revoked(reply.revoked.iter().cloned());
+        crate::trust::save_revoked(cfg, &reply.revoked);
+    }
+    Ok(reply.instances)
 }

@@ -9,14 +9,14 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "sspctl", version, about)]
 pub struct Cli {
-    /// Coordinator address(es), comma-separated; any member of the cluster will do.
-    #[arg(
-        long,
-        global = true,
-        env = "SSP_COORDINATOR",
-        default_value = "http://127.0.0.1:7400"
-    )]
-    coordinator: String,
+    /// Coordinator address(es), comma-separated; any member of the cluster will do
+    /// (default: those in the credential bundle, else http://127.0.0.1:7400).
+    #[arg(long, global = true, env = "SSP_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Credential bundle (certificate, key, CA, coordinators) that `sspctl login`
+    /// installed (default: ~/.config/ssp/bundle.pem).
+    #[arg(long, global = true, env = "SSP_BUNDLE")]
+    bundle: Option<std::path::PathBuf>,
     /// Let a coordinator answer reads from its own replica without asking the
     /// leader (works without a quorum; may be behind).
     #[arg(long, global = true)]
@@ -47,11 +47,25 @@ enum Commands {
     /// The replicated coordinators: init, join, leave, status.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCmd),
+    /// Install a credential bundle (from `sspctl user add` or an admin), or
+    /// exchange a user or admin join token for one.
+    Login(cmd::trust::LoginArgs),
+    /// Join tokens for agents, coordinators, users and admins.
+    #[command(subcommand)]
+    Token(cmd::trust::TokenCmd),
+    /// Certificates: list, issue, revoke.
+    #[command(subcommand)]
+    Cert(cmd::trust::CertCmd),
+    /// Who did what, when, from which certificate, and the outcome.
+    Audit(cmd::trust::AuditArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Commands::Login(_)) {
+        cmd::trust::renew_if_due(&cli).await;
+    }
     let res = match cli.command {
         Commands::User(ref c) => cmd::user::run(&cli, c).await,
         Commands::Ls => cmd::ls::run(&cli).await,
@@ -60,6 +74,10 @@ async fn main() {
         Commands::Host(ref c) => cmd::hosts::set(&cli, c).await,
         Commands::SshConfig(ref a) => cmd::ssh_config::run(&cli, a).await,
         Commands::Cluster(ref c) => cmd::cluster::run(&cli, c).await,
+        Commands::Login(ref a) => cmd::trust::login(&cli, a).await,
+        Commands::Token(ref c) => cmd::trust::token(&cli, c).await,
+        Commands::Cert(ref c) => cmd::trust::cert(&cli, c).await,
+        Commands::Audit(ref a) => cmd::trust::audit(&cli, a).await,
     };
     if let Err(e) = res {
         eprintln!("sspctl: {}", cmd::one_line(&e));

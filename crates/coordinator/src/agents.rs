@@ -14,10 +14,12 @@ use tonic::transport::Channel;
 const ENSURE_TIMEOUT: Duration = Duration::from_secs(180);
 const QUICK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A pool of channels, one per agent address.
-#[derive(Default, Clone)]
+/// A pool of channels, one per agent address (mutual TLS: the agent must show an
+/// agent certificate of this cluster, and sees this coordinator's).
+#[derive(Clone)]
 pub struct Agents {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: ssp_net::Tls,
 }
 
 /// Why an agent call failed.
@@ -34,12 +36,24 @@ pub enum AgentError {
 }
 
 impl Agents {
+    pub fn new(tls: ssp_net::Tls) -> Self {
+        Agents {
+            channels: Default::default(),
+            tls,
+        }
+    }
+
+    /// Forgets the channel to `addr` (a host that went away or moved).
+    pub async fn forget(&self, addr: &str) {
+        self.channels.lock().await.remove(addr);
+    }
+
     async fn client(&self, addr: &str) -> Result<AgentClient<Channel>, ssp_net::NetError> {
         let mut map = self.channels.lock().await;
         if let Some(c) = map.get(addr) {
             return Ok(AgentClient::new(c.clone()));
         }
-        let ch = ssp_net::channel(addr)?;
+        let ch = ssp_net::channel(addr, &self.tls, ssp_net::AGENT_NAME)?;
         map.insert(addr.to_string(), ch.clone());
         Ok(AgentClient::new(ch))
     }

@@ -44,12 +44,27 @@ pub enum ReadKind {
 }
 
 /// Channels to other coordinators for forwarding.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: ssp_net::Tls,
 }
 
 impl Peers {
+    pub fn new(tls: ssp_net::Tls) -> Self {
+        Peers {
+            channels: Default::default(),
+            tls,
+        }
+    }
+
+    /// Keeps channels only to these addresses (the current members).
+    pub fn retain(&self, members: &[String]) {
+        if let Ok(mut map) = self.channels.lock() {
+            map.retain(|a, _| members.contains(a));
+        }
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut map = self
             .channels
@@ -58,7 +73,8 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = ssp_net::channel(addr).map_err(|e| Status::internal(e.to_string()))?;
+        let c = ssp_net::channel(addr, &self.tls, ssp_net::COORDINATOR_NAME)
+            .map_err(|e| Status::internal(e.to_string()))?;
         map.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -80,10 +96,23 @@ pub fn request_id(md: &MetadataMap) -> Option<String> {
         .map(String::from)
 }
 
-/// `req` re-addressed to the leader: same body and request id, marked forwarded.
+/// `req` re-addressed to the leader: same body and request id, marked forwarded,
+/// naming the original caller (from its certificate) for the leader to authorize.
 pub fn forwarded<T>(req: Request<T>) -> Request<T> {
     let md = req.metadata().clone();
+    let peer = req.extensions().get::<ssp_net::Peer>().cloned();
     let mut out = Request::new(req.into_inner());
+    let on_behalf = match &peer {
+        Some(p) if p.identity.role == ssp_model::CertRole::Coordinator && !p.identity.token => md
+            .get(ssp_net::auth::ON_BEHALF)
+            .cloned()
+            .or_else(|| ssp_net::auth::encode(&p.identity).parse().ok()),
+        Some(p) => ssp_net::auth::encode(&p.identity).parse().ok(),
+        None => None,
+    };
+    if let Some(v) = on_behalf {
+        out.metadata_mut().insert(ssp_net::auth::ON_BEHALF, v);
+    }
     for key in [REQUEST_ID, READ] {
         if let Some(v) = md.get(key) {
             out.metadata_mut().insert(key, v.clone());
@@ -260,8 +289,15 @@ fn cluster_status(e: crate::raft::ClusterError) -> Status {
 impl ssp_proto::cluster_server::Cluster for ClusterService {
     async fn node_info(
         &self,
-        _: Request<NodeInfoRequest>,
+        req: Request<NodeInfoRequest>,
     ) -> Result<Response<NodeInfoReply>, Status> {
+        {
+            use ssp_model::CertRole::*;
+            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
+            if ssp_net::auth::require(&id, &[Admin, Coordinator], "read node info").is_err() {
+                return Err(self.core.deny(&id, "node-info", "").await);
+            }
+        }
         let r = &self.core.replica;
         Ok(Response::new(NodeInfoReply {
             id: r.id,
@@ -273,8 +309,15 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
 
     async fn init(
         &self,
-        _: Request<ClusterInitRequest>,
+        req: Request<ClusterInitRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
+        {
+            use ssp_model::CertRole::*;
+            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
+            if ssp_net::auth::require(&id, &[Admin], "form a cluster").is_err() {
+                return Err(self.core.deny(&id, "init", "").await);
+            }
+        }
         let r = &self.core.replica;
         if r.initialized().await {
             return Err(Status::already_exists(format!(
@@ -293,6 +336,13 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ClusterJoinRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
+        {
+            use ssp_model::CertRole::*;
+            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
+            if ssp_net::auth::require(&id, &[Admin], "add coordinators").is_err() {
+                return Err(self.core.deny(&id, "join", "").await);
+            }
+        }
         if let crate::cluster::Route::Leader(addr) = self.core.route(req.metadata()).await? {
             return self.core.peers.cluster(&addr)?.join(forwarded(req)).await;
         }
@@ -347,6 +397,13 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ClusterLeaveRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
+        {
+            use ssp_model::CertRole::*;
+            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
+            if ssp_net::auth::require(&id, &[Admin], "remove coordinators").is_err() {
+                return Err(self.core.deny(&id, "leave", "").await);
+            }
+        }
         if let crate::cluster::Route::Leader(addr) = self.core.route(req.metadata()).await? {
             return self.core.peers.cluster(&addr)?.leave(forwarded(req)).await;
         }
@@ -382,6 +439,15 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
+        {
+            use ssp_model::CertRole::*;
+            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
+            if ssp_net::auth::require(&id, &[Admin, Coordinator], "read the cluster status")
+                .is_err()
+            {
+                return Err(self.core.deny(&id, "status", "").await);
+            }
+        }
         let stale = req.metadata().get(READ).and_then(|v| v.to_str().ok()) == Some("stale");
         if !stale {
             if let crate::cluster::Route::Leader(addr) = self.core.route(req.metadata()).await? {
@@ -393,8 +459,15 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
 
     async fn read_index(
         &self,
-        _: Request<ReadIndexRequest>,
+        req: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
+        {
+            use ssp_model::CertRole::*;
+            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
+            if ssp_net::auth::require(&id, &[Coordinator], "ask for a read index").is_err() {
+                return Err(self.core.deny(&id, "read-index", "").await);
+            }
+        }
         let index = self.core.read_index().await?;
         Ok(Response::new(ReadIndexReply {
             index,
@@ -404,8 +477,15 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
 
     async fn local_state(
         &self,
-        _: Request<LocalStateRequest>,
+        req: Request<LocalStateRequest>,
     ) -> Result<Response<LocalStateReply>, Status> {
+        {
+            use ssp_model::CertRole::*;
+            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
+            if ssp_net::auth::require(&id, &[Admin, Coordinator], "read a replica").is_err() {
+                return Err(self.core.deny(&id, "local-state", "").await);
+            }
+        }
         let (json, applied) = self.core.replica.read(|m| {
             (
                 serde_json::to_vec(m).map_err(|e| Status::internal(e.to_string())),

@@ -45,6 +45,16 @@ pub struct CoordinatorConfig {
     /// The most one user may be given; unset keys are unlimited.
     #[serde(default)]
     pub quota: Quota,
+    /// Validity of coordinator and agent certificates (renewed after two thirds).
+    #[serde(default = "default_cert_ttl")]
+    pub cert_ttl_secs: u64,
+    /// Validity of user and admin credentials.
+    #[serde(default = "default_user_cert_ttl")]
+    pub user_cert_ttl_secs: u64,
+    /// A join token (`sspctl token create --role coordinator`), used once at first
+    /// start when data_dir has no certificate; `--token` overrides it.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Per-user maxima, checked when a user is added.
@@ -112,6 +122,12 @@ fn default_data_dir() -> PathBuf {
 fn default_uid_range() -> (u32, u32) {
     (10000, 19999)
 }
+fn default_cert_ttl() -> u64 {
+    30 * 24 * 3600
+}
+fn default_user_cert_ttl() -> u64 {
+    365 * 24 * 3600
+}
 fn default_reconcile() -> u64 {
     30
 }
@@ -157,6 +173,15 @@ impl CoordinatorConfig {
         }
         cfg.advertise_address()
             .with_context(|| format!("advertise in {}", path.display()))?;
+        let max = ssp_net::ca::MAX_TTL.as_secs();
+        for (key, v) in [
+            ("cert_ttl_secs", cfg.cert_ttl_secs),
+            ("user_cert_ttl_secs", cfg.user_cert_ttl_secs),
+        ] {
+            if !(15..=max).contains(&v) {
+                anyhow::bail!("{key} = {v} in {}: expected 15 to {max}", path.display());
+            }
+        }
         Ok(cfg)
     }
 

@@ -31,6 +31,8 @@ pub struct Core {
     pub agents: Agents,
     pub cfg: Arc<CoordinatorConfig>,
     pub peers: crate::cluster::Peers,
+    /// This coordinator's certificate, the CA and the revoked serials.
+    pub tls: ssp_net::Tls,
     locks: Arc<AsyncMutex<HashMap<String, Arc<AsyncMutex<()>>>>>,
     kick: Arc<Notify>,
     /// When each host last heartbeat to this coordinator (meaningful on the leader).
@@ -82,7 +84,7 @@ pub fn rejection_status(r: Rejection) -> Status {
         Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => {
             Status::resource_exhausted(r.to_string())
         }
-        Rejection::NotDeleting(_) | Rejection::UserRemoving(_) => {
+        Rejection::NotDeleting(_) | Rejection::UserRemoving(_) | Rejection::Trust(_) => {
             Status::failed_precondition(r.to_string())
         }
         Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
@@ -92,12 +94,13 @@ pub fn rejection_status(r: Rejection) -> Status {
 }
 
 impl Core {
-    pub fn new(replica: Replica, cfg: CoordinatorConfig) -> Self {
+    pub fn new(replica: Replica, cfg: CoordinatorConfig, tls: ssp_net::Tls) -> Self {
         Core {
             replica,
-            agents: Agents::default(),
+            agents: Agents::new(tls.clone()),
             cfg: Arc::new(cfg),
-            peers: Default::default(),
+            peers: crate::cluster::Peers::new(tls.clone()),
+            tls,
             locks: Default::default(),
             kick: Default::default(),
             last_seen: Default::default(),
@@ -123,7 +126,17 @@ impl Core {
     /// Replicates `cmd` through raft; returns once a quorum stored it and this
     /// node applied it. `id` makes a retried request apply once.
     pub async fn apply(&self, cmd: Command, id: Option<String>) -> Result<Applied, Status> {
-        match self.replica.writer.write(Request { id, cmd }).await {
+        self.apply_as(cmd, id, None).await
+    }
+
+    /// Like [`Core::apply`], recording `actor` (from their certificate) in the audit log.
+    pub async fn apply_as(
+        &self,
+        cmd: Command,
+        id: Option<String>,
+        actor: Option<crate::raft::Actor>,
+    ) -> Result<Applied, Status> {
+        match self.replica.writer.write(Request { id, cmd, actor }).await {
             Ok(Reply::Done(o)) => Ok(Applied::Now(o)),
             Ok(Reply::Rejected(r)) => Err(rejection_status(r)),
             Ok(Reply::AlreadyApplied {

@@ -11,6 +11,7 @@ pub mod raft;
 pub mod request;
 pub mod service;
 pub mod sshconfig;
+pub mod trust;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -21,14 +22,20 @@ use anyhow::Context;
 use crate::config::CoordinatorConfig;
 use crate::service::CoordinatorService;
 
-/// Runs the coordinator until SIGTERM/SIGINT.
-pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
+/// Runs the coordinator until SIGTERM/SIGINT. `token` (or the config's
+/// `token_file`) joins the cluster's CA at first start.
+pub async fn run(cfg: CoordinatorConfig, token: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let address = cfg.advertise_address()?;
+    let token = token.or_else(|| cfg.token_file.clone());
+    let node = trust::establish(&cfg, &address, token.as_deref()).await?;
+    let tls = node.tls.clone();
+    tracing::info!(identity = %tls.identity().label(), serial = %tls.identity().serial, "certificate loaded");
     // Bind before raft starts, so peers reach us as soon as we vote or lead.
     let listener = ssp_net::Listener::bind(cfg.listen).await?;
-    let replica = raft::Replica::start(&cfg.data_dir, address.clone(), &cfg.raft).await?;
+    let replica =
+        raft::Replica::start(&cfg.data_dir, address.clone(), &cfg.raft, tls.clone()).await?;
     replica.read(|m| {
         tracing::info!(
             node = replica.id,
@@ -42,7 +49,7 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
         id: replica.id,
         raft: replica.raft.clone(),
     };
-    let core = core::Core::new(replica.clone(), cfg.clone());
+    let core = core::Core::new(replica.clone(), cfg.clone(), tls.clone());
     let initialized = replica.initialized().await;
     if !initialized && cfg.bootstrap {
         match replica.init().await {
@@ -56,6 +63,7 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
                     if let Err(e) = core.settle_settings().await {
                         tracing::warn!("recording the settings failed: {}", e.message());
                     }
+                    trust::record_unrecorded(&core, &node.unrecorded).await;
                 }
             }
             // Only possible if the log appeared between the check and now.
@@ -73,6 +81,12 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
         seen_hosts: Arc::new(Mutex::new(BTreeSet::new())),
     };
     let cluster = cluster::ClusterService { core: core.clone() };
+    let trust_svc = trust::TrustService {
+        core: core.clone(),
+        ca: std::sync::Arc::new(node.ca.clone()),
+    };
+    tokio::spawn(trust::follow_revocations(core.clone()));
+    tokio::spawn(trust::renew_loop(core.clone()));
     let every = Duration::from_secs(cfg.reconcile_secs.max(1));
     core.kick();
     tokio::spawn(core.clone().leader_loop(every));
@@ -82,19 +96,36 @@ pub async fn run(cfg: CoordinatorConfig) -> anyhow::Result<()> {
     );
     tracing::info!(addr = %listener.local_addr()?, node = replica.id, "coordinator listening");
     let max = raft::network::MAX_MESSAGE;
+    use ssp_model::CertRole::Coordinator;
+    let raft_server = ssp_proto::raft_server::RaftServer::new(raft_svc)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     ssp_net::Listener::server()
-        .add_service(ssp_proto::coordinator_server::CoordinatorServer::new(svc))
-        .add_service(ssp_proto::cluster_server::ClusterServer::new(cluster))
         .add_service(
-            ssp_proto::raft_server::RaftServer::new(raft_svc)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            ssp_proto::coordinator_server::CoordinatorServer::new(svc)
+                .max_decoding_message_size(MAX_REQUEST),
         )
-        .serve_with_incoming_shutdown(listener.incoming(), shutdown())
+        .add_service(
+            ssp_proto::cluster_server::ClusterServer::new(cluster)
+                .max_decoding_message_size(MAX_REQUEST),
+        )
+        .add_service(
+            ssp_proto::trust_server::TrustServer::new(trust_svc)
+                .max_decoding_message_size(MAX_REQUEST),
+        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            raft_server,
+            ssp_net::auth::only(tls.clone(), &[Coordinator], "send raft messages"),
+        ))
+        .serve_with_incoming_shutdown(listener.incoming(tls)?, shutdown())
         .await?;
     let _ = replica.raft.shutdown().await;
     Ok(())
 }
+
+/// Largest request a client may send (a user's keys, a host's inventory); raft
+/// messages between coordinators have their own, larger limit.
+pub const MAX_REQUEST: usize = 1 << 20;
 
 async fn shutdown() {
     use tokio::signal::unix::{signal, SignalKind};

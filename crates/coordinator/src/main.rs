@@ -16,6 +16,9 @@ struct Args {
         env = "SSP_COORDINATOR_CONFIG"
     )]
     config: PathBuf,
+    /// A join token (`sspctl token create --role coordinator`), used at first start.
+    #[arg(long, env = "SSP_TOKEN")]
+    token: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -27,5 +30,5 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let cfg = ssp_coordinator::config::CoordinatorConfig::load(&args.config)?;
-    ssp_coordinator::run(cfg).await
+    ssp_coordinator::run(cfg, args.token).await
 }

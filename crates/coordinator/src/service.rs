@@ -27,12 +27,54 @@ fn input_status(e: ssp_model::InputError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+use ssp_model::CertRole::{Admin, Agent, User as UserRole};
+
+impl CoordinatorService {
+    /// The caller, if their role is one of `roles`; otherwise PermissionDenied,
+    /// written to the audit log.
+    async fn admit<T>(
+        &self,
+        req: &Request<T>,
+        roles: &[ssp_model::CertRole],
+        action: &str,
+        target: &str,
+    ) -> Result<Arc<ssp_net::Identity>, Status> {
+        let id = ssp_net::auth::caller(&self.core.tls, req)?;
+        if ssp_net::auth::require(&id, roles, action).is_err() {
+            return Err(self.core.deny(&id, action, target).await);
+        }
+        Ok(id)
+    }
+
+    /// Admits an admin, or a user acting on their own name.
+    async fn admit_self<T>(
+        &self,
+        req: &Request<T>,
+        action: &str,
+        name: &str,
+    ) -> Result<Arc<ssp_net::Identity>, Status> {
+        let id = self.admit(req, &[Admin, UserRole], action, name).await?;
+        if id.role == UserRole && id.name != name {
+            return Err(self.core.deny(&id, action, name).await);
+        }
+        Ok(id)
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register_host(
         &self,
         req: Request<RegisterHostRequest>,
     ) -> Result<Response<RegisterHostReply>, Status> {
+        let name = req.get_ref().name.clone();
+        let caller = self
+            .admit(&req, &[Admin, Agent], "register-host", &name)
+            .await?;
+        // An agent registers its own host only: the name is in its certificate.
+        if caller.role == Agent && caller.name != name {
+            return Err(self.core.deny(&caller, "register-host", &name).await);
+        }
         if let Route::Leader(a) = self.core.route(req.metadata()).await? {
             return self
                 .core
@@ -42,7 +84,6 @@ impl Coordinator for CoordinatorService {
                 .await;
         }
         let cmd = request::register_host(req.get_ref()).map_err(input_status)?;
-        let name = req.get_ref().name.clone();
         // Heartbeats arrive every few seconds: read the state in place, and write
         // only when the host's record really changed.
         let Command::RegisterHost(h) = &cmd else {
@@ -58,7 +99,7 @@ impl Coordinator for CoordinatorService {
             }
         });
         if changed {
-            self.core.apply(cmd, None).await?;
+            self.core.apply_for(&caller, cmd, None).await?;
             tracing::info!(host = %name, "host registered or changed");
         }
         if was_down {
@@ -85,7 +126,10 @@ impl Coordinator for CoordinatorService {
             tokio::spawn(async move { core.reconcile(Some(&name)).await });
         }
         Ok(from_leader(
-            Response::new(RegisterHostReply { instances: count }),
+            Response::new(RegisterHostReply {
+                instances: count,
+                revoked: self.core.tls.revoked(),
+            }),
             &self.core,
         ))
     }
@@ -94,6 +138,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<AddUserRequest>,
     ) -> Result<Response<AddUserReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "add-user", &req.get_ref().name)
+            .await?;
         if let Route::Leader(a) = self.core.route(req.metadata()).await? {
             return self
                 .core
@@ -105,7 +152,7 @@ impl Coordinator for CoordinatorService {
         let id = request_id(req.metadata());
         let r = req.into_inner();
         let cmd = request::add_user(&r, &self.core.cfg).map_err(input_status)?;
-        let (user, instance) = match self.core.apply(cmd, id).await? {
+        let (user, instance) = match self.core.apply_for(&caller, cmd, id).await? {
             Applied::Now(Outcome::UserAdded { user, instance }) => (user, instance),
             Applied::Earlier { index } => self
                 .core
@@ -165,6 +212,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<RemoveUserRequest>,
     ) -> Result<Response<RemoveUserReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "remove-user", &req.get_ref().name)
+            .await?;
         if let Route::Leader(a) = self.core.route(req.metadata()).await? {
             return self
                 .core
@@ -177,7 +227,7 @@ impl Coordinator for CoordinatorService {
         let RemoveUserRequest { name, no_wait } = req.into_inner();
         let instances = match self
             .core
-            .apply(Command::RemoveUser { name: name.clone() }, id)
+            .apply_for(&caller, Command::RemoveUser { name: name.clone() }, id)
             .await?
         {
             Applied::Now(Outcome::UserRemoving { instances }) => instances,
@@ -216,6 +266,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<SetSshKeysRequest>,
     ) -> Result<Response<SetSshKeysReply>, Status> {
+        let caller = self
+            .admit_self(&req, "set-ssh-keys", &req.get_ref().name.clone())
+            .await?;
         if let Route::Leader(a) = self.core.route(req.metadata()).await? {
             return self
                 .core
@@ -227,7 +280,7 @@ impl Coordinator for CoordinatorService {
         let id = request_id(req.metadata());
         let r = req.into_inner();
         let cmd = request::set_ssh_keys(&r).map_err(input_status)?;
-        let instances = match self.core.apply(cmd, id).await? {
+        let instances = match self.core.apply_for(&caller, cmd, id).await? {
             Applied::Now(Outcome::SshKeysSet { instances }) => instances,
             Applied::Earlier { .. } => self.core.read(|s| {
                 s.instances
@@ -268,10 +321,18 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ListUsersRequest>,
     ) -> Result<Response<UserList>, Status> {
+        let caller = self
+            .admit(&req, &[Admin, UserRole], "list-users", "")
+            .await?;
         let kind = self.core.prepare_read(req.metadata()).await?;
-        let users = self
-            .core
-            .read(|s| s.users.values().map(convert::user_to_wire).collect());
+        // A user sees their own record only.
+        let users = self.core.read(|s| {
+            s.users
+                .values()
+                .filter(|u| caller.role == Admin || u.name.as_str() == caller.name)
+                .map(convert::user_to_wire)
+                .collect()
+        });
         Ok(annotate(
             Response::new(UserList { users }),
             &self.core,
@@ -283,8 +344,16 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ListInstancesViewRequest>,
     ) -> Result<Response<InstanceViewList>, Status> {
+        let caller = self
+            .admit(&req, &[Admin, UserRole], "list-instances", "")
+            .await?;
         let kind = self.core.prepare_read(req.metadata()).await?;
-        let state = self.core.snapshot();
+        let mut state = self.core.snapshot();
+        if caller.role != Admin {
+            state
+                .instances
+                .retain(|_, i| i.owner.as_str() == caller.name);
+        }
         let down = |h: &str| {
             state
                 .hosts
@@ -345,6 +414,8 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ListGpusRequest>,
     ) -> Result<Response<GpuViewList>, Status> {
+        self.admit(&req, &[Admin, UserRole], "list-gpus", "")
+            .await?;
         let kind = self.core.prepare_read(req.metadata()).await?;
         let state = self.core.snapshot();
         let mut gpus = Vec::new();
@@ -371,6 +442,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ListHostsRequest>,
     ) -> Result<Response<HostViewList>, Status> {
+        self.admit(&req, &[Admin], "list-hosts", "").await?;
         let kind = self.core.prepare_read(req.metadata()).await?;
         let state = self.core.snapshot();
         let leader = self.core.is_leader();
@@ -414,6 +486,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<SetHostStatusRequest>,
     ) -> Result<Response<SetHostStatusReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "set-host-status", &req.get_ref().name)
+            .await?;
         if let Route::Leader(a) = self.core.route(req.metadata()).await? {
             return self
                 .core
@@ -431,7 +506,8 @@ impl Coordinator for CoordinatorService {
             ));
         }
         self.core
-            .apply(
+            .apply_for(
+                &caller,
                 Command::SetHostStatus {
                     name: r.name.clone(),
                     status,
@@ -450,13 +526,23 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<SshConfigRequest>,
     ) -> Result<Response<SshConfigReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin, UserRole], "ssh-config", &req.get_ref().name)
+            .await?;
         let kind = self.core.prepare_read(req.metadata()).await?;
         let r = req.into_inner();
         let state = self.core.snapshot();
         let inst = state
             .instances
             .get(&r.name)
-            .ok_or_else(|| Status::not_found(format!("no container named {}", r.name)))?;
+            .filter(|i| caller.role == Admin || i.owner.as_str() == caller.name);
+        let Some(inst) = inst else {
+            if caller.role != Admin {
+                // The same answer whether bob exists or not.
+                return Err(self.core.deny(&caller, "ssh-config", &r.name).await);
+            }
+            return Err(Status::not_found(format!("no container named {}", r.name)));
+        };
         let host = state.hosts.get(inst.host.as_str()).ok_or_else(|| {
             Status::internal(format!(
                 "host {} of {} is not registered",

@@ -4,6 +4,7 @@
 pub mod names;
 pub mod place;
 pub mod state;
+pub mod trust;
 pub mod types;
 
 pub use names::{
@@ -12,6 +13,6 @@ pub use names::{
 };
 pub use state::{Command, Outcome, Rejection, Settings, State};
 pub use types::{
-    Constraints, Gpu, Host, HostStatus, Image, Instance, Inventory, Limits, NewUser, Pool, Role,
-    User,
+    CertRole, Constraints, Gpu, Host, HostStatus, Image, Instance, Inventory, Limits, NewUser,
+    Pool, Role, User,
 };

@@ -46,6 +46,9 @@ pub struct State {
     pub users: BTreeMap<String, User>,
     pub hosts: BTreeMap<String, Host>,
     pub instances: BTreeMap<String, Instance>,
+    /// Join tokens and issued certificates (absent from state written before them).
+    #[serde(default)]
+    pub trust: crate::trust::Trust,
     /// Derived from `users` and `instances`; never stored. See [`Usage`].
     #[serde(skip)]
     usage: Usage,
@@ -57,6 +60,7 @@ impl PartialEq for State {
             && self.users == o.users
             && self.hosts == o.hosts
             && self.instances == o.instances
+            && self.trust == o.trust
     }
 }
 
@@ -281,6 +285,43 @@ pub enum Command {
         name: String,
         status: crate::types::HostStatus,
     },
+    /// Tokens and certificates.
+    Trust(crate::trust::TrustCommand),
+    /// Changes nothing: records, in the audit log, a request refused before it
+    /// reached the state (e.g. permission denied).
+    Audit {
+        action: String,
+        target: String,
+        outcome: String,
+    },
+}
+
+impl Command {
+    /// What the command does and to whom, as the audit log shows it.
+    pub fn describe(&self) -> (String, String) {
+        use crate::trust::TrustCommand as T;
+        let (a, t): (&str, String) = match self {
+            Command::Init(_) => ("init", String::new()),
+            Command::RegisterHost(h) => ("register-host", h.name.to_string()),
+            Command::AddUser(u) => ("add-user", u.name.to_string()),
+            Command::RemoveUser { name } => ("remove-user", name.clone()),
+            Command::ForgetInstance { name } => ("forget-instance", name.clone()),
+            Command::SetSshKeys { name, .. } => ("set-ssh-keys", name.clone()),
+            Command::SetHostStatus { name, status } => {
+                return (format!("set-host-status {}", status.as_str()), name.clone())
+            }
+            Command::Trust(T::CreateToken { id, role, .. }) => {
+                return (format!("create-token {role}"), id.clone())
+            }
+            Command::Trust(T::UseToken { id, .. }) => ("use-token", id.clone()),
+            Command::Trust(T::RecordCert { record, .. }) => {
+                return (format!("issue-cert {}", record.role), record.name.clone())
+            }
+            Command::Trust(T::Revoke { serial_or_name, .. }) => ("revoke", serial_or_name.clone()),
+            Command::Audit { action, target, .. } => return (action.clone(), target.clone()),
+        };
+        (a.to_string(), t)
+    }
 }
 
 /// What an applied command produced.
@@ -306,6 +347,8 @@ pub enum Outcome {
     SshKeysSet {
         instances: Vec<String>,
     },
+    Trust(crate::trust::TrustOutcome),
+    Audited,
 }
 
 /// Why a command was refused; the state is unchanged.
@@ -333,6 +376,8 @@ pub enum Rejection {
     DuplicateGpu { host: String, pci: String },
     #[error("host {0} is not registered")]
     UnknownHost(String),
+    #[error("{0}")]
+    Trust(String),
 }
 
 impl State {
@@ -387,6 +432,8 @@ impl State {
                 Ok(Outcome::HostRegistered)
             }
             Command::AddUser(req) => self.add_user(req),
+            Command::Trust(t) => self.trust.apply(t).map(Outcome::Trust),
+            Command::Audit { .. } => Ok(Outcome::Audited),
             Command::SetHostStatus { name, status } => {
                 let h = self
                     .hosts

@@ -182,6 +182,55 @@ impl Role {
     }
 }
 
+/// What a certificate issued by the cluster CA lets its holder do.
+///
+/// `admin`: everything; `user`: their own containers, keys and ssh-config and a
+/// read-only view of GPU occupancy; `coordinator`: raft, membership and driving
+/// agents; `agent`: registering its own host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertRole {
+    Admin,
+    User,
+    Coordinator,
+    Agent,
+}
+
+impl CertRole {
+    pub const ALL: [CertRole; 4] = [
+        CertRole::Admin,
+        CertRole::User,
+        CertRole::Coordinator,
+        CertRole::Agent,
+    ];
+
+    pub fn parse(s: &str) -> Result<Self, crate::InputError> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| crate::InputError {
+                what: "role",
+                value: s.into(),
+                reason: "allowed roles are admin, user, coordinator and agent".into(),
+            })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertRole::Admin => "admin",
+            CertRole::User => "user",
+            CertRole::Coordinator => "coordinator",
+            CertRole::Agent => "agent",
+        }
+    }
+}
+
+impl std::fmt::Display for CertRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Resource limits of one container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {

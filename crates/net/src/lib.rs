@@ -1,14 +1,29 @@
 //! Listener and channel setup shared by every ssp binary.
 //!
 //! Every gRPC server and client connection in ssp is made here, so that
-//! transport security is configured in exactly one place.
+//! transport security is configured in exactly one place: mutual TLS with
+//! certificates from the cluster CA ([`tls`], [`ca`]); there is no plaintext
+//! listener or channel.
+
+pub mod auth;
+pub mod ca;
+pub mod join;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, Endpoint, Server};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::{Channel, Endpoint, Server, Uri};
+
+pub use ca::{Bundle, Ca, Issued};
+pub use tls::{Identity, Peer, Tls, TlsConn, TlsError, AGENT_NAME, COORDINATOR_NAME};
+
+/// How long a peer has to finish the TLS handshake after connecting.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests one connection may have in flight at once.
+pub const MAX_CONCURRENT_PER_CONNECTION: usize = 256;
 
 /// Errors from opening listeners or channels.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +43,8 @@ pub enum NetError {
         addr: String,
         source: tonic::transport::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A bound listener ready to serve gRPC; binding first lets callers learn the port.
@@ -54,34 +71,88 @@ impl Listener {
         Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
     }
 
-    /// Turns the listener into the incoming stream a tonic router serves.
+    /// Turns the listener into the stream of authenticated connections a tonic
+    /// router serves. Handshakes run concurrently (a slow or silent client holds
+    /// up no one) and must finish within 10 s; a connection whose certificate is
+    /// missing, from another CA, expired or revoked never reaches a service.
     ///
     /// Every accepted connection gets TCP_NODELAY: the server builder's own
     /// setting applies only to listeners it binds itself, and without it a reply
     /// split into headers and body can wait out the peer's delayed ACK (40 ms).
     pub fn incoming(
         self,
-    ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-        use tokio_stream::StreamExt;
-        TcpListenerStream::new(self.inner).map(|conn| {
-            let conn = conn?;
-            conn.set_nodelay(true)?;
-            Ok(conn)
-        })
+        tls: Tls,
+    ) -> Result<impl tokio_stream::Stream<Item = std::io::Result<TlsConn>>, NetError> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(64);
+        let listener = self.inner;
+        tokio::spawn(async move {
+            loop {
+                let (conn, addr) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = conn.set_nodelay(true);
+                    let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await;
+                    let stream = match hs {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(peer = %addr, "TLS handshake refused: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(peer = %addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| Identity::from_der(c));
+                    let identity = match identity {
+                        Some(Ok(i)) => Arc::new(i),
+                        _ => {
+                            tracing::info!(peer = %addr, "TLS peer without a readable certificate");
+                            return;
+                        }
+                    };
+                    let peer = Peer { addr, identity };
+                    let _ = tx.send(Ok(TlsConn { stream, peer })).await;
+                });
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 }
 
-/// Builds a lazily connecting channel to `addr` (`http://host:port` or `host:port`).
-pub fn channel(addr: &str) -> Result<Channel, NetError> {
-    Ok(endpoint(addr)?.connect_lazy())
+/// Builds a lazily connecting channel to `addr` (`http://host:port` or
+/// `host:port`), authenticating the server as `server_name`
+/// ([`COORDINATOR_NAME`] or [`AGENT_NAME`]) and presenting `tls`'s certificate.
+pub fn channel(addr: &str, tls: &Tls, server_name: &'static str) -> Result<Channel, NetError> {
+    let ep = endpoint(addr)?;
+    Ok(ep.connect_with_connector_lazy(connector(tls, server_name)?))
 }
 
-/// Connects to `addr` now, failing if the peer does not answer.
-pub async fn connect(addr: &str) -> Result<Channel, NetError> {
+/// Connects to `addr` now, failing if the peer does not answer or the handshake fails.
+pub async fn connect(
+    addr: &str,
+    tls: &Tls,
+    server_name: &'static str,
+) -> Result<Channel, NetError> {
     endpoint(addr)?
-        .connect()
+        .connect_with_connector(connector(tls, server_name)?)
         .await
         .map_err(|source| NetError::Connect {
             addr: addr.to_string(),
@@ -89,6 +160,46 @@ pub async fn connect(addr: &str) -> Result<Channel, NetError> {
         })
 }
 
+type Connecting = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                    std::io::Error,
+                >,
+            > + Send,
+    >,
+>;
+
+fn connector(
+    tls: &Tls,
+    server_name: &'static str,
+) -> Result<
+    impl tower::Service<
+            Uri,
+            Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+            Error = std::io::Error,
+            Future = Connecting,
+        > + Clone
+        + Send
+        + 'static,
+    NetError,
+> {
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config(server_name)?);
+    let name = rustls::pki_types::ServerName::try_from(server_name)
+        .map_err(|e| tls::bad("server name", e))?;
+    Ok(tower::service_fn(move |uri: Uri| {
+        let (connector, name) = (connector.clone(), name.clone());
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+            let port = uri.port_u16().unwrap_or(80);
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = connector.connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        }) as Connecting
+    }))
+}
 fn endpoint(addr: &str) -> Result<Endpoint, NetError> {
     let uri = if addr.contains("://") {
         addr.to_string()

@@ -46,10 +46,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn start_ssp(dir: &Path) -> Result<(Vec<Proc>, Vec<String>)> {
-    let ssp = Ssp::locate()?;
+fn start_ssp(dir: &Path) -> Result<(Vec<Proc>, Vec<String>, Ssp)> {
+    let mut ssp = Ssp::locate()?;
     let mut procs = Vec::new();
-    let mut addrs = Vec::new();
+    let mut addrs: Vec<String> = Vec::new();
     for i in 0..3 {
         let port = free_port();
         let addr = format!("http://127.0.0.1:{port}");
@@ -64,16 +64,44 @@ fn start_ssp(dir: &Path) -> Result<(Vec<Proc>, Vec<String>)> {
                 i == 0
             ),
         )?;
+        let bin = ssp.bin("ssp-coordinator");
+        let token = d.join("token");
+        let mut argv = vec![
+            bin.to_str().unwrap_or_default(),
+            "--config",
+            cfg.to_str().unwrap_or_default(),
+        ];
+        if i > 0 {
+            let out = sspctl(
+                &ssp,
+                &addrs[0],
+                &[
+                    "token",
+                    "create",
+                    "--role",
+                    "coordinator",
+                    "--out",
+                    token.to_str().unwrap_or_default(),
+                ],
+            );
+            if !out.status.success() {
+                bail!("token: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            argv.extend(["--token", token.to_str().unwrap_or_default()]);
+        }
         procs.push(Proc::start(
             &format!("coordinator {i}"),
             None,
-            &[
-                ssp.bin("ssp-coordinator").to_str().unwrap_or_default(),
-                "--config",
-                cfg.to_str().unwrap_or_default(),
-            ],
+            &argv,
             &d.join("log"),
         )?);
+        if i == 0 {
+            let admin = d.join("data/tls/admin.bundle");
+            ssp_integration::wait_for("admin bundle", Duration::from_secs(20), || {
+                admin.exists().then_some(())
+            })?;
+            ssp.bundle = Some(admin);
+        }
         addrs.push(addr);
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -83,7 +111,7 @@ fn start_ssp(dir: &Path) -> Result<(Vec<Proc>, Vec<String>)> {
             bail!("join {a}: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    Ok((procs, addrs))
+    Ok((procs, addrs, ssp))
 }
 
 fn start_etcd(dir: &Path) -> Result<(Vec<Proc>, Vec<String>)> {
@@ -205,14 +233,15 @@ fn main() -> Result<()> {
     if std::env::var_os("SSP_BENCH_KEEP").is_some() {
         std::mem::forget(Scratch::new("keep-marker")?);
     }
-    let (_ssp_procs, ssp_addrs) = start_ssp(scratch.path())?;
+    let (_ssp_procs, ssp_addrs, ssp_bins) = start_ssp(scratch.path())?;
+    let admin = ssp_bins.admin_tls()?;
     let (_etcd_procs, etcd_addrs) = start_etcd(scratch.path())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let ssp = Client::new(ssp_addrs.clone())?;
+        let ssp = Client::new(ssp_addrs.clone(), &admin)?;
         for h in ["gpu1", "gpu2", "gpu3"] {
             let o = ssp.register_host(paper_host(h, 8)).await;
             if o != Outcome::Ok {

@@ -126,6 +126,9 @@ impl Coordinators {
             ),
         )?;
         let log = dir.join("coordinator.log");
+        if !bootstrap {
+            self.make_token(&dir.join("token"))?;
+        }
         let mut node = Node {
             ns,
             veth,
@@ -142,18 +145,47 @@ impl Coordinators {
         Ok(i)
     }
 
-    fn spawn(&self, node: &Node) -> anyhow::Result<Proc> {
+    /// A join token for a coordinator, from the running cluster.
+    fn make_token(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        self.ctl(&[
+            "token",
+            "create",
+            "--role",
+            "coordinator",
+            "--out",
+            path.to_str().unwrap_or_default(),
+        ])
+        .map(|_| ())
+    }
+
+    fn spawn(&mut self, node: &Node) -> anyhow::Result<Proc> {
         let bin = self.ssp.bin("ssp-coordinator");
-        Proc::start(
+        let token = node.cfg.with_file_name("token");
+        let mut argv = vec![
+            bin.to_str().unwrap_or_default(),
+            "--config",
+            node.cfg.to_str().unwrap_or_default(),
+        ];
+        if token.exists() {
+            argv.extend(["--token", token.to_str().unwrap_or_default()]);
+        }
+        let p = Proc::start(
             &format!("coordinator {}", node.addr),
             Some(&node.ns),
-            &[
-                bin.to_str().unwrap_or_default(),
-                "--config",
-                node.cfg.to_str().unwrap_or_default(),
-            ],
+            &argv,
             &node.log,
-        )
+        )?;
+        if self.ssp.bundle.is_none() {
+            let admin = node.data.join("tls/admin.bundle");
+            crate::wait_for(
+                "the first coordinator's admin credentials",
+                Duration::from_secs(20),
+                || admin.exists().then_some(()),
+            )
+            .with_context(|| p.log_tail())?;
+            self.ssp.bundle = Some(admin);
+        }
+        Ok(p)
     }
 
     /// Every member's address, comma-separated, as sspctl takes them.
@@ -200,7 +232,28 @@ impl Coordinators {
     pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(p) = self.nodes[i].proc.as_mut() {
             p.start_again()?;
+            return Ok(());
         }
+        // Wiped: it needs a new join token to get a certificate again.
+        let token = self.nodes[i].cfg.with_file_name("token");
+        self.make_token(&token)?;
+        let node = std::mem::replace(
+            &mut self.nodes[i],
+            Node {
+                ns: String::new(),
+                veth: String::new(),
+                addr: String::new(),
+                data: PathBuf::new(),
+                cfg: PathBuf::new(),
+                log: PathBuf::new(),
+                proc: None,
+                paused: false,
+                cut: false,
+            },
+        );
+        let p = self.spawn(&node);
+        self.nodes[i] = node;
+        self.nodes[i].proc = Some(p?);
         Ok(())
     }
 
@@ -234,6 +287,7 @@ impl Coordinators {
     /// wait to be joined.
     pub fn wipe(&mut self, i: usize) -> anyhow::Result<()> {
         self.kill(i);
+        self.nodes[i].proc = None;
         std::fs::remove_dir_all(&self.nodes[i].data)
             .with_context(|| format!("wiping {}", self.nodes[i].data.display()))?;
         let cfg = std::fs::read_to_string(&self.nodes[i].cfg)?
@@ -259,8 +313,9 @@ impl Coordinators {
     /// Node `i`'s own view of the cluster (no forwarding), if it answers within 1 s.
     pub fn local_status(&self, i: usize) -> Option<ClusterStatus> {
         let addr = self.nodes[i].addr.clone();
+        let tls = self.ssp.admin_tls().ok()?;
         self.rt.block_on(async move {
-            let ch = ssp_net::channel(&addr).ok()?;
+            let ch = ssp_net::channel(&addr, &tls, ssp_net::COORDINATOR_NAME).ok()?;
             let mut r = Request::new(ClusterStatusRequest {});
             r.metadata_mut().insert("ssp-read", "stale".parse().ok()?);
             r.set_timeout(Duration::from_secs(1));
@@ -317,8 +372,9 @@ impl Coordinators {
         let mut out = Vec::new();
         for &i in which {
             let addr = self.nodes[i].addr.clone();
+            let tls = self.ssp.admin_tls()?;
             let r = self.rt.block_on(async move {
-                let ch = ssp_net::channel(&addr)?;
+                let ch = ssp_net::channel(&addr, &tls, ssp_net::COORDINATOR_NAME)?;
                 let mut r = Request::new(LocalStateRequest {});
                 r.set_timeout(Duration::from_secs(5));
                 anyhow::Ok(ClusterClient::new(ch).local_state(r).await?.into_inner())
@@ -394,7 +450,10 @@ impl Coordinators {
     /// A client of every node.
     pub fn client(&self) -> anyhow::Result<Client> {
         let _rt = self.rt.enter();
-        Client::new(self.nodes.iter().map(|n| n.addr.clone()).collect())
+        Client::new(
+            self.nodes.iter().map(|n| n.addr.clone()).collect(),
+            &self.ssp.admin_tls()?,
+        )
     }
 }
 
@@ -441,10 +500,15 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(addrs: Vec<String>) -> anyhow::Result<Client> {
+    pub fn new(addrs: Vec<String>, tls: &ssp_net::Tls) -> anyhow::Result<Client> {
         let channels = addrs
             .into_iter()
-            .map(|a| Ok((a.clone(), ssp_net::channel(&a)?)))
+            .map(|a| {
+                Ok((
+                    a.clone(),
+                    ssp_net::channel(&a, tls, ssp_net::COORDINATOR_NAME)?,
+                ))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Client {
             channels: Arc::new(channels),

@@ -100,9 +100,10 @@ impl Platform {
         n: usize,
         gid_base: Option<u32>,
     ) -> anyhow::Result<Platform> {
-        let ssp = Ssp::locate()?;
+        let mut ssp = Ssp::locate()?;
         let scratch = Scratch::new(tag)?;
         let dir = scratch.path().to_path_buf();
+        ssp.credentials_dir = Some(dir.clone());
         let shared_root = dir.join("shared");
         std::fs::create_dir_all(&shared_root)?;
         let mut procs = Vec::new();
@@ -128,6 +129,30 @@ impl Platform {
                 "--config",
                 cfg_path.to_str().unwrap_or_default(),
             ]);
+            // The first coordinator forms the CA; the others join it with a token.
+            let token = dir.join(format!("token-coordinator{i}"));
+            if i > 0 {
+                let first = format!("http://127.0.0.1:{}", ports[0]);
+                let out = sspctl(
+                    &ssp,
+                    &first,
+                    &[
+                        "token",
+                        "create",
+                        "--role",
+                        "coordinator",
+                        "--out",
+                        token.to_str().unwrap_or_default(),
+                    ],
+                );
+                if !out.status.success() {
+                    bail!(
+                        "token for coordinator {i}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                argv.extend(["--token", token.to_str().unwrap_or_default()]);
+            }
             procs.push(Proc::start(
                 &format!("coordinator{i}"),
                 None,
@@ -135,6 +160,16 @@ impl Platform {
                 &dir.join(format!("coordinator{i}.log")),
             )?);
             ports.push(port);
+            if i == 0 {
+                let admin = dir.join("coordinator0/tls/admin.bundle");
+                wait_for(
+                    "the first coordinator's admin credentials",
+                    Duration::from_secs(20),
+                    || admin.exists().then_some(()),
+                )
+                .with_context(|| procs[0].log_tail())?;
+                ssp.bundle = Some(admin);
+            }
         }
         let addr = ports
             .iter()
@@ -206,6 +241,7 @@ impl Platform {
             self.agent_addrs.push(format!("http://{}:{aport}", h.addr));
             let path = dir.join(format!("agent-{}.toml", h.name));
             std::fs::write(&path, cfg)?;
+            let token = self.agent_token(&h.name)?;
             self.agents.push(Proc::start(
                 &format!("agent-{}", h.name),
                 Some(&h.netns),
@@ -213,6 +249,8 @@ impl Platform {
                     self.ssp.bin("ssp-agent").to_str().unwrap_or_default(),
                     "--config",
                     path.to_str().unwrap_or_default(),
+                    "--token",
+                    token.to_str().unwrap_or_default(),
                 ],
                 &dir.join(format!("agent-{}.log", h.name)),
             )?);
@@ -221,6 +259,27 @@ impl Platform {
             self.wait_registered(&a.host.name)?;
         }
         Ok(())
+    }
+
+    /// The first coordinator's own trust: what agents accept calls from (for
+    /// tests that drive an agent directly, as a coordinator would).
+    pub fn coordinator_tls(&self) -> anyhow::Result<ssp_net::Tls> {
+        let b = ssp_net::Bundle::load(&self.scratch.path().join("coordinator0/tls/node.bundle"))?;
+        Ok(b.tls()?)
+    }
+
+    /// A fresh join token for the agent of `host` (used once, at its first start).
+    pub fn agent_token(&self, host: &str) -> anyhow::Result<PathBuf> {
+        let token = self.scratch.path().join(format!("token-agent-{host}"));
+        self.ctl_ok(&[
+            "token",
+            "create",
+            "--role",
+            "agent",
+            "--out",
+            token.to_str().unwrap_or_default(),
+        ])?;
+        Ok(token)
     }
 
     /// Waits until `host` is known to the coordinator.

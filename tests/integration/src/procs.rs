@@ -24,6 +24,11 @@ pub fn free_port() -> u16 {
 #[derive(Clone)]
 pub struct Ssp {
     pub dir: PathBuf,
+    /// The credential bundle sspctl presents (`SSP_BUNDLE`): the first admin's,
+    /// once the first coordinator made it.
+    pub bundle: Option<PathBuf>,
+    /// Where `sspctl user add` writes users' bundles (`SSP_CREDENTIALS_DIR`).
+    pub credentials_dir: Option<PathBuf>,
 }
 
 impl Ssp {
@@ -41,11 +46,33 @@ impl Ssp {
                 bail!("{} is missing; build the binaries first: cargo build --workspace --bins (scripts/test.sh does)", dir.join(b).display());
             }
         }
-        Ok(Ssp { dir })
+        Ok(Ssp {
+            dir,
+            bundle: None,
+            credentials_dir: None,
+        })
     }
 
     pub fn bin(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The admin's trust (for tests that call gRPC directly).
+    pub fn admin_tls(&self) -> anyhow::Result<ssp_net::Tls> {
+        let path = self.bundle.as_ref().context("no admin bundle yet")?;
+        Ok(ssp_net::Bundle::load(path)?.tls()?)
+    }
+
+    /// `sspctl` with this platform's credentials.
+    pub fn sspctl_command(&self) -> Command {
+        let mut c = Command::new(self.bin("sspctl"));
+        if let Some(b) = &self.bundle {
+            c.env("SSP_BUNDLE", b);
+        }
+        if let Some(d) = &self.credentials_dir {
+            c.env("SSP_CREDENTIALS_DIR", d);
+        }
+        c
     }
 }
 
@@ -160,7 +187,7 @@ impl Drop for Proc {
 
 /// Runs `sspctl` against `coordinator`.
 pub fn sspctl(ssp: &Ssp, coordinator: &str, args: &[&str]) -> Output {
-    Command::new(ssp.bin("sspctl"))
+    ssp.sspctl_command()
         .arg("--coordinator")
         .arg(coordinator)
         .args(args)

@@ -45,9 +45,12 @@ fn the_agent_refuses_specs_that_break_its_host_policy() -> Result<()> {
         ..Default::default()
     };
     let rt = tokio::runtime::Runtime::new()?;
+    // Sent as a coordinator would: with a valid coordinator certificate.
+    let tls = p.coordinator_tls()?;
     let send = |spec: InstanceSpec| {
         rt.block_on(async {
-            let mut c = AgentClient::connect(addr.clone()).await?;
+            let ch = ssp_net::connect(&addr, &tls, ssp_net::AGENT_NAME).await?;
+            let mut c = AgentClient::new(ch);
             anyhow::Ok(c.ensure_instance(spec).await)
         })
     };

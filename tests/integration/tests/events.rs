@@ -60,7 +60,8 @@ fn events_survive_a_daemon_restart() -> Result<()> {
 
     let rt = tokio::runtime::Runtime::new()?;
     let mut stream = rt.block_on(async {
-        let ch = ssp_net::connect(&p.agent_addrs[0]).await?;
+        let tls = p.coordinator_tls()?;
+        let ch = ssp_net::connect(&p.agent_addrs[0], &tls, ssp_net::AGENT_NAME).await?;
         anyhow::Ok(
             AgentClient::new(ch)
                 .watch_events(WatchEventsRequest {})

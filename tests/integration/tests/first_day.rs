@@ -66,7 +66,8 @@ impl Setup {
         run(host
             .in_ns(self.path("bin/sspctl"))
             .args(args)
-            .env("HOME", self.path("home")))
+            .env("HOME", self.path("home"))
+            .env("SSP_CREDENTIALS_DIR", self.path("home")))
     }
 
     fn logs(&self) -> String {

@@ -275,6 +275,7 @@ fn single_host_end_to_end() -> Result<()> {
         ])
         .arg(&sspctl)
         .arg(&p.addr)
+        .env("SSP_BUNDLE", p.ssp.bundle.as_ref().context("admin bundle")?)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(

@@ -5,6 +5,7 @@ pub mod gpus;
 pub mod hosts;
 pub mod ls;
 pub mod ssh_config;
+pub mod trust;
 pub mod user;
 
 use std::future::Future;
@@ -23,12 +24,47 @@ pub struct Conn {
     stale: bool,
     /// Sent with every attempt of this command, so a retried write applies once.
     request_id: String,
+    tls: ssp_net::Tls,
+}
+
+/// Where the credential bundle is: `--bundle`/`SSP_BUNDLE`, else
+/// `~/.config/ssp/bundle.pem`.
+pub fn bundle_path(cli: &crate::Cli) -> std::path::PathBuf {
+    if let Some(p) = &cli.bundle {
+        return p.clone();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    std::path::Path::new(&home).join(".config/ssp/bundle.pem")
+}
+
+/// The credential bundle, or an error saying how to get one.
+pub fn load_bundle(cli: &crate::Cli) -> anyhow::Result<ssp_net::Bundle> {
+    let path = bundle_path(cli);
+    if !path.exists() {
+        anyhow::bail!(
+            "no credentials at {}: run `sspctl login BUNDLE` with the bundle an admin gave you (the first admin's is data_dir/tls/admin.bundle on the coordinator that formed the cluster), or pass --bundle",
+            path.display()
+        );
+    }
+    Ok(ssp_net::Bundle::load(&path)?)
 }
 
 impl Conn {
     pub fn new(cli: &crate::Cli) -> anyhow::Result<Self> {
-        let addrs: Vec<String> = cli
-            .coordinator
+        let bundle = load_bundle(cli)?;
+        Self::with_bundle(cli, &bundle)
+    }
+
+    /// A connection presenting `bundle`'s certificate.
+    pub fn with_bundle(cli: &crate::Cli, bundle: &ssp_net::Bundle) -> anyhow::Result<Self> {
+        let list = cli.coordinator.clone().unwrap_or_else(|| {
+            if bundle.coordinators.is_empty() {
+                "http://127.0.0.1:7400".into()
+            } else {
+                bundle.coordinators.join(",")
+            }
+        });
+        let addrs: Vec<String> = list
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
@@ -43,7 +79,18 @@ impl Conn {
             addrs,
             stale: cli.stale,
             request_id: request_id()?,
+            tls: bundle.tls()?,
         })
+    }
+
+    /// The coordinators this connection tries.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// This connection's trust.
+    pub fn tls(&self) -> &ssp_net::Tls {
+        &self.tls
     }
 
     /// Calls `f` on the first coordinator that answers; a coordinator that is down,
@@ -64,12 +111,18 @@ impl Conn {
             let mut outside: Option<Status> = None;
             let mut others_failed = false;
             for addr in &self.addrs {
-                let ch = match tokio::time::timeout(Duration::from_secs(2), ssp_net::connect(addr))
-                    .await
+                let ch = match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    ssp_net::connect(addr, &self.tls, ssp_net::COORDINATOR_NAME),
+                )
+                .await
                 {
                     Ok(Ok(ch)) => ch,
                     Ok(Err(e)) => {
-                        last = e.to_string();
+                        last = format!("{e:#}");
+                        if handshake_refused(&e) {
+                            anyhow::bail!("{addr} refused this client's certificate: {last}");
+                        }
                         others_failed = true;
                         continue;
                     }
@@ -121,10 +174,28 @@ impl Conn {
 }
 
 fn retryable(s: &Status) -> bool {
+    // A refused certificate stays refused: say so at once.
+    let m = s.message();
+    if m.contains("certificate") || m.contains("alert") {
+        return false;
+    }
     matches!(
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
     ) || (s.code() == Code::Unknown && s.message().contains("transport"))
+}
+
+/// Whether connecting failed in the TLS handshake over a certificate.
+fn handshake_refused(e: &ssp_net::NetError) -> bool {
+    let mut src: Option<&dyn std::error::Error> = Some(e);
+    while let Some(x) = src {
+        let m = x.to_string();
+        if m.contains("certificate") || m.contains("received fatal alert") {
+            return true;
+        }
+        src = x.source();
+    }
+    false
 }
 
 /// Says on stderr when a read came from one coordinator's own replica.

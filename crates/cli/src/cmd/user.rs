@@ -104,6 +104,13 @@ pub struct AddArgs {
     /// Only hosts with this label (from the agent's `labels`); repeat for several.
     #[arg(long = "label", value_name = "LABEL")]
     labels: Vec<String>,
+    /// Where to write the user's credential bundle (their login to sspctl;
+    /// default: NAME.bundle in SSP_CREDENTIALS_DIR or the current directory).
+    #[arg(long)]
+    credentials_out: Option<PathBuf>,
+    /// Do not issue credentials (`sspctl cert issue NAME` can later).
+    #[arg(long)]
+    no_credentials: bool,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -188,11 +195,41 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                     )
                 })?;
             }
+            let bundle = if a.no_credentials {
+                None
+            } else {
+                let path = a
+                    .credentials_out
+                    .clone()
+                    .unwrap_or_else(|| crate::cmd::trust::credentials_path(&a.name));
+                let role = if a.role == "admin" { "admin" } else { "user" };
+                crate::cmd::trust::issue_to(&c, &a.name, role, None, &path)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "user {} is added, but their credentials were not issued (`sspctl cert issue {}` retries)",
+                            a.name, a.name
+                        )
+                    })?;
+                Some(path)
+            };
+            if let (Some(p), output::Format::Table) = (&bundle, cli.output) {
+                eprintln!(
+                    "sspctl: {}'s credentials are in {} (give them to {}: `sspctl login {}`)",
+                    a.name,
+                    p.display(),
+                    a.name,
+                    p.file_name()
+                        .map(|f| f.to_string_lossy())
+                        .unwrap_or_default()
+                );
+            }
             match cli.output {
                 output::Format::Json => crate::outln!(
                     "{}",
                     json!({"user": a.name, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
-                           "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "warning": reply.warning})
+                           "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "warning": reply.warning,
+                           "credentials": bundle.as_ref().map(|p| p.display().to_string())})
                 ),
                 output::Format::Table => crate::outln!(
                     "added {} on {} ({}), GPUs [{}], ssh -p {} {}@{}",

@@ -62,6 +62,22 @@ impl Dedup {
     }
 }
 
+/// Entries the audit log keeps; older ones are dropped first.
+pub const AUDIT_KEEP: usize = 20_000;
+
+/// One audited request: who, what, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub index: u64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub serial: String,
+    pub action: String,
+    pub target: String,
+    /// "ok", or why it was refused.
+    pub outcome: String,
+}
+
 /// Everything the replicated state machine holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
@@ -69,6 +85,9 @@ pub struct Machine {
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, BasicNode>,
     pub requests: Dedup,
+    /// The replicated audit log, oldest first (absent from snapshots made before it).
+    #[serde(default)]
+    pub audit: VecDeque<AuditRecord>,
 }
 
 impl Machine {
@@ -85,6 +104,26 @@ impl Machine {
         let res = self.state.apply(&req.cmd);
         if let Some(id) = &req.id {
             self.requests.record(id, index, res.as_ref().err().cloned());
+        }
+        if let Some(actor) = &req.actor {
+            let (action, target) = req.cmd.describe();
+            let outcome = match (&req.cmd, &res) {
+                (ssp_model::Command::Audit { outcome, .. }, _) => outcome.clone(),
+                (_, Ok(_)) => "ok".to_string(),
+                (_, Err(r)) => r.to_string(),
+            };
+            self.audit.push_back(AuditRecord {
+                index,
+                at_ms: actor.at_ms,
+                actor: actor.label.clone(),
+                serial: actor.serial.clone(),
+                action,
+                target,
+                outcome,
+            });
+            while self.audit.len() > AUDIT_KEEP {
+                self.audit.pop_front();
+            }
         }
         match res {
             Ok(o) => Reply::Done(o),
@@ -291,6 +330,7 @@ mod tests {
         let req = Request {
             id: Some("c1-1".into()),
             cmd: Command::Init(Settings::default()),
+            actor: None,
         };
         assert_eq!(
             m.apply_request(1, &req),
@@ -308,9 +348,28 @@ mod tests {
             cmd: Command::RemoveUser {
                 name: "ghost".into(),
             },
+            actor: Some(super::super::Actor {
+                label: "user:alice".into(),
+                serial: "0a".into(),
+                at_ms: 7,
+            }),
         };
         let first = m.apply_request(3, &bad);
         assert!(matches!(first, Reply::Rejected(Rejection::UnknownUser(_))));
+        // Only the request with an actor is audited, with its outcome.
+        assert_eq!(m.audit.len(), 1);
+        let a = &m.audit[0];
+        assert_eq!(
+            (
+                a.index,
+                a.at_ms,
+                a.actor.as_str(),
+                a.action.as_str(),
+                a.target.as_str()
+            ),
+            (3, 7, "user:alice", "remove-user", "ghost")
+        );
+        assert_eq!(a.outcome, "user ghost does not exist");
         assert_eq!(
             m.apply_request(4, &bad),
             Reply::AlreadyApplied {

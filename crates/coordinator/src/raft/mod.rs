@@ -46,11 +46,24 @@ openraft::declare_raft_types!(
 /// The raft handle.
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// One entry in the log: a command and, optionally, the client's id for it.
+/// One entry in the log: a command and, optionally, the client's id for it and
+/// who asked (from their certificate), which puts it in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub id: Option<String>,
     pub cmd: Command,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<Actor>,
+}
+
+/// Who sent a request, as their certificate says, and when the coordinator
+/// that proposed it received it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// `role:name`.
+    pub label: String,
+    pub serial: String,
+    pub at_ms: i64,
 }
 
 /// One log entry: requests that arrived together, applied in order (group commit:
@@ -100,7 +113,12 @@ pub enum ClusterError {
 
 impl Replica {
     /// Opens the store in `dir` and starts raft; nothing is initialised here.
-    pub async fn start(dir: &Path, address: String, t: &RaftTuning) -> anyhow::Result<Self> {
+    pub async fn start(
+        dir: &Path,
+        address: String,
+        t: &RaftTuning,
+        tls: ssp_net::Tls,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         let path = dir.join("raft.redb");
         let db = Arc::new(
@@ -122,7 +140,7 @@ impl Replica {
             ..Default::default()
         }
         .validate()?;
-        let net = network::Network::default();
+        let net = network::Network::new(tls);
         let raft = Raft::new(id, Arc::new(config), net, log, machine).await?;
         tracing::info!(node = id, %address, "raft started");
         Ok(Replica {

@@ -24,10 +24,21 @@ use super::{NodeId, Raft, TypeConfig};
 /// Largest message a coordinator accepts from a peer (snapshot chunks, log batches).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
-/// Channels to peers, one per address, shared by every replication stream.
-#[derive(Default, Clone)]
+/// Channels to peers, one per address, shared by every replication stream;
+/// mutual TLS, so only coordinators of this cluster take part.
+#[derive(Clone)]
 pub struct Network {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: ssp_net::Tls,
+}
+
+impl Network {
+    pub fn new(tls: ssp_net::Tls) -> Self {
+        Network {
+            channels: Default::default(),
+            tls,
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -37,7 +48,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         let channel = match self.channels.lock() {
             Ok(mut map) => match map.get(&node.addr) {
                 Some(c) => Some(c.clone()),
-                None => match ssp_net::channel(&node.addr) {
+                None => match ssp_net::channel(&node.addr, &self.tls, ssp_net::COORDINATOR_NAME) {
                     Ok(c) => {
                         map.insert(node.addr.clone(), c.clone());
                         Some(c)
