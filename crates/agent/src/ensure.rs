@@ -252,6 +252,16 @@ pub fn in_sync(inst: &Instance, host: &HostContext, spec: &InstanceSpec) -> bool
             .all(|s| crate::share::ok(s, spec.lab_gid))
 }
 
+/// The daemon's status word, typed.
+pub fn run_state(status: &str) -> ssp_proto::RunState {
+    match status {
+        "Running" => ssp_proto::RunState::Running,
+        "Stopped" => ssp_proto::RunState::Stopped,
+        "" => ssp_proto::RunState::Unknown,
+        _ => ssp_proto::RunState::Other,
+    }
+}
+
 /// Maps a daemon instance to the wire status.
 pub fn status_of(inst: &Instance) -> InstanceStatus {
     InstanceStatus {
@@ -262,6 +272,7 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
             .cloned()
             .unwrap_or_default(),
         status: inst.status.clone(),
+        state: run_state(&inst.status) as i32,
         uuid: inst
             .config
             .get("volatile.uuid")
@@ -274,6 +285,7 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
             .cloned()
             .unwrap_or_default(),
         changed: vec![],
+        failing: String::new(),
     }
 }
 

@@ -93,6 +93,21 @@ impl Specs {
         }
     }
 
+    /// Moves `name`'s spec aside (`refused/NAME.spec`): the agent no longer acts
+    /// on it or heals it, and the file stays for whoever wants to see it.
+    pub fn quarantine(&self, name: &str) -> std::io::Result<()> {
+        let aside = self.dir.join("refused");
+        std::fs::create_dir_all(&aside)?;
+        std::fs::rename(
+            self.dir.join(format!("{name}.spec")),
+            aside.join(format!("{name}.spec")),
+        )?;
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(name);
+        }
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
     pub fn get(&self, name: &str) -> Option<InstanceSpec> {
         self.map.lock().ok()?.get(name).cloned()
     }
@@ -332,6 +347,7 @@ impl HostState {
     pub async fn resync_loop(self: Arc<Self>, every: Duration) {
         loop {
             self.resync("resync").await;
+            self.prune_locks().await;
             tokio::time::sleep(every).await;
         }
     }

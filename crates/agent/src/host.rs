@@ -95,6 +95,15 @@ impl HostState {
         m.lock_owned().await
     }
 
+    /// Forgets the locks nobody holds or waits for (instances gone, names tried
+    /// once), so the map does not grow with every name ever seen.
+    pub async fn prune_locks(&self) {
+        self.locks
+            .lock()
+            .await
+            .retain(|_, m| Arc::strong_count(m) > 1);
+    }
+
     /// The host's facts, read again when older than a minute; the NVIDIA driver
     /// directory is always the current one.
     pub async fn facts(&self) -> anyhow::Result<Facts> {

@@ -86,6 +86,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         specs,
         nvidia,
     );
+    let policy = Arc::new(policy::Policy {
+        shared_roots: cfg.shared_roots.clone(),
+        ssh_ports: cfg.ssh_ports,
+        uid_range: cfg.uid_range,
+    });
+    recheck_stored_specs(&host, &policy).await;
     tokio::spawn(host.clone().follow_events());
     tokio::spawn(host.clone().heal_on_events());
     tokio::spawn(
@@ -103,11 +109,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "agent listening");
     let svc = service::AgentService {
         host: Arc::clone(&host),
-        policy: Arc::new(policy::Policy {
-            shared_roots: cfg.shared_roots.clone(),
-            ssh_ports: cfg.ssh_ports,
-            uid_range: cfg.uid_range,
-        }),
+        policy,
         admit: Default::default(),
     };
     // Only coordinators of this cluster drive an agent.
@@ -123,6 +125,39 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(listener.incoming(tls)?, shutdown())
         .await?;
     Ok(())
+}
+
+/// Checks the specs stored before this start (by an older agent, or under another
+/// config) against this host's policy, in name order, as if they arrived now; one
+/// that breaks it is moved aside and never acted on or healed.
+async fn recheck_stored_specs(host: &HostState, policy: &policy::Policy) {
+    let gpus: Vec<String> = match host.facts().await {
+        Ok(f) => f
+            .inventory
+            .gpus
+            .iter()
+            .map(|g| g.pci_address.clone())
+            .collect(),
+        Err(e) => {
+            tracing::warn!("stored specs not re-checked (no host facts): {e:#}");
+            return;
+        }
+    };
+    let mut kept: Vec<ssp_proto::InstanceSpec> = Vec::new();
+    for name in host.specs.names() {
+        let Some(spec) = host.specs.get(&name) else {
+            continue;
+        };
+        match policy::check(&spec, policy, &gpus, &kept) {
+            Ok(()) => kept.push(spec),
+            Err(why) => {
+                tracing::error!(instance = %name, "a stored spec breaks this host's policy, set aside in specs/refused: {why}");
+                if let Err(e) = host.specs.quarantine(&name) {
+                    tracing::error!(instance = %name, "setting the spec aside failed: {e}");
+                }
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

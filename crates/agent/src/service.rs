@@ -69,7 +69,7 @@ impl Agent for AgentService {
             .map_err(to_status)?;
         for i in &mut instances {
             if let Some(f) = self.host.restarts.failing(&i.name) {
-                i.status = f;
+                i.failing = f;
             }
         }
         Ok(Response::new(InstanceList { instances }))

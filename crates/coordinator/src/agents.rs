@@ -43,9 +43,9 @@ impl Agents {
         }
     }
 
-    /// Forgets the channel to `addr` (a host that went away or moved).
-    pub async fn forget(&self, addr: &str) {
-        self.channels.lock().await.remove(addr);
+    /// Keeps channels only to these agent addresses (registered hosts).
+    pub async fn retain(&self, addrs: &[String]) {
+        self.channels.lock().await.retain(|a, _| addrs.contains(a));
     }
 
     async fn client(&self, addr: &str) -> Result<AgentClient<Channel>, ssp_net::NetError> {

@@ -184,6 +184,29 @@ impl Core {
         m.lock_owned().await
     }
 
+    /// Forgets per-instance locks and backoff nobody uses (instances gone), and
+    /// channels to hosts and coordinators that are no longer members.
+    async fn prune(&self) {
+        self.locks
+            .lock()
+            .await
+            .retain(|_, m| Arc::strong_count(m) > 1);
+        let (instances, agents): (BTreeSet<String>, Vec<String>) = self.read(|s| {
+            (
+                s.instances.keys().cloned().collect(),
+                s.hosts
+                    .values()
+                    .map(|h| h.agent_address.to_string())
+                    .collect(),
+            )
+        });
+        if let Ok(mut b) = self.backoff.lock() {
+            b.retain(|name| instances.contains(name));
+        }
+        self.agents.retain(&agents).await;
+        self.peers.retain(&self.coordinator_addresses());
+    }
+
     /// Drives one instance towards its desired state: ensure it, or delete and forget it.
     pub async fn converge(&self, name: &str) -> Result<Converged, AgentError> {
         let _guard = self.lock(name).await;
@@ -470,6 +493,7 @@ impl Core {
                 continue;
             }
             self.reconcile(None).await;
+            self.prune().await;
             last_pass = Some(Instant::now());
             // Kicks that arrive during a pass are served by one more pass, and a
             // stream of writes does not keep the leader reconciling back to back.

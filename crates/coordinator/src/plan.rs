@@ -73,7 +73,7 @@ pub fn plan(state: &State, reports: &BTreeMap<String, Vec<InstanceStatus>>) -> P
             None => Some("missing"),
             // Someone else's container holds the name: reported below, left alone.
             Some(r) if !r.managed => None,
-            Some(r) if r.status.starts_with("failing") => {
+            Some(r) if !r.failing.is_empty() => {
                 p.failing.push(inst.name.clone());
                 None
             }
@@ -81,7 +81,7 @@ pub fn plan(state: &State, reports: &BTreeMap<String, Vec<InstanceStatus>>) -> P
                 let spec = convert::spec_for(inst, owner, &settings, state.users.values());
                 if r.spec_hash != ssp_wire::spec_hash(&spec) {
                     Some("spec changed")
-                } else if r.status != "Running" {
+                } else if r.state() != ssp_proto::RunState::Running {
                     Some("not running")
                 } else {
                     None
@@ -127,6 +127,11 @@ impl Backoff {
     /// True when `name` may be tried at `now`.
     pub fn ready(&self, name: &str, now: Instant) -> bool {
         self.map.get(name).is_none_or(|(_, next)| *next <= now)
+    }
+
+    /// Keeps only the names `keep` says yes to.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.map.retain(|n, _| keep(n));
     }
 
     /// Records a failure; returns how long `name` now waits.
@@ -217,6 +222,11 @@ mod tests {
             name: name.into(),
             owner: owner.name.to_string(),
             status: status.into(),
+            state: match status {
+                "Running" => ssp_proto::RunState::Running,
+                "Stopped" => ssp_proto::RunState::Stopped,
+                _ => ssp_proto::RunState::Other,
+            } as i32,
             managed: true,
             spec_hash: ssp_wire::spec_hash(&spec),
             ..Default::default()
@@ -276,11 +286,10 @@ mod tests {
         assert_eq!(plan(&s, &BTreeMap::new()), Plan::default());
         let reports = BTreeMap::from([(
             "h1".to_string(),
-            vec![report(
-                &s,
-                "ann",
-                "failing: started 6 times within 60s; next try in 4s",
-            )],
+            vec![InstanceStatus {
+                failing: "failing: started 6 times within 60s; next try in 4s".into(),
+                ..report(&s, "ann", "Stopped")
+            }],
         )]);
         let p = plan(&s, &reports);
         assert_eq!(p.failing, vec!["ann".to_string()]);

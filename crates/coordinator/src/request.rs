@@ -11,8 +11,18 @@ use crate::config::CoordinatorConfig;
 /// Most GPUs one request may ask for; a sanity bound, not a policy.
 const MAX_GPUS: u32 = 64;
 
-/// Parses a user's SSH public keys; at least one.
+/// Most SSH keys one user may have.
+pub const MAX_SSH_KEYS: usize = 32;
+
+/// Parses a user's SSH public keys; at least one, at most [`MAX_SSH_KEYS`].
 fn ssh_keys(keys: &[String]) -> Result<Vec<SshKey>, InputError> {
+    if keys.len() > MAX_SSH_KEYS {
+        return Err(InputError {
+            what: "ssh keys",
+            value: format!("{} keys", keys.len()),
+            reason: format!("at most {MAX_SSH_KEYS} keys per user"),
+        });
+    }
     let keys = keys
         .iter()
         .map(|k| SshKey::parse(k))
@@ -71,6 +81,13 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             what: "GPU count",
             value: req.gpus.to_string(),
             reason: format!("at most {MAX_GPUS} GPUs per container"),
+        });
+    }
+    if req.shares.len() > MAX_LIST {
+        return Err(InputError {
+            what: "shared folders",
+            value: format!("{} folders", req.shares.len()),
+            reason: format!("at most {MAX_LIST} per user"),
         });
     }
     let mut shares = if req.no_default_shares {
@@ -187,8 +204,18 @@ fn check_quota(limits: &Limits, gpus: u32, cfg: &CoordinatorConfig) -> Result<()
     Ok(())
 }
 
+/// Most shared folders per user, and most labels per host or request.
+const MAX_LIST: usize = 32;
+
 /// Validated labels, sorted and without repeats.
 fn labels(given: &[String]) -> Result<Vec<String>, InputError> {
+    if given.len() > MAX_LIST {
+        return Err(InputError {
+            what: "labels",
+            value: format!("{} labels", given.len()),
+            reason: format!("at most {MAX_LIST}"),
+        });
+    }
     let mut out = given
         .iter()
         .map(|l| ssp_model::parse_label(l.trim()))

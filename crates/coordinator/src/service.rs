@@ -396,6 +396,8 @@ impl Coordinator for CoordinatorService {
                     _ if down(i.host.as_str()) => {
                         ("unavailable (host down)".to_string(), String::new())
                     }
+                    // A crash-looping container shows why ("failing: ...").
+                    (Some(s), _) if !s.failing.is_empty() => (s.failing.clone(), s.uuid.clone()),
                     (Some(s), _) => (s.status.clone(), s.uuid.clone()),
                     (None, Some(_)) => ("unknown (host unreachable)".to_string(), String::new()),
                     (None, None) => ("missing".to_string(), String::new()),

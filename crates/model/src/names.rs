@@ -248,10 +248,26 @@ const KEY_TYPES: &[&str] = &[
     "sk-ecdsa-sha2-nistp256@openssh.com",
 ];
 
+/// Longest public key line taken (a 16384-bit RSA key is about 2,800 bytes).
+pub const MAX_SSH_KEY_LEN: usize = 8192;
+/// Longest comment after a key.
+pub const MAX_SSH_KEY_COMMENT: usize = 256;
+
 impl SshKey {
     /// Checks the key type, that the base64 blob decodes, and that the blob names the same type.
     pub fn parse(s: &str) -> Result<Self, InputError> {
         let line = s.trim();
+        if line.len() > MAX_SSH_KEY_LEN {
+            let head: String = line.chars().take(40).collect();
+            return Err(bad(
+                "ssh key",
+                &format!("{head}..."),
+                format!(
+                    "{} bytes is too long: at most {MAX_SSH_KEY_LEN}",
+                    line.len()
+                ),
+            ));
+        }
         if line.contains(['\n', '\r', '\0']) {
             return Err(bad("ssh key", s, "give one key per line"));
         }
@@ -285,6 +301,14 @@ impl SshKey {
             ));
         }
         let comment: Vec<&str> = it.collect();
+        let joined = comment.join(" ");
+        if joined.len() > MAX_SSH_KEY_COMMENT || joined.chars().any(char::is_control) {
+            return Err(bad(
+                "ssh key",
+                s,
+                format!("the comment must be printable and at most {MAX_SSH_KEY_COMMENT} bytes"),
+            ));
+        }
         let mut out = format!("{kind} {blob}");
         if !comment.is_empty() {
             out.push(' ');

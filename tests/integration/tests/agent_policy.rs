@@ -67,7 +67,21 @@ fn the_agent_refuses_specs_that_break_its_host_policy() -> Result<()> {
         ssh_port: 22051,
         ..good.clone()
     };
+    // A link a member could have made in the shared folder, leading out of it.
+    let escape = p.shared_root.join("team-escape");
+    std::os::unix::fs::symlink("/etc", &escape)?;
     let cases = [
+        (
+            InstanceSpec {
+                shares: vec![SharedFolder {
+                    host_path: escape.join("ssp-made-this").display().to_string(),
+                    container_path: "/x".into(),
+                    mode: "rw".into(),
+                }],
+                ..bad("throughlink")
+            },
+            "leads out of them",
+        ),
         (
             InstanceSpec {
                 shares: vec![SharedFolder {
@@ -109,6 +123,12 @@ fn the_agent_refuses_specs_that_break_its_host_policy() -> Result<()> {
         ),
     ];
     let before = host.instance_names()?;
+    let stat = |p: &str| -> Result<(u32, u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p)?;
+        Ok((m.mode(), m.uid(), m.gid()))
+    };
+    let host_before = (stat("/")?, stat("/etc")?);
     for (spec, want) in cases {
         let name = spec.name.clone();
         let status = match send(spec)? {
@@ -124,6 +144,14 @@ fn the_agent_refuses_specs_that_break_its_host_policy() -> Result<()> {
             "the refused spec of {name} was stored"
         );
     }
+    ensure!(
+        (stat("/")?, stat("/etc")?) == host_before,
+        "refused specs changed the owner or mode of / or /etc"
+    );
+    ensure!(
+        !std::path::Path::new("/etc/ssp-made-this").exists(),
+        "a share through a link made a folder outside the shared roots"
+    );
     ensure!(
         host.instance_names()? == before,
         "refused specs made instances: {:?} (before: {before:?})",

@@ -99,7 +99,11 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
     )?;
     let admin = Bundle::load(p.ssp.bundle.as_ref().context("admin bundle")?)?;
     let ends = [
-        (coordinator.as_str(), ssp_net::COORDINATOR_NAME, "coordinator"),
+        (
+            coordinator.as_str(),
+            ssp_net::COORDINATOR_NAME,
+            "coordinator",
+        ),
         (agent.as_str(), ssp_net::AGENT_NAME, "agent"),
     ];
     let probe_all = |cert: Option<(&str, &str)>| -> Vec<std::result::Result<usize, String>> {
@@ -198,9 +202,17 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
     }
     let alice = &bundles[0];
     let ok = ctl_as(&p, alice, &["ssh-config", "alice"]);
-    ensure!(ok.status.success(), "alice's own ssh-config: {}", stderr(&ok));
+    ensure!(
+        ok.status.success(),
+        "alice's own ssh-config: {}",
+        stderr(&ok)
+    );
     let ok = ctl_as(&p, alice, &["-o", "json", "gpus"]);
-    ensure!(ok.status.success(), "alice reads GPU occupancy: {}", stderr(&ok));
+    ensure!(
+        ok.status.success(),
+        "alice reads GPU occupancy: {}",
+        stderr(&ok)
+    );
     let ls = ctl_as(&p, alice, &["-o", "json", "ls"]);
     let ls: serde_json::Value = serde_json::from_slice(&ls.stdout)?;
     let names: Vec<&str> = ls
@@ -209,7 +221,10 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
         .iter()
         .filter_map(|r| r["name"].as_str())
         .collect();
-    ensure!(names == ["alice"], "alice sees only her container: {names:?}");
+    ensure!(
+        names == ["alice"],
+        "alice sees only her container: {names:?}"
+    );
     let before = p.ctl_ok(&["-o", "json", "user", "list"])?;
     for (what, args) in [
         ("read bob's ssh-config", vec!["ssh-config", "bob"]),
@@ -221,7 +236,15 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
         (
             "give herself a GPU",
             vec![
-                "user", "add", "alice2", "--ssh-key", &pubkey, "--gpus", "1", "--wait", "none",
+                "user",
+                "add",
+                "alice2",
+                "--ssh-key",
+                &pubkey,
+                "--gpus",
+                "1",
+                "--wait",
+                "none",
             ],
         ),
     ] {
@@ -247,9 +270,20 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
                     .as_str()
                     .is_some_and(|o| o.starts_with("permission denied"))
         })
-        .map(|e| format!("{} {}", e["action"].as_str().unwrap_or(""), e["target"].as_str().unwrap_or("")))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["action"].as_str().unwrap_or(""),
+                e["target"].as_str().unwrap_or("")
+            )
+        })
         .collect();
-    for want in ["ssh-config bob", "set-ssh-keys bob", "remove-user bob", "add-user alice2"] {
+    for want in [
+        "ssh-config bob",
+        "set-ssh-keys bob",
+        "remove-user bob",
+        "add-user alice2",
+    ] {
         ensure!(
             denied.iter().any(|d| d == want),
             "the audit log lacks alice's refused {want:?}: {audit}"
@@ -259,33 +293,60 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
     let all = p.ctl_json(&["audit"])?;
     let admin_serial = admin.identity()?.serial;
     ensure!(
-        all.as_array().context("audit")?.iter().any(|e| e["actor"] == "admin:root"
-            && e["action"] == "add-user"
-            && e["target"] == "bob"
-            && e["outcome"] == "ok"
-            && e["serial"] == admin_serial.as_str()),
+        all.as_array()
+            .context("audit")?
+            .iter()
+            .any(|e| e["actor"] == "admin:root"
+                && e["action"] == "add-user"
+                && e["target"] == "bob"
+                && e["outcome"] == "ok"
+                && e["serial"] == admin_serial.as_str()),
         "the audit log lacks the admin adding bob: {all}"
     );
 
     // 3. A join token works once, and not after its TTL.
     let t1 = dir.join("t1");
-    p.ctl_ok(&["token", "create", "--role", "agent", "--out", t1.to_str().unwrap_or_default()])?;
+    p.ctl_ok(&[
+        "token",
+        "create",
+        "--role",
+        "agent",
+        "--out",
+        t1.to_str().unwrap_or_default(),
+    ])?;
     let t1b = Bundle::load(&t1)?;
-    let got = rt.block_on(ssp_net::join::enroll(&t1b, "tr-extra", &[coordinator.clone()]))?;
-    ensure!(got.role == "agent" && got.name == "tr-extra", "enrolled as {got:?}");
-    let again = rt.block_on(ssp_net::join::enroll(&t1b, "tr-extra", &[coordinator.clone()]));
+    let got = rt.block_on(ssp_net::join::enroll(
+        &t1b,
+        "tr-extra",
+        std::slice::from_ref(&coordinator),
+    ))?;
+    ensure!(
+        got.role == "agent" && got.name == "tr-extra",
+        "enrolled as {got:?}"
+    );
+    let again = rt.block_on(ssp_net::join::enroll(
+        &t1b,
+        "tr-extra",
+        std::slice::from_ref(&coordinator),
+    ));
     let e = format!("{:#}", again.err().context("a token worked twice")?);
     ensure!(e.contains("used already"), "second use refused with: {e}");
     let t2 = dir.join("t2");
     p.ctl_ok(&[
-        "token", "create", "--role", "agent", "--ttl", "2s", "--out",
+        "token",
+        "create",
+        "--role",
+        "agent",
+        "--ttl",
+        "2s",
+        "--out",
         t2.to_str().unwrap_or_default(),
     ])?;
     std::thread::sleep(Duration::from_secs(3));
     let late = rt.block_on(ssp_net::join::enroll(
         &Bundle::load(&t2)?,
         "tr-late",
-        &[coordinator.clone()],
+        std::slice::from_ref(&coordinator),
     ));
     ensure!(late.is_err(), "an expired token worked");
 
@@ -326,9 +387,11 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
         ],
         &dir.join("rogue.log"),
     )?;
-    wait_for("the rogue coordinator's CA", Duration::from_secs(20), || {
-        dir.join("rogue/tls/admin.bundle").exists().then_some(())
-    })?;
+    wait_for(
+        "the rogue coordinator's CA",
+        Duration::from_secs(20),
+        || dir.join("rogue/tls/admin.bundle").exists().then_some(()),
+    )?;
     let out = p.ctl(&["cluster", "join", &format!("http://127.0.0.1:{port}")]);
     ensure!(!out.status.success(), "a coordinator of another CA joined");
     let st = p.ctl_json(&["cluster", "status"])?;
@@ -402,7 +465,10 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
         anyhow::Ok(())
     })?;
     let hosts = p.ctl_json(&["hosts"])?;
-    if hosts.as_array().is_some_and(|h| h.iter().any(|x| x["name"] == "not-tr")) {
+    if hosts
+        .as_array()
+        .is_some_and(|h| h.iter().any(|x| x["name"] == "not-tr"))
+    {
         bail!("a refused registration left a host behind: {hosts}");
     }
     Ok(())

@@ -12,6 +12,11 @@ use super::{Batch, NodeId, Raft, Reply, Request};
 
 /// Most requests in one log entry.
 const MAX_BATCH: usize = 256;
+/// Most bytes (serialized) in one log entry, besides its first request: with
+/// openraft's `max_payload_entries` this keeps every AppendEntries message
+/// under the raft message limit, so a burst of large requests cannot stall
+/// replication.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Batches being replicated at once: one, so the next batch grows while it replicates
 /// (measured: more in flight means smaller batches, more fsyncs, lower throughput).
 const IN_FLIGHT: usize = 1;
@@ -55,17 +60,32 @@ impl Writer {
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // A request that would have overflowed the last entry starts the next one.
+    let mut held: Option<Pending> = None;
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else {
-            return;
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
         };
+        let mut bytes = size_of(&first.0);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    let n = size_of(&p.0);
+                    if bytes + n > MAX_BATCH_BYTES {
+                        held = Some(p);
+                        break;
+                    }
+                    bytes += n;
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -89,6 +109,13 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
             }
         });
     }
+}
+
+/// A request's size in the log (its JSON encoding).
+fn size_of(req: &Request) -> usize {
+    serde_json::to_vec(req)
+        .map(|v| v.len())
+        .unwrap_or(MAX_BATCH_BYTES)
 }
 
 fn classify(e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>) -> WriteError {

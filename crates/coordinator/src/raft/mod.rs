@@ -136,7 +136,9 @@ impl Replica {
             install_snapshot_timeout: 5_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every),
             max_in_snapshot_log_to_keep: t.snapshot_every / 2,
-            max_payload_entries: 512,
+            // Entries are at most MAX_BATCH_BYTES (plus one request of at most
+            // the 1 MiB request limit): 24 of them stay under MAX_MESSAGE.
+            max_payload_entries: 24,
             ..Default::default()
         }
         .validate()?;
