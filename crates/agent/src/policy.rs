@@ -16,7 +16,8 @@ pub struct Policy {
     pub shared_roots: Vec<PathBuf>,
     /// SSH ports containers may be forwarded from.
     pub ssh_ports: (u16, u16),
-    /// The uid range mapped 1:1 into containers.
+    /// The lab's uid range: a container maps its owner's uid and the lab gid of
+    /// it 1:1, never another id of the host.
     pub uid_range: (u32, u32),
 }
 
@@ -99,6 +100,12 @@ pub fn check<'a>(
                 "{what} {id} is outside this host's uid range {ufirst}-{ulast}"
             ));
         }
+    }
+    if spec.owner_uid != 0 && spec.owner_uid == spec.lab_gid {
+        return Err(format!(
+            "owner uid {} is the lab gid, which is never a user's",
+            spec.owner_uid
+        ));
     }
     for s in &spec.shares {
         ShareMode::parse(&s.mode).map_err(|e| e.to_string())?;
@@ -253,6 +260,14 @@ mod tests {
                 },
                 vec![],
                 "lab gid 5 is outside",
+            ),
+            (
+                InstanceSpec {
+                    owner_uid: 19999,
+                    ..good.clone()
+                },
+                vec![],
+                "is the lab gid",
             ),
             (
                 InstanceSpec {
