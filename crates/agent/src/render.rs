@@ -117,6 +117,9 @@ pub struct HostContext {
     /// How GPU containers get the NVIDIA driver's user-space (chosen and kept
     /// current by [`crate::nvidia::Nvidia`]; render itself reads no files).
     pub nvidia: crate::nvidia::Userspace,
+    /// The host folder with the lab's members files ([`crate::members`]), mounted
+    /// read-only into every container; `None` mounts nothing.
+    pub members_dir: Option<String>,
 }
 
 /// The rendered config and devices, plus a hash of both.
@@ -289,6 +292,17 @@ pub fn render(
             }
         }
     }
+    if let Some(dir) = &host.members_dir {
+        devices.insert(
+            crate::members::DEVICE.into(),
+            dev(&[
+                ("type", "disk"),
+                ("source", dir),
+                ("path", crate::members::MOUNT_PATH),
+                ("readonly", "true"),
+            ]),
+        );
+    }
     for (i, s) in spec.shares.iter().enumerate() {
         let mut d = dev(&[
             ("type", "disk"),
@@ -362,7 +376,6 @@ mod tests {
             ],
             running: true,
             uid_range: "10000-19999".into(),
-            members: vec![],
             lab_gid: 19999,
         }
     }
@@ -386,6 +399,7 @@ mod tests {
                 control: vec!["nvidiactl".into(), "nvidia-uvm".into()],
             },
             nvidia: Userspace::Off,
+            members_dir: Some("/var/lib/ssp-agent/extrausers".into()),
         }
     }
 
@@ -572,6 +586,24 @@ mod tests {
                 .config
                 .contains_key("raw.idmap"));
         }
+    }
+
+    #[test]
+    fn every_container_mounts_the_members_folder_read_only() {
+        let r = render(&spec(), &nodes_ctx(), None).unwrap();
+        let d = &r.devices["ssp-members"];
+        assert_eq!(d["type"], "disk");
+        assert_eq!(d["source"], "/var/lib/ssp-agent/extrausers");
+        assert_eq!(d["path"], "/var/lib/extrausers");
+        assert_eq!(d["readonly"], "true");
+        let none = HostContext {
+            members_dir: None,
+            ..nodes_ctx()
+        };
+        assert!(!render(&spec(), &none, None)
+            .unwrap()
+            .devices
+            .contains_key("ssp-members"));
     }
 
     fn nat_ctx() -> HostContext {
