@@ -60,8 +60,10 @@ if [ ! -s "$CACHE/debian-ssh.tar.gz" ]; then
   fi
   [ -n "$mirror" ] || { echo "build-images: no Debian bookworm apt source found; set SSP_DEBIAN_MIRROR" >&2; exit 1; }
   d=$(mktemp -d); r="$d/rootfs"
+  # libnss-extrausers: the lab's member list, which the agent keeps in one host
+  # folder mounted read-only at /var/lib/extrausers in every container.
   debootstrap --variant=minbase \
-    --include=openssh-server,sudo,python3,iproute2,systemd-sysv,dbus,passwd,procps \
+    --include=openssh-server,sudo,python3,iproute2,systemd-sysv,dbus,passwd,procps,libnss-extrausers \
     bookworm "$r" "$mirror"
   # Every container gets its own host keys on first boot, not the image's.
   rm -f "$r"/etc/ssh/ssh_host_*

@@ -2,8 +2,9 @@
 # Host preparation shared by the setup and the test suite. Idempotent.
 # Arguments go to install-deps.sh (--test adds the test suite's packages).
 #  - the Debian packages (install-deps.sh) and offline images (build-images.sh)
-#  - /etc/subuid and /etc/subgid entries: root may map ssp's user uid range 1:1 into
-#    containers (shared-folder ownership), and has one large range for isolated idmaps
+#  - /etc/subuid and /etc/subgid entries: root may map ssp's user uid range (each
+#    container maps its owner's uid and the lab gid of it 1:1, for shared-folder
+#    ownership), and has one large range for isolated idmaps
 #  - lxcfs running, so free/top inside a container show its own limits
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,10 +12,10 @@ bash "$here/install-deps.sh" "$@"
 bash "$here/build-images.sh" >/dev/null
 
 # Root needs one large range for isolated containers (each takes 65536 ids from it)
-# and the lab's uid range, which ssp maps 1:1 into containers. Incus and LXD map
-# every range of root's of 65536 ids or more at id 0 of a container with the default
-# idmap, so two large ranges make a plain `incus launch` fail (newuidmap: "Invalid
-# argument"). ssp therefore adds a large range only where root has none, after every
+# and the lab's uid range, whose ids ssp maps 1:1 into containers (a container its
+# owner's uid and the lab gid). Incus and LXD map every range of root's of 65536
+# ids or more at id 0 of a container with the default idmap, so two large ranges
+# make a plain `incus launch` fail (newuidmap: "Invalid argument"). ssp therefore adds a large range only where root has none, after every
 # range already in the file, and records it; where a package added another large
 # range for root later (Debian's lxd does at install), ssp's own goes again. Ranges
 # the admin or other packages wrote are never changed.

@@ -135,8 +135,8 @@ bootstrap = true
 data_dir = "$STATE/ssp-coordinator"
 shared_roots = ["$SHARED"]
 # Every user gets the lab's shared folder, writable by every member (files keep
-# their writer as owner); ":ro" or ":owner" after a share choose read-only or
-# owner-only (each file changed or removed only by its owner).
+# their writer as owner, and only they rename or remove them); ":ro" after a
+# share makes it read-only.
 default_shares = ["$SHARED:/shared"]
 CFG
 [ -f "$ETC/agent.toml" ] || cat > "$ETC/agent.toml" <<CFG

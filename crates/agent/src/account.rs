@@ -37,23 +37,45 @@ fn quote(s: &str) -> String {
 }
 
 /// The script with the owner's name, uid and keys filled in.
-/// Works on full distributions (useradd) and on busybox (adduser).
+/// Works on full distributions (useradd) and on busybox (adduser). The lab's other
+/// members are not in it: they come from the host's members files
+/// ([`crate::members`]), so a new member changes no container's script.
 pub fn script(spec: &InstanceSpec) -> String {
-    let members: Vec<String> = spec
-        .members
-        .iter()
-        .map(|m| format!("{} {}", m.name, m.uid))
-        .collect();
     format!(
-        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nmembers={}\nname={}\nlabgid={}\n{BODY}",
+        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nname={}\nlabgid={}\n{NSSWITCH}{BODY}",
         quote(&spec.owner),
         spec.owner_uid,
         quote(&spec.ssh_keys.join("\n")),
-        quote(&members.join("\n")),
         quote(&spec.name),
         spec.lab_gid,
     )
 }
+
+/// `ssp_nsswitch FILE`: adds `extrausers` to the `passwd:` and `group:` lines of an
+/// nsswitch.conf (a line is added when missing). In `group:` every service before
+/// it gets `[SUCCESS=merge]`, so the lab group's members from the host's file join
+/// the container's own `lab` entry (which lists its owner) instead of being hidden
+/// by it. Idempotent; other lines are left as they are.
+const NSSWITCH: &str = r#"ssp_nsswitch() {
+  for db in passwd group; do
+    grep -q "^$db:" "$1" || printf '%s:\tfiles\n' "$db" >> "$1"
+  done
+  awk '
+    ($1 == "passwd:" || $1 == "group:") && !/[[:space:]]extrausers([[:space:]]|$)/ {
+      line = $1 "\t"
+      for (i = 2; i <= NF; i++) {
+        line = line (i > 2 ? " " : "") $i
+        if ($1 == "group:" && $i !~ /^\[/ && (i == NF || $(i + 1) !~ /^\[/))
+          line = line " [SUCCESS=merge]"
+      }
+      print line " extrausers"
+      next
+    }
+    { print }' "$1" > "$1.ssp-new"
+  cmp -s "$1" "$1.ssp-new" || cat "$1.ssp-new" > "$1"
+  rm -f "$1.ssp-new"
+}
+"#;
 
 const BODY: &str = r#"set -e
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -102,7 +124,7 @@ ssp_join() { # USER GROUP
 ssp_deluser() { # NAME
   if has userdel; then userdel "$1"
   elif has deluser; then deluser "$1"
-  else sed -i "/^$1:/d" /etc/passwd; fi
+  else sed -i "/^$1:/d" /etc/passwd; sed -i "/^$1:x:[0-9]*:\$/d" /etc/group; fi
 }
 if ! id -u "$u" >/dev/null 2>&1; then
   if has useradd; then sh=/bin/bash; else sh=/bin/sh; fi
@@ -130,18 +152,17 @@ printf '%s\n' "$keys" > "$home/.ssh/authorized_keys.new"
 mv "$home/.ssh/authorized_keys.new" "$home/.ssh/authorized_keys"
 chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
 chown -R "$uid:$(id -g "$u")" "$home/.ssh"
-# The lab's other users get their names for their uids (no login, no home), so
-# files in shared folders show who owns them. Entries ssp made are marked.
-printf '%s\n' "$members" | while read -r m muid; do
-  [ -n "$m" ] || continue
-  if ! getent passwd "$muid" >/dev/null 2>&1 && ! getent passwd "$m" >/dev/null 2>&1; then
-    ssp_group "$m" "$muid"
-    ssp_user "$m" "$muid" "ssp lab member" /usr/sbin/nologin ""
+# The lab's members resolve through the host's members files, mounted read-only at
+# /var/lib/extrausers, where the image has libnss-extrausers (busybox images do
+# without). Entries earlier versions of ssp wrote into /etc/passwd for them go.
+for f in /lib/libnss_extrausers.so.2 /usr/lib/libnss_extrausers.so.2 \
+         /lib/*/libnss_extrausers.so.2 /usr/lib/*/libnss_extrausers.so.2; do
+  if [ -e "$f" ] && [ -f /etc/nsswitch.conf ]; then
+    ssp_nsswitch /etc/nsswitch.conf
+    break
   fi
 done
-# Members who left the lab lose the entries ssp made for them.
-getent passwd | awk -F: '$5 == "ssp lab member" {print $1}' | while read -r m; do
-  printf '%s\n' "$members" | grep -q "^$m " && continue
+awk -F: '$5 == "ssp lab member" {print $1}' /etc/passwd | while read -r m; do
   ssp_deluser "$m" 2>/dev/null || true
 done
 # The host's NVIDIA driver files, which ssp mounts read-only on GPU containers:
@@ -210,6 +231,57 @@ mod tests {
                 owner_uid: 10001,
                 ..spec.clone()
             })
+        );
+    }
+
+    #[test]
+    fn nothing_of_the_other_members_is_in_the_script() {
+        let s = script(&InstanceSpec {
+            owner: "alice".into(),
+            owner_uid: 10000,
+            lab_gid: 19999,
+            ..Default::default()
+        });
+        assert!(!s.contains("members="), "{s}");
+        // Entries earlier versions wrote for them go; the names come from the
+        // host's files through nsswitch.
+        assert!(s.contains(r#"awk -F: '$5 == "ssp lab member" {print $1}' /etc/passwd"#));
+        assert!(s.contains("ssp_nsswitch /etc/nsswitch.conf"));
+    }
+
+    fn nsswitch(before: &str) -> String {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("nsswitch.conf");
+        std::fs::write(&f, before).unwrap();
+        for _ in 0..2 {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("set -e\n{NSSWITCH}ssp_nsswitch \"$0\""))
+                .arg(&f)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        std::fs::read_to_string(&f).unwrap()
+    }
+
+    #[test]
+    fn nsswitch_gets_extrausers_for_passwd_and_group_once() {
+        // Debian 12's file, with the trailing spaces some editors leave.
+        let debian = "passwd:         files\ngroup:          files systemd  \nshadow:         files\nhosts:          files dns\n";
+        assert_eq!(
+            nsswitch(debian),
+            "passwd:\tfiles extrausers\ngroup:\tfiles [SUCCESS=merge] systemd [SUCCESS=merge] extrausers\nshadow:         files\nhosts:          files dns\n"
+        );
+        // Lines already naming it are left alone; missing lines are added; an
+        // action already given is kept.
+        assert_eq!(
+            nsswitch("group: extrausers files\nhosts: files\n"),
+            "group: extrausers files\nhosts: files\npasswd:\tfiles extrausers\n"
+        );
+        assert_eq!(
+            nsswitch("passwd: files notextrausers\ngroup: files [NOTFOUND=return] db\n"),
+            "passwd:\tfiles notextrausers extrausers\ngroup:\tfiles [NOTFOUND=return] db [SUCCESS=merge] extrausers\n"
         );
     }
 }

@@ -41,8 +41,9 @@ pub struct AgentConfig {
     /// out of them); a spec with another is refused.
     #[serde(default = "default_shared_roots")]
     pub shared_roots: Vec<PathBuf>,
-    /// The uid range mapped 1:1 into containers; it must be the coordinator's
-    /// `uid_range`, and /etc/subuid must let root map it.
+    /// The lab's uid range (each container maps its owner's uid and the lab gid of
+    /// it 1:1); it must be the coordinator's `uid_range`, and /etc/subuid must let
+    /// root map it.
     #[serde(default = "default_uid_range")]
     pub uid_range: (u32, u32),
     /// Labels requests can ask for with `--label` (e.g. `ib`, `nvlink`).

@@ -177,6 +177,22 @@ pub async fn ensure(
         }
     };
     let mut inst = inst;
+    // A running container keeps the idmap it started with: a new raw.idmap (such as
+    // the owner-only map replacing the whole lab range) takes effect at a restart,
+    // and until then root inside could still act as other members on shared
+    // folders. So the container is restarted (cleanly) once, now.
+    // Counted as a start, so a daemon that never settled the idmap would meet the
+    // crash-loop backoff rather than a restart at every resync.
+    if spec.running && inst.is_running() && idmap_pending(&inst) && starts.may_start(&spec.name) {
+        tracing::warn!(instance = %spec.name, "restarting: the container runs with an older idmap than its config asks for");
+        client.set_state(&spec.name, "restart", false).await?;
+        starts.started(&spec.name);
+        changed.push("restarted (idmap)".into());
+        step("restarted for the idmap");
+        if let Some((i, _)) = client.instance(&spec.name).await? {
+            inst = i;
+        }
+    }
     let want = account::hash(spec);
     let account_done = inst.config.get(account::CONFIG_KEY) == Some(&want);
     let to_start = spec.running && !inst.is_running();
@@ -245,6 +261,7 @@ pub fn in_sync(inst: &Instance, host: &HostContext, spec: &InstanceSpec) -> bool
     merge_config(&inst.config, &r) == inst.config
         && merge_devices(&inst.devices, &r) == inst.devices
         && spec.running == inst.is_running()
+        && !(inst.is_running() && idmap_pending(inst))
         && (!spec.running || inst.config.get(account::CONFIG_KEY) == Some(&account::hash(spec)))
         && spec
             .shares
@@ -259,6 +276,18 @@ pub fn run_state(status: &str) -> ssp_proto::RunState {
         "Stopped" => ssp_proto::RunState::Stopped,
         "" => ssp_proto::RunState::Unknown,
         _ => ssp_proto::RunState::Other,
+    }
+}
+
+/// True when the idmap the container runs with is not the one its config now
+/// asks for (the daemon applies a changed idmap at the next start).
+pub fn idmap_pending(inst: &Instance) -> bool {
+    match (
+        inst.config.get("volatile.idmap.current"),
+        inst.config.get("volatile.idmap.next"),
+    ) {
+        (Some(current), Some(next)) => current != next,
+        _ => false,
     }
 }
 

@@ -29,6 +29,8 @@ pub struct HostState {
     pub restarts: crate::heal::Restarts,
     /// The NVIDIA driver's user-space for GPU containers.
     pub nvidia: crate::nvidia::Nvidia,
+    /// The lab's members files, mounted into every container.
+    pub members: crate::members::Members,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     facts: RwLock<Option<Facts>>,
     /// The images and foreign ports last read, reported again while the daemon
@@ -65,6 +67,7 @@ impl HostState {
         ssh_forward: crate::config::ForwardMode,
         specs: crate::heal::Specs,
         nvidia: crate::nvidia::Nvidia,
+        members: crate::members::Members,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Self {
@@ -79,6 +82,7 @@ impl HostState {
             specs,
             restarts: Default::default(),
             nvidia,
+            members,
             locks: Mutex::new(HashMap::new()),
             facts: RwLock::new(None),
             last_images: Default::default(),
@@ -234,6 +238,7 @@ impl HostState {
             ssh,
             gpu_mode,
             nvidia: Default::default(),
+            members_dir: Some(self.members.dir().display().to_string()),
         }
     }
 

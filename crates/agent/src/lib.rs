@@ -11,6 +11,7 @@ pub mod host;
 pub mod hostcheck;
 pub mod inventory;
 pub mod lxcfs;
+pub mod members;
 pub mod nvidia;
 pub mod policy;
 pub mod ports;
@@ -76,6 +77,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || nvidia::Nvidia::start(&nv, &dir)).await?
     };
     let specs = heal::Specs::open(&cfg.state_dir.join("specs"))?;
+    let members = members::Members::open(&cfg.state_dir)?;
     let host = HostState::new(
         client,
         gpus,
@@ -85,6 +87,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.ssh_forward,
         specs,
         nvidia,
+        members,
     );
     let policy = Arc::new(policy::Policy {
         shared_roots: cfg.shared_roots.clone(),

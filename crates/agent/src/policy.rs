@@ -1,13 +1,14 @@
 //! The agent's own host policy, checked on every spec before it is stored or acted
 //! on, whoever sent it: a coordinator's bug or a forged request must not be able to
 //! bind-mount the host's root, take the host's sshd port, give one GPU to two
-//! containers or map uids the host did not set aside. Pure: table-tested.
+//! containers or map uids the host did not set aside. The lab's member list is
+//! checked the same way before it reaches the members files. Pure: table-tested.
 
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 
 use ssp_model::ShareMode;
-use ssp_proto::InstanceSpec;
+use ssp_proto::{InstanceSpec, LabMembers};
 
 /// What this host allows, from the agent's config.
 #[derive(Debug, Clone)]
@@ -16,7 +17,8 @@ pub struct Policy {
     pub shared_roots: Vec<PathBuf>,
     /// SSH ports containers may be forwarded from.
     pub ssh_ports: (u16, u16),
-    /// The uid range mapped 1:1 into containers.
+    /// The lab's uid range: a container maps its owner's uid and the lab gid of
+    /// it 1:1, never another id of the host.
     pub uid_range: (u32, u32),
 }
 
@@ -100,6 +102,12 @@ pub fn check<'a>(
             ));
         }
     }
+    if spec.owner_uid != 0 && spec.owner_uid == spec.lab_gid {
+        return Err(format!(
+            "owner uid {} is the lab gid, which is never a user's",
+            spec.owner_uid
+        ));
+    }
     for s in &spec.shares {
         ShareMode::parse(&s.mode).map_err(|e| e.to_string())?;
         for (p, which) in [(&s.host_path, "host"), (&s.container_path, "container")] {
@@ -136,6 +144,37 @@ pub fn check<'a>(
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a member list unless every name is a valid user name (they become lines
+/// of passwd and group files), names and uids are unique, every uid lies in the
+/// host's uid range and is not the lab gid, and the lab gid lies in it too.
+pub fn check_members(m: &LabMembers, policy: &Policy) -> Result<(), String> {
+    let (first, last) = policy.uid_range;
+    let range = first..=last;
+    if !range.contains(&m.lab_gid) {
+        return Err(format!(
+            "lab gid {} is outside this host's uid range {first}-{last}",
+            m.lab_gid
+        ));
+    }
+    let (mut names, mut uids) = (BTreeSet::new(), BTreeSet::new());
+    for u in &m.members {
+        ssp_model::Username::parse(&u.name).map_err(|e| e.to_string())?;
+        if !range.contains(&u.uid) || u.uid == m.lab_gid {
+            return Err(format!(
+                "member {} has uid {}, outside this host's uid range {first}-{last} or the lab gid",
+                u.name, u.uid
+            ));
+        }
+        if !names.insert(&u.name) {
+            return Err(format!("member {} is listed twice", u.name));
+        }
+        if !uids.insert(u.uid) {
+            return Err(format!("uid {} is given to two members", u.uid));
         }
     }
     Ok(())
@@ -256,6 +295,14 @@ mod tests {
             ),
             (
                 InstanceSpec {
+                    owner_uid: 19999,
+                    ..good.clone()
+                },
+                vec![],
+                "is the lab gid",
+            ),
+            (
+                InstanceSpec {
                     image: "../x".into(),
                     ..good.clone()
                 },
@@ -305,5 +352,39 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn member_lists_keep_to_the_uid_range_and_valid_names() {
+        use ssp_proto::LabMember;
+        let p = policy(Path::new("/srv/ssp/shared"));
+        let m = |names: &[(&str, u32)], gid: u32| LabMembers {
+            members: names
+                .iter()
+                .map(|(n, u)| LabMember {
+                    name: n.to_string(),
+                    uid: *u,
+                })
+                .collect(),
+            lab_gid: gid,
+        };
+        assert_eq!(
+            check_members(&m(&[("ann", 10000), ("bob", 10001)], 19999), &p),
+            Ok(())
+        );
+        assert_eq!(check_members(&m(&[], 19999), &p), Ok(()));
+        for (bad, want) in [
+            (m(&[("ann", 10000)], 0), "lab gid 0 is outside"),
+            (m(&[("ann", 0)], 19999), "member ann has uid 0"),
+            (m(&[("ann", 19999)], 19999), "or the lab gid"),
+            (m(&[("ann", 20000)], 19999), "outside this host's uid range"),
+            (m(&[("x:0:0", 10000)], 19999), "invalid user name"),
+            (m(&[("ann\nroot", 10000)], 19999), "invalid user name"),
+            (m(&[("ann", 10000), ("ann", 10001)], 19999), "listed twice"),
+            (m(&[("ann", 10000), ("bob", 10000)], 19999), "two members"),
+        ] {
+            let e = check_members(&bad, &p).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 }

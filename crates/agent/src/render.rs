@@ -117,6 +117,9 @@ pub struct HostContext {
     /// How GPU containers get the NVIDIA driver's user-space (chosen and kept
     /// current by [`crate::nvidia::Nvidia`]; render itself reads no files).
     pub nvidia: crate::nvidia::Userspace,
+    /// The host folder with the lab's members files ([`crate::members`]), mounted
+    /// read-only into every container; `None` mounts nothing.
+    pub members_dir: Option<String>,
 }
 
 /// The rendered config and devices, plus a hash of both.
@@ -131,6 +134,25 @@ fn dev(pairs: &[(&str, &str)]) -> Device {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// The ids a container maps 1:1 to the host, on top of its isolated map: the
+/// owner's uid and their own group (gid = uid), and the lab group's gid. Nothing
+/// else of the lab's range: another member's uid inside is an id of the isolated
+/// map, so root in this container can never act as them on a shared folder (their
+/// files show as `nobody` here). Only ids inside the spec's `uid_range` (which the
+/// agent's policy has checked against its own) are mapped; no range, no map.
+pub fn idmap(spec: &InstanceSpec) -> Option<String> {
+    let (first, last) = spec.uid_range.split_once('-')?;
+    let range = first.parse::<u32>().ok()?..=last.parse::<u32>().ok()?;
+    let mut lines = Vec::new();
+    if range.contains(&spec.owner_uid) {
+        lines.push(format!("both {0} {0}", spec.owner_uid));
+    }
+    if range.contains(&spec.lab_gid) && spec.lab_gid != spec.owner_uid {
+        lines.push(format!("gid {0} {0}", spec.lab_gid));
+    }
+    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 /// Renders `spec` for a host. `addr` is the container's address on the bridge,
@@ -155,9 +177,8 @@ pub fn render(
         format!("{}MiB", spec.memory_bytes.div_ceil(1 << 20)),
     );
     set("limits.processes", spec.processes.to_string());
-    if !spec.uid_range.is_empty() {
-        let r = &spec.uid_range;
-        set("raw.idmap", format!("both {r} {r}"));
+    if let Some(map) = idmap(spec) {
+        set("raw.idmap", map);
     }
     set("user.ssp.managed", "true".into());
     set("user.ssp.owner", spec.owner.clone());
@@ -271,6 +292,17 @@ pub fn render(
             }
         }
     }
+    if let Some(dir) = &host.members_dir {
+        devices.insert(
+            crate::members::DEVICE.into(),
+            dev(&[
+                ("type", "disk"),
+                ("source", dir),
+                ("path", crate::members::MOUNT_PATH),
+                ("readonly", "true"),
+            ]),
+        );
+    }
     for (i, s) in spec.shares.iter().enumerate() {
         let mut d = dev(&[
             ("type", "disk"),
@@ -344,7 +376,6 @@ mod tests {
             ],
             running: true,
             uid_range: "10000-19999".into(),
-            members: vec![],
             lab_gid: 19999,
         }
     }
@@ -368,6 +399,7 @@ mod tests {
                 control: vec!["nvidiactl".into(), "nvidia-uvm".into()],
             },
             nvidia: Userspace::Off,
+            members_dir: Some("/var/lib/ssp-agent/extrausers".into()),
         }
     }
 
@@ -440,7 +472,6 @@ mod tests {
             r.devices.contains_key("ssp-nvidiactl") && r.devices.contains_key("ssp-nvidia-uvm")
         );
         assert_eq!(r.config["limits.memory"], "4096MiB");
-        assert_eq!(r.config["raw.idmap"], "both 10000-19999 10000-19999");
         assert_eq!(r.config["security.idmap.isolated"], "true");
         assert_eq!(r.devices["ssp-ssh"]["listen"], "tcp:0.0.0.0:22005");
         assert_eq!(r.devices["root"]["size"], "10240MiB");
@@ -519,6 +550,60 @@ mod tests {
             b.config["user.ssp.spec-hash"]
         );
         assert_eq!(a, render(&spec(), &nodes_ctx(), None).unwrap());
+    }
+
+    #[test]
+    fn the_idmap_holds_the_owner_and_the_lab_group_only() {
+        let r = render(&spec(), &nodes_ctx(), None).unwrap();
+        assert_eq!(r.config["raw.idmap"], "both 10000 10000\ngid 19999 19999");
+        assert_eq!(r.config["security.idmap.isolated"], "true");
+        let mut s = spec();
+        s.owner_uid = 10042;
+        assert_eq!(
+            idmap(&s).as_deref(),
+            Some("both 10042 10042\ngid 19999 19999")
+        );
+        // A spec from a coordinator older than lab groups: the owner only.
+        s.lab_gid = 0;
+        assert_eq!(idmap(&s).as_deref(), Some("both 10042 10042"));
+        // Ids outside the spec's range, or no range, map nothing: never the
+        // host's root or system ids.
+        for (uid, gid, range) in [
+            (0, 0, "10000-19999"),
+            (5, 19999999, "10000-19999"),
+            (10042, 19999, ""),
+            (10042, 19999, "junk"),
+        ] {
+            let s = InstanceSpec {
+                owner_uid: uid,
+                lab_gid: gid,
+                uid_range: range.into(),
+                ..spec()
+            };
+            assert_eq!(idmap(&s), None, "{uid} {gid} {range:?}");
+            assert!(!render(&s, &nodes_ctx(), None)
+                .unwrap()
+                .config
+                .contains_key("raw.idmap"));
+        }
+    }
+
+    #[test]
+    fn every_container_mounts_the_members_folder_read_only() {
+        let r = render(&spec(), &nodes_ctx(), None).unwrap();
+        let d = &r.devices["ssp-members"];
+        assert_eq!(d["type"], "disk");
+        assert_eq!(d["source"], "/var/lib/ssp-agent/extrausers");
+        assert_eq!(d["path"], "/var/lib/extrausers");
+        assert_eq!(d["readonly"], "true");
+        let none = HostContext {
+            members_dir: None,
+            ..nodes_ctx()
+        };
+        assert!(!render(&spec(), &none, None)
+            .unwrap()
+            .devices
+            .contains_key("ssp-members"));
     }
 
     fn nat_ctx() -> HostContext {

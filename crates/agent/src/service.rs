@@ -72,7 +72,10 @@ impl Agent for AgentService {
                 i.failing = f;
             }
         }
-        Ok(Response::new(InstanceList { instances }))
+        Ok(Response::new(InstanceList {
+            instances,
+            members_hash: self.host.members.hash(),
+        }))
     }
 
     async fn ensure_instance(
@@ -187,6 +190,28 @@ impl Agent for AgentService {
             .map_err(to_status)?;
         tracing::info!(instance = %name, existed, "deleted");
         Ok(Response::new(DeleteInstanceReply { existed }))
+    }
+
+    async fn set_lab_members(
+        &self,
+        req: Request<LabMembers>,
+    ) -> Result<Response<SetLabMembersReply>, Status> {
+        let m = req.into_inner();
+        crate::policy::check_members(&m, &self.policy).map_err(|why| {
+            tracing::warn!("refused a member list: {why}");
+            Status::invalid_argument(format!("this host refuses the member list: {why}"))
+        })?;
+        let before = self.host.members.hash();
+        let host = Arc::clone(&self.host);
+        let n = m.members.len();
+        let hash = tokio::task::spawn_blocking(move || host.members.set(&m))
+            .await
+            .map_err(|e| Status::internal(format!("writing the members files: {e}")))?
+            .map_err(|e| Status::internal(format!("writing the members files: {e}")))?;
+        if hash != before {
+            tracing::info!(members = n, %hash, "lab members files written");
+        }
+        Ok(Response::new(SetLabMembersReply { hash }))
     }
 
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<InstanceEvent, Status>> + Send>>;

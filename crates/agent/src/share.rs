@@ -15,28 +15,30 @@ use std::path::{Path, PathBuf};
 use ssp_model::ShareMode;
 use ssp_proto::SharedFolder;
 
-/// Owner, group and the modes accepted for a writable share's top directory; the
-/// first mode is the one set. `rw`: root:lab 2775 (every member writes, files join
-/// the lab group); 3775 is accepted too, so a folder that another user's spec shares
-/// as `owner` keeps its sticky bit instead of flipping between the two. `owner`:
-/// root:lab 3775 (only a file's owner renames or removes it). `None` for `ro`, and
-/// for a spec without a lab group (from a coordinator older than lab groups): the
-/// folder keeps the owner and mode it has.
-fn want(s: &SharedFolder, lab_gid: u32) -> io::Result<Option<(u32, u32, &'static [u32])>> {
+/// The mode of a writable share's top directory: group-writable with setgid, so
+/// every member adds files and each file joins the lab group, and the sticky bit, so
+/// only a file's owner renames or removes it (as on /tmp). A member edits another's
+/// file only where its writer made it group-writable.
+pub const WRITABLE_MODE: u32 = 0o3775;
+
+/// Owner, group and mode for a share's top directory: root:lab [`WRITABLE_MODE`]
+/// for `rw` (and `owner`, its older name; a folder an earlier version made 2775
+/// gets the sticky bit). `None` for `ro`, and for a spec without a lab group (from a
+/// coordinator older than lab groups): the folder keeps the owner and mode it has.
+fn want(s: &SharedFolder, lab_gid: u32) -> io::Result<Option<(u32, u32, u32)>> {
     let mode = ShareMode::parse(&s.mode).map_err(|e| io::Error::other(e.to_string()))?;
     Ok(match mode {
         _ if lab_gid == 0 => None,
         ShareMode::Ro => None,
-        ShareMode::Rw => Some((0, lab_gid, &[0o2775, 0o3775])),
-        ShareMode::Owner => Some((0, lab_gid, &[0o3775])),
+        ShareMode::Rw => Some((0, lab_gid, WRITABLE_MODE)),
     })
 }
 
 /// True when `m` (not followed) is a directory with what `w` wants.
-fn matches(m: &Metadata, w: Option<(u32, u32, &[u32])>) -> bool {
+fn matches(m: &Metadata, w: Option<(u32, u32, u32)>) -> bool {
     m.is_dir()
-        && w.is_none_or(|(uid, gid, modes)| {
-            m.uid() == uid && m.gid() == gid && modes.contains(&(m.mode() & 0o7777))
+        && w.is_none_or(|(uid, gid, mode)| {
+            m.uid() == uid && m.gid() == gid && m.mode() & 0o7777 == mode
         })
 }
 
@@ -95,10 +97,10 @@ pub fn ensure(s: &SharedFolder, lab_gid: u32) -> io::Result<()> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
         .open(path)?;
-    if let Some((uid, gid, modes)) = w {
-        if !matches(&dir.metadata()?, Some((uid, gid, modes))) {
+    if let Some((uid, gid, mode)) = w {
+        if !matches(&dir.metadata()?, Some((uid, gid, mode))) {
             std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
-            dir.set_permissions(std::fs::Permissions::from_mode(modes[0]))?;
+            dir.set_permissions(std::fs::Permissions::from_mode(mode))?;
         }
     }
     Ok(())
@@ -122,16 +124,17 @@ mod tests {
     }
 
     #[test]
-    fn modes_set_the_lab_group_and_never_flip_between_rw_and_owner() {
+    fn writable_shares_get_the_lab_group_setgid_and_sticky() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("lab/shared");
         ensure(&share(&dir, "rw"), 19999).unwrap();
-        assert_eq!(mode_of(&dir), (19999, 0o2775));
-        ensure(&share(&dir, "owner"), 19999).unwrap();
         assert_eq!(mode_of(&dir), (19999, 0o3775));
-        // Another user's spec shares it as rw: the sticky bit stays.
-        assert!(ok(&share(&dir, "rw"), 19999));
-        ensure(&share(&dir, "rw"), 19999).unwrap();
+        // `owner` is the older name of the same thing.
+        assert!(ok(&share(&dir, "owner"), 19999));
+        // A folder an earlier version left 2775 gets the sticky bit.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        assert!(!ok(&share(&dir, "rw"), 19999));
+        ensure(&share(&dir, "owner"), 19999).unwrap();
         assert_eq!(mode_of(&dir), (19999, 0o3775));
         // Read-only shares and specs without a lab group leave it as it is.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
@@ -173,6 +176,6 @@ mod tests {
         std::os::unix::fs::symlink(&real, base.join("srv")).unwrap();
         let dir = base.join("srv/shared");
         ensure(&share(&dir, "rw"), 19999).unwrap();
-        assert_eq!(mode_of(&real.join("shared")), (19999, 0o2775));
+        assert_eq!(mode_of(&real.join("shared")), (19999, 0o3775));
     }
 }

@@ -1,5 +1,5 @@
-//! Checks that /etc/subuid and /etc/subgid let root map ssp's uid range 1:1,
-//! which `raw.idmap` needs; without it a container fails to start with an
+//! Checks that /etc/subuid and /etc/subgid let root map ssp's uid range (each
+//! container maps its owner's uid and the lab gid of it 1:1), which `raw.idmap` needs; without it a container fails to start with an
 //! obscure idmap error, so the agent says what to add instead.
 
 use std::path::Path;

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use ssp_model::Host;
 use ssp_proto::agent_client::AgentClient;
-use ssp_proto::{DeleteInstanceRequest, InstanceSpec, InstanceStatus, ListInstancesRequest};
+use ssp_proto::{
+    DeleteInstanceRequest, InstanceList, InstanceSpec, InstanceStatus, LabMembers,
+    ListInstancesRequest,
+};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
@@ -107,14 +110,37 @@ impl Agents {
         host: &str,
         managed_only: bool,
     ) -> Result<Vec<InstanceStatus>, AgentError> {
+        Ok(self.report(record, host, managed_only).await?.instances)
+    }
+
+    /// `host`'s whole report: its instances and the hash of its members files.
+    pub async fn report(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        managed_only: bool,
+    ) -> Result<InstanceList, AgentError> {
         let mut c = self.for_host(record, host).await?;
-        let r = call(
+        call(
             host,
             QUICK_TIMEOUT,
             c.list_instances(ListInstancesRequest { managed_only }),
         )
-        .await?;
-        Ok(r.instances)
+        .await
+    }
+
+    /// Has `host` write the lab's member list into its members files; returns the
+    /// hash of what it then holds.
+    pub async fn set_members(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        members: LabMembers,
+    ) -> Result<String, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        Ok(call(host, QUICK_TIMEOUT, c.set_lab_members(members))
+            .await?
+            .hash)
     }
 }
 

@@ -22,7 +22,8 @@ pub struct CoordinatorConfig {
     pub default_shares: Vec<String>,
     #[serde(default)]
     pub defaults: Defaults,
-    /// uid range for users, mapped 1:1 into containers; fixed when the state is created.
+    /// uid range for users (its last id is the lab group's gid); each container maps
+    /// its owner's uid and the lab gid 1:1. Fixed when the state is created.
     #[serde(default = "default_uid_range")]
     pub uid_range: (u32, u32),
     /// Seconds between full reconcile passes over every instance.

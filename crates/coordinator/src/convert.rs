@@ -17,14 +17,9 @@ pub fn user_to_wire(u: &User) -> pb::User {
     }
 }
 
-/// The spec an agent needs to run `inst`. `members` are the lab's users, so files
-/// in shared folders show their owners' names inside every container.
-pub fn spec_for<'a>(
-    inst: &Instance,
-    owner: &User,
-    settings: &Settings,
-    members: impl IntoIterator<Item = &'a User>,
-) -> pb::InstanceSpec {
+/// The spec an agent needs to run `inst`. It names no other member, so adding or
+/// removing a user changes no other container's spec (see [`lab_members`]).
+pub fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceSpec {
     pb::InstanceSpec {
         name: inst.name.clone(),
         owner: owner.name.to_string(),
@@ -49,14 +44,26 @@ pub fn spec_for<'a>(
         running: true,
         uid_range: format!("{}-{}", settings.uid_first, settings.uid_last),
         lab_gid: settings.lab_gid(),
-        members: members
-            .into_iter()
-            .filter(|u| u.name != owner.name)
-            .map(|u| pb::LabMember {
-                name: u.name.to_string(),
-                uid: u.uid,
-            })
-            .collect(),
+    }
+}
+
+/// The lab's member list every agent writes into its members files: every user's
+/// name and uid, sorted by name, and the lab gid.
+pub fn lab_members<'a>(
+    users: impl IntoIterator<Item = &'a User>,
+    settings: &Settings,
+) -> pb::LabMembers {
+    let mut members: Vec<pb::LabMember> = users
+        .into_iter()
+        .map(|u| pb::LabMember {
+            name: u.name.to_string(),
+            uid: u.uid,
+        })
+        .collect();
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    pb::LabMembers {
+        members,
+        lab_gid: settings.lab_gid(),
     }
 }
 

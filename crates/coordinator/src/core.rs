@@ -227,7 +227,7 @@ impl Core {
             let Some(owner) = state.users.get(inst.owner.as_str()) else {
                 return (Plan::Gone, None);
             };
-            let spec = convert::spec_for(inst, owner, &state.settings(), state.users.values());
+            let spec = convert::spec_for(inst, owner, &state.settings());
             (Plan::Ensure(inst.host.to_string(), Box::new(spec)), host)
         });
         match plan {
@@ -281,9 +281,10 @@ impl Core {
 
     /// One reconcile pass over every host that is not down (or just `only_host`):
     /// each agent lists its containers, [`plan::plan`] compares that with the
-    /// desired state, and the steps run one by one through [`Core::converge`]
-    /// (idempotent), each instance under its own backoff. A host that stops
-    /// answering is skipped for the rest of the pass.
+    /// desired state, hosts whose members files are stale get the member list, and
+    /// the steps run one by one through [`Core::converge`] (idempotent), each
+    /// instance under its own backoff. A host that stops answering is skipped for
+    /// the rest of the pass.
     pub async fn reconcile(&self, only_host: Option<&str>) {
         if !self.is_leader() {
             return;
@@ -308,7 +309,7 @@ impl Core {
         let listed = futures::future::join_all(hosts.iter().map(|h| async move {
             (
                 h.name.to_string(),
-                self.agents.observe(Some(h), h.name.as_str(), false).await,
+                self.agents.report(Some(h), h.name.as_str(), false).await,
             )
         }))
         .await;
@@ -327,6 +328,7 @@ impl Core {
             tracing::warn!(instances = ?plan.failing, "crash-looping; the agents back off");
         }
         let mut down: BTreeSet<String> = BTreeSet::new();
+        self.push_members(&hosts, &plan.members, &mut down).await;
         for step in plan.steps {
             let name = step.name().to_string();
             if !self.is_leader() {
@@ -388,10 +390,57 @@ impl Core {
         }
     }
 
+    /// Sends the lab's member list to each of `stale` (hosts whose members files
+    /// differ from it), all at once. Only the members files change there: no
+    /// container is touched. A host that does not answer joins `down`.
+    async fn push_members(
+        &self,
+        hosts: &[ssp_model::Host],
+        stale: &[String],
+        down: &mut BTreeSet<String>,
+    ) {
+        if stale.is_empty() {
+            return;
+        }
+        let members = self.read(|s| convert::lab_members(s.users.values(), &s.settings()));
+        let sent = futures::future::join_all(
+            hosts
+                .iter()
+                .filter(|h| stale.iter().any(|n| n == h.name.as_str()))
+                .map(|h| {
+                    let members = members.clone();
+                    async move {
+                        let r = self
+                            .agents
+                            .set_members(Some(h), h.name.as_str(), members)
+                            .await;
+                        (h.name.to_string(), r)
+                    }
+                }),
+        )
+        .await;
+        for (host, r) in sent {
+            match r {
+                Ok(hash) => {
+                    tracing::info!(%host, members = members.members.len(), %hash, "lab members sent")
+                }
+                Err(e) => {
+                    if matches!(
+                        e,
+                        AgentError::Timeout { .. } | AgentError::Unreachable { .. }
+                    ) {
+                        down.insert(host.clone());
+                    }
+                    tracing::warn!(%host, "reconcile: lab members not sent: {e}")
+                }
+            }
+        }
+    }
+
     /// Keeps what a pass found and left alone, logging what is new.
     fn record_found(
         &self,
-        reports: &std::collections::BTreeMap<String, Vec<InstanceStatus>>,
+        reports: &std::collections::BTreeMap<String, ssp_proto::InstanceList>,
         plan: &plan::Plan,
     ) {
         let Ok(mut found) = self.found.lock() else {

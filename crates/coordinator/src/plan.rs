@@ -1,5 +1,6 @@
 //! The leader's reconcile plan: a pure function from the desired state and what
-//! the agents report to the steps that close the gap, plus per-instance backoff.
+//! the agents report to the steps that close the gap (per instance, plus the hosts
+//! whose members files are stale), plus per-instance backoff.
 //! The executor (`Core::reconcile`) runs the steps; each step is idempotent
 //! (ensure makes a spec true, delete of a missing instance is a no-op).
 
@@ -7,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use ssp_model::{HostStatus, State};
+use ssp_proto::InstanceList;
+#[cfg(test)]
 use ssp_proto::InstanceStatus;
 
 use crate::convert;
@@ -40,16 +43,30 @@ pub struct Plan {
     /// Containers the agent reports as failing (crash loop): it is backing off,
     /// so the coordinator does not push.
     pub failing: Vec<String>,
+    /// Hosts whose members files do not hold the lab's member list (a user came or
+    /// went, or the host missed the last list): they get it with `SetLabMembers`.
+    pub members: Vec<String>,
 }
 
 /// Plans from `state` and `reports` (host → its agent's list of every container,
-/// managed or not). Instances on hosts without a report (down, silent) get no
-/// step: they are unavailable, never deleted or moved by the reconciler.
-pub fn plan(state: &State, reports: &BTreeMap<String, Vec<InstanceStatus>>) -> Plan {
+/// managed or not, and the hash of its members files). Instances on hosts without
+/// a report (down, silent) get no step: they are unavailable, never deleted or
+/// moved by the reconciler.
+pub fn plan(state: &State, reports: &BTreeMap<String, InstanceList>) -> Plan {
     let mut p = Plan::default();
     let settings = state.settings();
+    let members = ssp_wire::members_hash(&convert::lab_members(state.users.values(), &settings));
+    for (host, report) in reports {
+        let up = state
+            .hosts
+            .get(host.as_str())
+            .is_some_and(|h| h.status != HostStatus::Down);
+        if up && report.members_hash != members {
+            p.members.push(host.clone());
+        }
+    }
     for inst in state.instances.values() {
-        let Some(report) = reports.get(inst.host.as_str()) else {
+        let Some(report) = reports.get(inst.host.as_str()).map(|r| &r.instances) else {
             continue;
         };
         if state
@@ -78,7 +95,7 @@ pub fn plan(state: &State, reports: &BTreeMap<String, Vec<InstanceStatus>>) -> P
                 None
             }
             Some(r) => {
-                let spec = convert::spec_for(inst, owner, &settings, state.users.values());
+                let spec = convert::spec_for(inst, owner, &settings);
                 if r.spec_hash != ssp_wire::spec_hash(&spec) {
                     Some("spec changed")
                 } else if r.state() != ssp_proto::RunState::Running {
@@ -96,7 +113,7 @@ pub fn plan(state: &State, reports: &BTreeMap<String, Vec<InstanceStatus>>) -> P
         }
     }
     for (host, report) in reports {
-        for r in report {
+        for r in &report.instances {
             let ours = state
                 .instances
                 .get(&r.name)
@@ -217,7 +234,7 @@ mod tests {
     fn report(s: &State, name: &str, status: &str) -> InstanceStatus {
         let inst = &s.instances[name];
         let owner = &s.users[inst.owner.as_str()];
-        let spec = convert::spec_for(inst, owner, &s.settings(), s.users.values());
+        let spec = convert::spec_for(inst, owner, &s.settings());
         InstanceStatus {
             name: name.into(),
             owner: owner.name.to_string(),
@@ -233,6 +250,17 @@ mod tests {
         }
     }
 
+    /// A host's report: `instances`, and members files that match the state.
+    fn listed(s: &State, instances: Vec<InstanceStatus>) -> InstanceList {
+        InstanceList {
+            instances,
+            members_hash: ssp_wire::members_hash(&convert::lab_members(
+                s.users.values(),
+                &s.settings(),
+            )),
+        }
+    }
+
     #[test]
     fn in_sync_needs_nothing_and_gaps_get_the_right_step() {
         let s = state_with(&["ann", "bob", "cat", "dan"]);
@@ -240,22 +268,25 @@ mod tests {
         stale.spec_hash = "0000".into();
         let reports = BTreeMap::from([(
             "h1".to_string(),
-            vec![
-                report(&s, "ann", "Running"),
-                stale,
-                report(&s, "cat", "Stopped"),
-                // dan is missing
-                InstanceStatus {
-                    name: "hand-made".into(),
-                    managed: false,
-                    ..Default::default()
-                },
-                InstanceStatus {
-                    name: "old-ssp".into(),
-                    managed: true,
-                    ..Default::default()
-                },
-            ],
+            listed(
+                &s,
+                vec![
+                    report(&s, "ann", "Running"),
+                    stale,
+                    report(&s, "cat", "Stopped"),
+                    // dan is missing
+                    InstanceStatus {
+                        name: "hand-made".into(),
+                        managed: false,
+                        ..Default::default()
+                    },
+                    InstanceStatus {
+                        name: "old-ssp".into(),
+                        managed: true,
+                        ..Default::default()
+                    },
+                ],
+            ),
         )]);
         let p = plan(&s, &reports);
         assert_eq!(
@@ -277,6 +308,45 @@ mod tests {
         );
         assert_eq!(p.unmanaged["h1"], vec!["hand-made".to_string()]);
         assert_eq!(p.stray["h1"], vec!["old-ssp".to_string()]);
+        assert!(p.members.is_empty());
+    }
+
+    #[test]
+    fn a_new_member_touches_only_their_container_and_every_hosts_members_files() {
+        let mut s = state_with(&["ann", "bob"]);
+        let before = listed(
+            &s,
+            vec![report(&s, "ann", "Running"), report(&s, "bob", "Running")],
+        );
+        let p = plan(&s, &BTreeMap::from([("h1".to_string(), before.clone())]));
+        assert_eq!((p.steps.len(), p.members.len()), (0, 0), "{p:?}");
+        // cat joins: the others' specs (and hashes) stay as they were; only cat's
+        // container is to be made, and the host's members files are stale.
+        let more = state_with(&["ann", "bob", "cat"]);
+        let p = plan(&more, &BTreeMap::from([("h1".to_string(), before.clone())]));
+        assert_eq!(
+            p.steps,
+            vec![Step::Ensure {
+                name: "cat".into(),
+                why: "missing"
+            }]
+        );
+        assert_eq!(p.members, vec!["h1".to_string()]);
+        // A host that never got a list (or an older agent) reports none.
+        let mut none = before.clone();
+        none.members_hash.clear();
+        let p = plan(&s, &BTreeMap::from([("h1".to_string(), none.clone())]));
+        assert_eq!((p.steps.len(), p.members), (0, vec!["h1".to_string()]));
+        // A down host gets nothing, not even the list.
+        s.apply(&Command::SetHostStatus {
+            name: "h1".into(),
+            status: HostStatus::Down,
+        })
+        .unwrap();
+        assert_eq!(
+            plan(&s, &BTreeMap::from([("h1".to_string(), none)])),
+            Plan::default()
+        );
     }
 
     #[test]
@@ -286,10 +356,13 @@ mod tests {
         assert_eq!(plan(&s, &BTreeMap::new()), Plan::default());
         let reports = BTreeMap::from([(
             "h1".to_string(),
-            vec![InstanceStatus {
-                failing: "failing: started 6 times within 60s; next try in 4s".into(),
-                ..report(&s, "ann", "Stopped")
-            }],
+            listed(
+                &s,
+                vec![InstanceStatus {
+                    failing: "failing: started 6 times within 60s; next try in 4s".into(),
+                    ..report(&s, "ann", "Stopped")
+                }],
+            ),
         )]);
         let p = plan(&s, &reports);
         assert_eq!(p.failing, vec!["ann".to_string()]);
@@ -307,12 +380,15 @@ mod tests {
         let s = state_with(&["ann"]);
         let reports = BTreeMap::from([(
             "h1".to_string(),
-            vec![InstanceStatus {
-                name: "ann".into(),
-                managed: false,
-                status: "Running".into(),
-                ..Default::default()
-            }],
+            listed(
+                &s,
+                vec![InstanceStatus {
+                    name: "ann".into(),
+                    managed: false,
+                    status: "Running".into(),
+                    ..Default::default()
+                }],
+            ),
         )]);
         let p = plan(&s, &reports);
         assert!(p.steps.is_empty());

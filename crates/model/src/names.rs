@@ -382,33 +382,37 @@ impl fmt::Display for ByteSize {
 }
 
 /// How the lab's members may use a shared folder.
+///
+/// A writable folder belongs to root and the lab group with mode 3775: every member
+/// adds files (setgid: they join the lab group), edits files their writer made
+/// group-writable, and renames or removes only their own (the sticky bit, as on
+/// /tmp). Root in one member's container is none of the others (its idmap holds only
+/// the owner's uid and the lab's gid), so it cannot touch their files either.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ShareMode {
-    /// Writable by every lab member; each file keeps its writer as owner. The folder
-    /// belongs to the lab group with the setgid bit, so files made in it are the lab's.
+    /// Writable by every lab member; each file keeps its writer as owner and only
+    /// they rename or remove it. `owner`, the name of this behaviour before every
+    /// writable folder had the sticky bit, still parses (and loads from old state) as `rw`.
     #[default]
+    #[serde(alias = "owner")]
     Rw,
     /// Read-only inside every container.
     Ro,
-    /// Every member may add files, but a file is renamed or removed only by its
-    /// owner (the sticky bit, as on /tmp).
-    Owner,
 }
 
 impl ShareMode {
-    /// Parses `rw`, `ro` or `owner` (empty: `rw`).
+    /// Parses `rw`, `ro` or the older `owner` (the same as `rw`); empty: `rw`.
     pub fn parse(s: &str) -> Result<Self, InputError> {
         match s {
-            "" | "rw" => Ok(ShareMode::Rw),
+            "" | "rw" | "owner" => Ok(ShareMode::Rw),
             "ro" => Ok(ShareMode::Ro),
-            "owner" => Ok(ShareMode::Owner),
             _ => Err(bad(
                 "shared folder mode",
                 s,
-                "allowed modes are rw (every member writes), ro (read-only) and owner (each file changed only by its owner)",
+                "allowed modes are rw (every member adds files; only a file's writer renames or removes it) and ro (read-only)",
             )),
         }
     }
@@ -417,7 +421,6 @@ impl ShareMode {
         match self {
             ShareMode::Rw => "rw",
             ShareMode::Ro => "ro",
-            ShareMode::Owner => "owner",
         }
     }
 }
@@ -728,12 +731,27 @@ mod tests {
             (ro.container_path.as_str(), ro.mode),
             ("/papers", ShareMode::Ro)
         );
+        // `owner` is the older name of what `rw` now is, from specs and state stored
+        // before; it parses and loads as `rw`.
         let own = SharedFolder::parse("/srv/ssp/shared/drop:/drop:owner", &roots).unwrap();
-        assert_eq!(own.mode, ShareMode::Owner);
+        assert_eq!(own.mode, ShareMode::Rw);
+        let old: SharedFolder = serde_json::from_str(
+            r#"{"host_path":"/srv/ssp/shared/drop","container_path":"/drop","mode":"owner"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.mode, ShareMode::Rw);
+        assert_eq!(
+            serde_json::to_string(&old.mode).unwrap(),
+            r#""rw""#,
+            "written back under its current name"
+        );
         let e = SharedFolder::parse("/srv/ssp/shared/x:/x:rwx", &roots)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("rwx") && e.contains("owner"), "{e}");
+        assert!(
+            e.contains("rwx") && e.contains("rw (") && e.contains("ro ("),
+            "{e}"
+        );
         let e = SharedFolder::parse("/srv/ssp/shared/../etc:/x", &roots)
             .unwrap_err()
             .to_string();

@@ -16,7 +16,7 @@ use crate::types::{Host, Instance, NewUser, User};
 /// Cluster-wide settings fixed when the state is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
-    /// Inclusive uid range given to users; mapped 1:1 into every container.
+    /// Inclusive uid range given to users; a container maps its owner's uid of it 1:1.
     pub uid_first: u32,
     pub uid_last: u32,
 }

@@ -112,3 +112,51 @@ pub fn spec_hash(spec: &pb::InstanceSpec) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A short hash of a lab member list, the same on the coordinator and the agent
+/// (which reports it with every `ListInstances`, so the leader sees a host whose
+/// members files are stale). The order members are given in does not count.
+pub fn members_hash(m: &pb::LabMembers) -> String {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let mut m = m.clone();
+    m.members
+        .sort_by(|a, b| (&a.name, a.uid).cmp(&(&b.name, b.uid)));
+    Sha256::digest(m.encode_to_vec())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, uid: u32) -> pb::LabMember {
+        pb::LabMember {
+            name: name.into(),
+            uid,
+        }
+    }
+
+    #[test]
+    fn members_hash_ignores_order_and_sees_every_change() {
+        let a = pb::LabMembers {
+            members: vec![member("ann", 10000), member("bob", 10001)],
+            lab_gid: 19999,
+        };
+        let mut b = a.clone();
+        b.members.reverse();
+        assert_eq!(members_hash(&a), members_hash(&b));
+        let mut more = a.clone();
+        more.members.push(member("cat", 10002));
+        let mut gid = a.clone();
+        gid.lab_gid = 29999;
+        let mut uid = a.clone();
+        uid.members[1].uid = 10005;
+        for other in [more, gid, uid] {
+            assert_ne!(members_hash(&a), members_hash(&other));
+        }
+    }
+}

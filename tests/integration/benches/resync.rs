@@ -42,6 +42,7 @@ fn main() -> Result<()> {
             ssp_agent::config::ForwardMode::Nat,
             specs,
             ssp_agent::nvidia::Nvidia::off(),
+            ssp_agent::members::Members::open(scratch.path())?,
         );
         let ctx = state.facts().await?.context;
         if !matches!(ctx.ssh, ssp_agent::render::SshForward::Nat { .. }) {

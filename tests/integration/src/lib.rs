@@ -7,10 +7,12 @@
 
 pub mod cluster;
 pub mod host;
+pub mod monitor;
 pub mod platform;
 pub mod procs;
 
 pub use host::{Host, Kind};
+pub use monitor::Monitor;
 pub use platform::{AgentSpec, Platform, SshClient};
 pub use procs::{free_port, sspctl, Proc, Ssp};
 

@@ -336,10 +336,36 @@ fn ssp_up_from_nothing_then_a_lab_first_day() -> Result<()> {
     let seen_by_demo = ssh_ok(&demo, &known_hosts, "cat /shared/bob.txt")?;
     ensure!(seen_by_bob.starts_with("from-demo"), "{seen_by_bob}");
     ensure!(seen_by_demo.trim() == "from-bob", "{seen_by_demo}");
-    // Owners show by name inside, as on a shared lab server.
+    // Inside bob's container his own file is his, and demo's is nobody's: a
+    // container maps its owner's uid only, so root there can never act as demo.
+    let owner_and_group = |name: &str| {
+        seen_by_bob
+            .lines()
+            .find(|l| l.ends_with(name))
+            .map(|l| l.split_whitespace().skip(2).take(2).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
     ensure!(
-        seen_by_bob.contains(" demo ") && seen_by_bob.contains(" bob "),
+        owner_and_group("bob.txt") == ["bob", "lab"]
+            && owner_and_group("demo.txt") == ["nobody", "lab"],
         "ls -l /shared in bob's container: {seen_by_bob}"
+    );
+    // demo's name still resolves there, from the agent's members files.
+    let pw = ssh_ok(&bob, &known_hosts, "getent passwd demo")?;
+    ensure!(
+        pw.starts_with("demo:x:"),
+        "getent passwd demo in bob's container: {pw}"
+    );
+    ensure!(
+        ssh(&bob, &known_hosts, "echo from-bob >> /shared/demo.txt")?
+            .status
+            .code()
+            != Some(0)
+            && ssh(&bob, &known_hosts, "rm -f /shared/demo.txt")?
+                .status
+                .code()
+                != Some(0),
+        "bob changed or removed demo's file"
     );
     let users: serde_json::Value =
         serde_json::from_str(&setup.ctl(&host, &["-o", "json", "user", "list"])?)?;
@@ -362,8 +388,8 @@ fn ssp_up_from_nothing_then_a_lab_first_day() -> Result<()> {
     }
     let dir = std::fs::metadata(setup.path("shared"))?;
     ensure!(
-        (dir.gid(), dir.mode() & 0o7777) == (19999, 0o2775),
-        "the shared folder is group {} mode {:o}, expected the lab group 19999 (the last uid of the range) and 2775 (setgid, group-writable)",
+        (dir.gid(), dir.mode() & 0o7777) == (19999, 0o3775),
+        "the shared folder is group {} mode {:o}, expected the lab group 19999 (the last uid of the range) and 3775 (setgid, sticky, group-writable)",
         dir.gid(),
         dir.mode() & 0o7777
     );

@@ -61,6 +61,23 @@ fn lxd_create_ssh_and_limits() -> Result<()> {
         "MemTotal inside is {mem_kib} KiB, asked for 768MiB"
     );
 
+    // LXD 5.0 takes the owner-only idmap too, and runs with the one its config
+    // asks for (the agent would restart it otherwise).
+    let uid = p.ctl_json(&["user", "list"])?[0]["uid"]
+        .as_u64()
+        .unwrap_or(0);
+    let map = host.exec("erin", "cat /proc/self/uid_map")?;
+    ensure!(
+        map.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+            == [uid.to_string(), uid.to_string(), "1".into()]),
+        "erin's uid {uid} is not mapped 1:1: {map}"
+    );
+    let idmap = |k: &str| host.cli_run(&["config", "get", "erin", k]);
+    ensure!(
+        idmap("volatile.idmap.current")? == idmap("volatile.idmap.next")?,
+        "erin runs with another idmap than her config asks for"
+    );
+
     p.ctl_ok(&["user", "remove", "erin"])?;
     ensure!(
         host.instance_names()?.is_empty(),

@@ -113,7 +113,8 @@ fn single_host_end_to_end() -> Result<()> {
         "MemTotal inside is {mem_kib} KiB, asked for 1536MiB"
     );
 
-    // 3. A file alice makes in the shared folder belongs to her host uid; bob's container shows it as hers.
+    // 3. A file alice makes in the shared folder belongs to her host uid; bob's
+    // container does not map her uid, so there it is nobody's (65534).
     p.ctl_ok(&["user", "add", "bob", "--ssh-key", &bob_pub])?;
     let users = p.ctl_json(&["user", "list"])?;
     let alice_uid = users
@@ -133,8 +134,8 @@ fn single_host_end_to_end() -> Result<()> {
     );
     let in_bob = host.exec("bob", "stat -c '%u' /shared/from-alice")?;
     ensure!(
-        in_bob.trim() == alice_uid.to_string(),
-        "bob sees owner {in_bob:?}, expected {alice_uid}"
+        in_bob.trim() == "65534",
+        "bob sees owner {in_bob:?}, expected the overflow uid 65534 (alice's {alice_uid} is not mapped in his container)"
     );
 
     // 4. Restart coordinator and agent: same state, no container recreated.

@@ -68,7 +68,7 @@ pub struct AddArgs {
     #[arg(long)]
     image: Option<String>,
     /// Extra shared folder, HOST_PATH[:CONTAINER_PATH[:MODE]], MODE rw (every member
-    /// writes; the default), ro or owner (each file changed only by its owner); may repeat.
+    /// adds files, only a file's writer removes it; the default) or ro; may repeat.
     #[arg(long = "share")]
     shares: Vec<String>,
     /// Do not add the coordinator's default shared folders.
