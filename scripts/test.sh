@@ -18,7 +18,10 @@ cargo build --release --workspace --bins --locked
 # Integration tests share /dev nodes and the daemons' port ranges: one test at a time.
 cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 
-# Benchmarks print figures; they do not pass or fail on them.
+# Benchmarks print figures; they do not pass or fail on them. failover and
+# raft_vs_etcd also run coordinators built without TLS (a feature only benchmarks
+# build, into target/plain) to measure what mutual TLS costs in the same run.
+cargo build --release --locked -p ssp-coordinator -p sspctl --features ssp-net/plaintext-bench --target-dir target/plain
 cargo bench -p ssp-integration --bench user_add --locked
 cargo bench -p ssp-integration --bench failover --locked
 cargo bench -p ssp-integration --bench raft_vs_etcd --locked

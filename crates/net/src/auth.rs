@@ -30,7 +30,7 @@ pub fn encode(id: &Identity) -> String {
     )
 }
 
-fn decode(s: &str) -> Option<Identity> {
+pub(crate) fn decode(s: &str) -> Option<Identity> {
     let mut it = s.splitn(5, ':');
     let serial = it.next()?.to_string();
     let role = CertRole::parse(it.next()?).ok()?;

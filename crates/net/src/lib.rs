@@ -103,6 +103,16 @@ impl Listener {
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _ = conn.set_nodelay(true);
+                    #[cfg(feature = "plaintext-bench")]
+                    {
+                        let _ = &acceptor;
+                        if let Some(peer) = plain::accept(&conn, addr).await {
+                            let stream = tls::Io::Plain(conn);
+                            let _ = tx.send(Ok(TlsConn { stream, peer })).await;
+                        }
+                        return;
+                    }
+                    #[allow(unreachable_code)]
                     let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await;
                     let stream = match hs {
                         Ok(Ok(s)) => s,
@@ -129,6 +139,7 @@ impl Listener {
                         }
                     };
                     let peer = Peer { addr, identity };
+                    let stream = tls::Io::Tls(Box::new(stream));
                     let _ = tx.send(Ok(TlsConn { stream, peer })).await;
                 });
             }
@@ -160,27 +171,17 @@ pub async fn connect(
         })
 }
 
-type Connecting = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-                    std::io::Error,
-                >,
-            > + Send,
-    >,
->;
+type ClientIo = hyper_util::rt::TokioIo<tls::Io<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+type Connecting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<ClientIo, std::io::Error>> + Send>>;
 
 fn connector(
     tls: &Tls,
     server_name: &'static str,
 ) -> Result<
-    impl tower::Service<
-            Uri,
-            Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-            Error = std::io::Error,
-            Future = Connecting,
-        > + Clone
+    impl tower::Service<Uri, Response = ClientIo, Error = std::io::Error, Future = Connecting>
+        + Clone
         + Send
         + 'static,
     NetError,
@@ -188,18 +189,69 @@ fn connector(
     let connector = tokio_rustls::TlsConnector::from(tls.client_config(server_name)?);
     let name = rustls::pki_types::ServerName::try_from(server_name)
         .map_err(|e| tls::bad("server name", e))?;
+    #[cfg(feature = "plaintext-bench")]
+    let me = auth::encode(&tls.identity());
     Ok(tower::service_fn(move |uri: Uri| {
         let (connector, name) = (connector.clone(), name.clone());
+        #[cfg(feature = "plaintext-bench")]
+        let me = me.clone();
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
             let port = uri.port_u16().unwrap_or(80);
             let tcp = TcpStream::connect((host, port)).await?;
             tcp.set_nodelay(true)?;
+            #[cfg(feature = "plaintext-bench")]
+            {
+                let _ = (&connector, &name);
+                let tcp = plain::connect(tcp, &me).await?;
+                return Ok(hyper_util::rt::TokioIo::new(tls::Io::Plain(tcp)));
+            }
+            #[allow(unreachable_code)]
             let stream = connector.connect(name, tcp).await?;
-            Ok(hyper_util::rt::TokioIo::new(stream))
+            Ok(hyper_util::rt::TokioIo::new(tls::Io::Tls(stream)))
         }) as Connecting
     }))
 }
+/// Benchmarks only: the same listeners and channels without TLS, so a benchmark
+/// can measure what TLS costs. The client names itself in a first line (what its
+/// certificate says, unverified); nothing in such a build is secure, and release
+/// builds never have the feature.
+#[cfg(feature = "plaintext-bench")]
+mod plain {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    pub async fn connect(mut tcp: TcpStream, me: &str) -> std::io::Result<TcpStream> {
+        tcp.write_all(format!("{me}\n").as_bytes()).await?;
+        Ok(tcp)
+    }
+
+    pub async fn accept(conn: &TcpStream, addr: SocketAddr) -> Option<Peer> {
+        // One byte at a time: HTTP/2 follows the line on the same stream.
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        let read = async {
+            loop {
+                conn.readable().await.ok()?;
+                match conn.try_read(&mut b) {
+                    Ok(0) => return None,
+                    Ok(_) if b[0] == b'\n' => return Some(()),
+                    Ok(_) if line.len() < 1024 => line.push(b[0]),
+                    Ok(_) => return None,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.ok()??;
+        let identity = auth::decode(std::str::from_utf8(&line).ok()?)?;
+        Some(Peer {
+            addr,
+            identity: Arc::new(identity),
+        })
+    }
+}
+
 fn endpoint(addr: &str) -> Result<Endpoint, NetError> {
     let uri = if addr.contains("://") {
         addr.to_string()

@@ -458,9 +458,78 @@ impl ServerCertVerifier for RevocationAwareServer {
     }
 }
 
+/// A connection's byte stream: TLS, or (only in a build with the
+/// `plaintext-bench` feature, which benchmarks use to measure what TLS costs)
+/// plain TCP.
+pub enum Io<T> {
+    Tls(T),
+    #[cfg(feature = "plaintext-bench")]
+    Plain(TcpStream),
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Tls($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            #[cfg(feature = "plaintext-bench")]
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Io<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        each!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Io<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        each!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        each!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tls(s) => s.is_write_vectored(),
+            #[cfg(feature = "plaintext-bench")]
+            Io::Plain(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// One accepted, authenticated connection.
 pub struct TlsConn {
-    pub(crate) stream: tokio_rustls::server::TlsStream<TcpStream>,
+    pub(crate) stream: Io<Box<tokio_rustls::server::TlsStream<TcpStream>>>,
     pub(crate) peer: Peer,
 }
 

@@ -46,8 +46,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn start_ssp(dir: &Path) -> Result<(Vec<Proc>, Vec<String>, Ssp)> {
-    let mut ssp = Ssp::locate()?;
+fn start_ssp(dir: &Path, mut ssp: Ssp) -> Result<(Vec<Proc>, Vec<String>, Ssp)> {
     let mut procs = Vec::new();
     let mut addrs: Vec<String> = Vec::new();
     for i in 0..3 {
@@ -233,19 +232,25 @@ fn main() -> Result<()> {
     if std::env::var_os("SSP_BENCH_KEEP").is_some() {
         std::mem::forget(Scratch::new("keep-marker")?);
     }
-    let (_ssp_procs, ssp_addrs, ssp_bins) = start_ssp(scratch.path())?;
-    let admin = ssp_bins.admin_tls()?;
+    let (_ssp_procs, ssp_addrs, ssp_bins) =
+        start_ssp(&scratch.path().join("mtls"), Ssp::locate()?)?;
+    // The same coordinators built without TLS: what mutual TLS costs.
+    let (_plain_procs, plain_addrs, plain_bins) =
+        start_ssp(&scratch.path().join("plain"), Ssp::plain()?)?;
     let (_etcd_procs, etcd_addrs) = start_etcd(scratch.path())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let ssp = Client::new(ssp_addrs.clone(), &admin)?;
-        for h in ["gpu1", "gpu2", "gpu3"] {
-            let o = ssp.register_host(paper_host(h, 8)).await;
-            if o != Outcome::Ok {
-                bail!("registering {h}: {o:?}");
+        let ssp = Client::new(ssp_addrs.clone(), &ssp_bins)?;
+        let plain = Client::new(plain_addrs.clone(), &plain_bins)?;
+        for c in [&ssp, &plain] {
+            for h in ["gpu1", "gpu2", "gpu3"] {
+                let o = c.register_host(paper_host(h, 8)).await;
+                if o != Outcome::Ok {
+                    bail!("registering {h}: {o:?}");
+                }
             }
         }
         let payload = AddUserRequest {
@@ -271,20 +276,38 @@ fn main() -> Result<()> {
         };
         // Warm both up (connections, first elections settled).
         run_ssp(&ssp, "warm").await.context("ssp warm-up")?;
+        run_ssp(&plain, "warm").await.context("plaintext ssp warm-up")?;
         run_etcd(&etcd, "warm", payload).await.context("etcd warm-up")?;
-        let (mut s_runs, mut e_runs) = (Vec::new(), Vec::new());
+        let (mut s_runs, mut p_runs, mut e_runs) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..ROUNDS {
-            let s = run_ssp(&ssp, &format!("r{r}")).await?;
+            // Alternate which ssp goes first, so neither always follows the other.
+            let (s, pl) = if r % 2 == 0 {
+                let s = run_ssp(&ssp, &format!("r{r}")).await?;
+                (s, run_ssp(&plain, &format!("r{r}")).await?)
+            } else {
+                let pl = run_ssp(&plain, &format!("r{r}")).await?;
+                (run_ssp(&ssp, &format!("r{r}")).await?, pl)
+            };
             let e = run_etcd(&etcd, &format!("r{r}"), payload).await?;
             println!(
-                "round {r}: ssp {:.0} ops/s (p50 {:.1} ms, p99 {:.1} ms), etcd {:.0} puts/s (p50 {:.1} ms, p99 {:.1} ms), ratio {:.2}",
+                "round {r}: ssp {:.0} ops/s (p50 {:.1} ms, p99 {:.1} ms), ssp without TLS {:.0} ops/s, etcd {:.0} puts/s (p50 {:.1} ms, p99 {:.1} ms), ratio ssp/etcd {:.2}, mTLS/plaintext {:.2}",
                 s.throughput(), s.pct(0.5), s.pct(0.99),
+                pl.throughput(),
                 e.throughput(), e.pct(0.5), e.pct(0.99),
-                s.throughput() / e.throughput()
+                s.throughput() / e.throughput(),
+                s.throughput() / pl.throughput()
             );
             s_runs.push(s);
+            p_runs.push(pl);
             e_runs.push(e);
         }
+        let tls_cost = median(
+            s_runs
+                .iter()
+                .zip(&p_runs)
+                .map(|(s, p)| s.throughput() / p.throughput())
+                .collect(),
+        );
         let ratio = median(
             s_runs
                 .iter()
@@ -295,7 +318,8 @@ fn main() -> Result<()> {
         let med = |runs: &[Run], f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
             "raft_vs_etcd: {} ops x {ROUNDS} rounds, concurrency {CONCURRENCY}, payload {payload} B, 3 nodes on loopback, fsync on both: \
-             ssp user creations {:.0}/s (p50 {:.1} ms, p99 {:.1} ms), etcd puts {:.0}/s (p50 {:.1} ms, p99 {:.1} ms), median throughput ratio ssp/etcd {ratio:.2} (target >= 1.0)",
+             ssp user creations {:.0}/s (p50 {:.1} ms, p99 {:.1} ms), etcd puts {:.0}/s (p50 {:.1} ms, p99 {:.1} ms), median throughput ratio ssp/etcd {ratio:.2} (target >= 1.0); \
+             ssp without TLS {:.0}/s, median throughput ratio mTLS/plaintext {tls_cost:.2} (target >= 0.90)",
             ops(),
             med(&s_runs, &|r| r.throughput()),
             med(&s_runs, &|r| r.pct(0.5)),
@@ -303,6 +327,7 @@ fn main() -> Result<()> {
             med(&e_runs, &|r| r.throughput()),
             med(&e_runs, &|r| r.pct(0.5)),
             med(&e_runs, &|r| r.pct(0.99)),
+            med(&p_runs, &|r| r.throughput()),
         );
         Ok(())
     })

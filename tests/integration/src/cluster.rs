@@ -50,6 +50,17 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
 impl Coordinators {
     /// Starts `n` coordinators: the first forms the cluster, the others join it.
     pub fn start(tag: &str, idx: u8, n: usize, snapshot_every: u64) -> anyhow::Result<Self> {
+        Self::start_with(Ssp::locate()?, tag, idx, n, snapshot_every)
+    }
+
+    /// Like [`Coordinators::start`], with these binaries (e.g. [`Ssp::plain`]).
+    pub fn start_with(
+        ssp: Ssp,
+        tag: &str,
+        idx: u8,
+        n: usize,
+        snapshot_every: u64,
+    ) -> anyhow::Result<Self> {
         if unsafe_euid() != 0 {
             bail!("the cluster tests need root (network namespaces); run them via scripts/test.sh");
         }
@@ -71,7 +82,7 @@ impl Coordinators {
         let mut c = Coordinators {
             idx,
             nodes: Vec::new(),
-            ssp: Ssp::locate()?,
+            ssp,
             rt,
             bridge,
             snapshot_every,
@@ -313,9 +324,11 @@ impl Coordinators {
     /// Node `i`'s own view of the cluster (no forwarding), if it answers within 1 s.
     pub fn local_status(&self, i: usize) -> Option<ClusterStatus> {
         let addr = self.nodes[i].addr.clone();
-        let tls = self.ssp.admin_tls().ok()?;
+        let ch = {
+            let _rt = self.rt.enter();
+            self.ssp.channel(&addr).ok()?
+        };
         self.rt.block_on(async move {
-            let ch = ssp_net::channel(&addr, &tls, ssp_net::COORDINATOR_NAME).ok()?;
             let mut r = Request::new(ClusterStatusRequest {});
             r.metadata_mut().insert("ssp-read", "stale".parse().ok()?);
             r.set_timeout(Duration::from_secs(1));
@@ -372,9 +385,11 @@ impl Coordinators {
         let mut out = Vec::new();
         for &i in which {
             let addr = self.nodes[i].addr.clone();
-            let tls = self.ssp.admin_tls()?;
+            let ch = {
+                let _rt = self.rt.enter();
+                self.ssp.channel(&addr)?
+            };
             let r = self.rt.block_on(async move {
-                let ch = ssp_net::channel(&addr, &tls, ssp_net::COORDINATOR_NAME)?;
                 let mut r = Request::new(LocalStateRequest {});
                 r.set_timeout(Duration::from_secs(5));
                 anyhow::Ok(ClusterClient::new(ch).local_state(r).await?.into_inner())
@@ -452,7 +467,7 @@ impl Coordinators {
         let _rt = self.rt.enter();
         Client::new(
             self.nodes.iter().map(|n| n.addr.clone()).collect(),
-            &self.ssp.admin_tls()?,
+            &self.ssp,
         )
     }
 }
@@ -500,15 +515,10 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(addrs: Vec<String>, tls: &ssp_net::Tls) -> anyhow::Result<Client> {
+    pub fn new(addrs: Vec<String>, ssp: &Ssp) -> anyhow::Result<Client> {
         let channels = addrs
             .into_iter()
-            .map(|a| {
-                Ok((
-                    a.clone(),
-                    ssp_net::channel(&a, tls, ssp_net::COORDINATOR_NAME)?,
-                ))
-            })
+            .map(|a| Ok((a.clone(), ssp.channel(&a)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Client {
             channels: Arc::new(channels),

@@ -29,6 +29,8 @@ pub struct Ssp {
     pub bundle: Option<PathBuf>,
     /// Where `sspctl user add` writes users' bundles (`SSP_CREDENTIALS_DIR`).
     pub credentials_dir: Option<PathBuf>,
+    /// Binaries built with `ssp-net/plaintext-bench` (no TLS): benchmarks only.
+    pub plain: bool,
 }
 
 impl Ssp {
@@ -50,7 +52,57 @@ impl Ssp {
             dir,
             bundle: None,
             credentials_dir: None,
+            plain: false,
         })
+    }
+
+    /// The coordinator and sspctl built without TLS (`target/plain/release`), so a
+    /// benchmark can measure what TLS costs in the same run.
+    pub fn plain() -> anyhow::Result<Ssp> {
+        let tls = Self::locate()?;
+        // target/<profile> → target/plain/release
+        let dir = tls
+            .dir
+            .parent()
+            .context("no target directory")?
+            .join("plain/release");
+        for b in ["ssp-coordinator", "sspctl"] {
+            if !dir.join(b).exists() {
+                bail!("{} is missing; build it: cargo build --release -p ssp-coordinator -p sspctl --features ssp-net/plaintext-bench --target-dir target/plain (scripts/test.sh does)", dir.join(b).display());
+            }
+        }
+        Ok(Ssp {
+            dir,
+            plain: true,
+            ..tls
+        })
+    }
+
+    /// A lazily connecting channel to the coordinator at `addr`, as the admin: mutual
+    /// TLS, or for plaintext binaries plain TCP naming the admin in the first line.
+    pub fn channel(&self, addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+        let tls = self.admin_tls()?;
+        if !self.plain {
+            return Ok(ssp_net::channel(addr, &tls, ssp_net::COORDINATOR_NAME)?);
+        }
+        let me = ssp_net::auth::encode(&tls.identity());
+        let ep = tonic::transport::Endpoint::from_shared(addr.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .tcp_nodelay(true);
+        Ok(
+            ep.connect_with_connector_lazy(tower::service_fn(move |uri: tonic::transport::Uri| {
+                let me = me.clone();
+                async move {
+                    use tokio::io::AsyncWriteExt;
+                    let host = uri.host().unwrap_or_default().to_string();
+                    let port = uri.port_u16().unwrap_or(80);
+                    let mut tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                    tcp.set_nodelay(true)?;
+                    tcp.write_all(format!("{me}\n").as_bytes()).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+                }
+            })),
+        )
     }
 
     pub fn bin(&self, name: &str) -> PathBuf {
