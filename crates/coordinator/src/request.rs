@@ -106,11 +106,11 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
     let mut seen = std::collections::BTreeSet::new();
     for s in &shares {
         if !seen.insert(&s.container_path) {
-            return Err(InputError {
-                what: "shared folder",
-                value: s.container_path.clone(),
-                reason: "two shared folders cannot use the same container path".into(),
-            });
+            return Err(InputError::new(
+                "shared folder",
+                &s.container_path,
+                "two shared folders cannot use the same container path",
+            ));
         }
     }
     let image = if req.image.is_empty() {
@@ -127,12 +127,11 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             Some(m.to_string())
         }
         m => {
-            return Err(InputError {
-                what: "GPU model",
-                value: m.into(),
-                reason: "use letters, digits, spaces, '-', '_' or '.' (at most 64), e.g. A100"
-                    .into(),
-            })
+            return Err(InputError::new(
+                "GPU model",
+                m,
+                "use letters, digits, spaces, '-', '_' or '.' (at most 64), e.g. A100",
+            ))
         }
     };
     let host = match req.host.as_str() {
@@ -141,11 +140,11 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
     };
     let constrained = gpu_model.is_some() || req.gpu_memory_bytes > 0;
     if constrained && req.gpus == 0 {
-        return Err(InputError {
-            what: "GPU constraint",
-            value: req.gpu_model.clone(),
-            reason: "--gpu-model and --gpu-memory need --gpus N (N >= 1)".into(),
-        });
+        return Err(InputError::new(
+            "GPU constraint",
+            &req.gpu_model,
+            "--gpu-model and --gpu-memory need --gpus N (N >= 1)",
+        ));
     }
     Ok(Command::AddUser(NewUser {
         name,
@@ -188,24 +187,29 @@ fn check_quota(limits: &Limits, gpus: u32, cfg: &CoordinatorConfig) -> Result<()
     if let Some(max) = memory.filter(|m| limits.memory.0 > m.0) {
         return Err(over(
             "memory",
-            limits.memory.to_string(),
+            exact(limits.memory),
             max.to_string(),
             "memory",
         ));
     }
     if let Some(max) = disk.filter(|m| limits.disk.0 > m.0) {
-        return Err(over(
-            "disk",
-            limits.disk.to_string(),
-            max.to_string(),
-            "disk",
-        ));
+        return Err(over("disk", exact(limits.disk), max.to_string(), "disk"));
     }
     Ok(())
 }
 
 /// Most shared folders per user, and most labels per host or request.
 const MAX_LIST: usize = 32;
+/// `b` as people write it when that is exact (`16GiB`), else in bytes: a request
+/// just over a quota of 16GiB is not shown as "16.0GiB".
+fn exact(b: ByteSize) -> String {
+    let s = b.to_string();
+    if ByteSize::parse(&s) == Ok(b) {
+        s
+    } else {
+        format!("{}B", b.0)
+    }
+}
 
 /// Validated labels, sorted and without repeats.
 fn labels(given: &[String]) -> Result<Vec<String>, InputError> {
@@ -422,6 +426,11 @@ mod tests {
                 |r| r.disk_bytes = 200 << 30,
                 "the per-user quota is 100GiB ([quota] disk",
             ),
+            // Just over: the figure asked is exact, not a rounded "16.0GiB".
+            (
+                |r| r.memory_bytes = (16 << 30) + 1,
+                "invalid memory \"17179869185B\": the per-user quota is 16GiB",
+            ),
         ];
         for (f, want) in cases {
             let mut r = req("bob");
@@ -513,6 +522,37 @@ mod tests {
                 ("aa".repeat(32).as_str(), String::new()),
                 ("bb".repeat(32).as_str(), "a,z".into())
             ]
+        );
+    }
+
+    #[test]
+    fn refusals_echo_a_bounded_part_of_the_input() {
+        // A megabyte of GPU model would otherwise come back whole in the gRPC status.
+        let mut r = req("ann");
+        r.gpus = 1;
+        r.gpu_model = "!".repeat(1 << 20);
+        let e = add_user(&r, &cfg()).unwrap_err();
+        assert_eq!((e.what, e.value.len()), ("GPU model", InputError::MAX_ECHO));
+        let mut r = req("ann");
+        r.gpu_model = format!("{}A100", " ".repeat(1 << 20));
+        let e = add_user(&r, &cfg()).unwrap_err();
+        assert_eq!(
+            (e.what, e.value.len()),
+            ("GPU constraint", InputError::MAX_ECHO)
+        );
+        let mut r = req("ann");
+        let long = format!("/data/{}", "x".repeat(1 << 20));
+        r.shares = ["/srv/ssp/shared/a", "/srv/ssp/shared/b"]
+            .map(|host| pb::SharedFolder {
+                host_path: host.into(),
+                container_path: long.clone(),
+                mode: String::new(),
+            })
+            .to_vec();
+        let e = add_user(&r, &cfg()).unwrap_err();
+        assert_eq!(
+            (e.what, e.value.len()),
+            ("shared folder", InputError::MAX_ECHO)
         );
     }
 

@@ -15,12 +15,23 @@ pub struct InputError {
     pub reason: String,
 }
 
-fn bad(what: &'static str, value: &str, reason: impl Into<String>) -> InputError {
-    InputError {
-        what,
-        value: value.chars().take(80).collect(),
-        reason: reason.into(),
+impl InputError {
+    /// Most characters of the input an error repeats: it reaches terminals and
+    /// gRPC status headers, where a long input would bury (or break) the message.
+    pub const MAX_ECHO: usize = 80;
+
+    /// A refusal of `value` (its first [`Self::MAX_ECHO`] characters are kept).
+    pub fn new(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        InputError {
+            what,
+            value: value.chars().take(Self::MAX_ECHO).collect(),
+            reason: reason.into(),
+        }
     }
+}
+
+pub(crate) fn bad(what: &'static str, value: &str, reason: impl Into<String>) -> InputError {
+    InputError::new(what, value, reason)
 }
 
 /// Names that already exist in a Debian system and must not become ssp users.
@@ -271,6 +282,15 @@ impl SshKey {
         if line.contains(['\n', '\r', '\0']) {
             return Err(bad("ssh key", s, "give one key per line"));
         }
+        // Whitespace separates the fields (and is normalised to one space); any other
+        // control character would reach authorized_keys and terminals that list keys.
+        if line.chars().any(|c| c.is_control() && !c.is_whitespace()) {
+            return Err(bad(
+                "ssh key",
+                s,
+                "control characters are not allowed in a key line",
+            ));
+        }
         let mut it = line.split_whitespace();
         let (Some(kind), Some(blob)) = (it.next(), it.next()) else {
             return Err(bad(
@@ -447,10 +467,7 @@ impl SharedFolder {
     /// Parses `HOST[:CONTAINER[:MODE]]`; the host path must lie under one of `roots`.
     pub fn parse(s: &str, roots: &[String]) -> Result<Self, InputError> {
         let (host, cont, mode) = Self::split(s);
-        let with_value = |mut e: InputError| {
-            e.value = s.to_string();
-            e
-        };
+        let with_value = |e: InputError| InputError::new(e.what, s, e.reason);
         Ok(Self::new(host, cont, roots)
             .map_err(with_value)?
             .with_mode(ShareMode::parse(mode).map_err(with_value)?))
@@ -483,7 +500,7 @@ impl SharedFolder {
                     "'..' is not allowed in a shared folder path",
                 ));
             }
-            if p.contains([',', '\n', '\0', ':']) {
+            if p.contains([',', ':']) || p.chars().any(char::is_control) {
                 return Err(bad(
                     "shared folder",
                     p,
@@ -693,6 +710,34 @@ mod tests {
         assert!(SshKey::parse("ssh-dss AAAA").is_err());
         assert!(SshKey::parse("hello").is_err());
         assert!(SshKey::parse(&format!("{good}\nssh-ed25519 x")).is_err());
+        // Tabs separate fields like spaces; other control characters are refused
+        // (an escape sequence in a comment would reach every terminal listing keys).
+        assert_eq!(
+            SshKey::parse(&good.replace(' ', "\t")).unwrap().as_str(),
+            good
+        );
+        for c in ['\x1b', '\x7f', '\x08', '\u{9b}'] {
+            let e = SshKey::parse(&format!("{good}{c}[2J")).unwrap_err();
+            assert!(e.reason.contains("control characters"), "{c:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn refusals_echo_at_most_80_characters_of_the_input() {
+        let long = "x".repeat(10_000);
+        let roots = vec!["/srv/ssp/shared".to_string()];
+        for e in [
+            SharedFolder::parse(&format!("/srv/ssp/shared/a:/b:{long}"), &roots).unwrap_err(),
+            SharedFolder::parse(&format!("relative{long}"), &roots).unwrap_err(),
+            crate::Role::parse(&long).unwrap_err(),
+            crate::HostStatus::parse(&long).unwrap_err(),
+            Username::parse(&long).unwrap_err(),
+        ] {
+            assert_eq!(e.value.chars().count(), InputError::MAX_ECHO, "{}", e.what);
+        }
+        // Cut by characters, never inside one.
+        let e = Username::parse(&"é".repeat(100)).unwrap_err();
+        assert_eq!(e.value, "é".repeat(80));
     }
 
     #[test]
@@ -722,6 +767,9 @@ mod tests {
             "/srv/ssp/shared/t:/proc/x",
             "/srv/ssp/shared/t:/",
             "/srv/ssp/shared/t:/data/..",
+            "/srv/ssp/shared/t\r:/x",
+            "/srv/ssp/shared/t:/x\ty",
+            "/srv/ssp/shared/t:/x\x1b[2J",
         ] {
             assert!(SharedFolder::parse(no, &roots).is_err(), "{no}");
         }

@@ -120,58 +120,66 @@ impl HostUsage {
     }
 }
 
-/// Numbers in use, with the unused ones between the smallest and the largest, so
-/// the lowest free number in a range is found in O(log n), not by walking.
+/// Numbers in use, kept as runs of consecutive numbers, so the lowest free number
+/// in a range is found in O(log n), not by walking, and the size does not depend on
+/// how far apart the numbers are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Numbers {
-    used: BTreeSet<u32>,
-    holes: BTreeSet<u32>,
+    /// First → last number of each run; runs neither overlap nor touch.
+    runs: BTreeMap<u32, u32>,
+    len: usize,
 }
 
 impl Numbers {
     pub fn len(&self) -> usize {
-        self.used.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.used.is_empty()
+        self.len == 0
+    }
+
+    /// The run holding `x`, as (first, last).
+    fn run_of(&self, x: u32) -> Option<(u32, u32)> {
+        self.runs
+            .range(..=x)
+            .next_back()
+            .filter(|(_, &last)| x <= last)
+            .map(|(&first, &last)| (first, last))
     }
 
     pub fn contains(&self, x: u32) -> bool {
-        self.used.contains(&x)
+        self.run_of(x).is_some()
     }
 
     pub fn insert(&mut self, x: u32) {
-        if !self.used.insert(x) {
+        if self.contains(x) {
             return;
         }
-        self.holes.remove(&x);
-        let below = self.used.range(..x).next_back().copied();
-        let above = self.used.range(x + 1..).next().copied();
-        match (below, above) {
-            // A new largest: the gap up to it becomes holes.
-            (Some(b), None) => self.holes.extend(b + 1..x),
-            // A new smallest: the gap above it becomes holes.
-            (None, Some(a)) => self.holes.extend(x + 1..a),
-            _ => {}
-        }
+        self.len += 1;
+        // Joins the run ending just below and the one starting just above, if any.
+        let first = match x.checked_sub(1).and_then(|b| self.run_of(b)) {
+            Some((f, _)) => f,
+            None => x,
+        };
+        let last = match x.checked_add(1).and_then(|a| self.runs.remove(&a)) {
+            Some(l) => l,
+            None => x,
+        };
+        self.runs.insert(first, last);
     }
 
     pub fn remove(&mut self, x: u32) {
-        if !self.used.remove(&x) {
+        let Some((first, last)) = self.run_of(x) else {
             return;
+        };
+        self.len -= 1;
+        self.runs.remove(&first);
+        if first < x {
+            self.runs.insert(first, x - 1);
         }
-        match (self.used.first().copied(), self.used.last().copied()) {
-            (Some(_), Some(max)) if x > max => {
-                self.holes.split_off(&max);
-            }
-            (Some(min), Some(_)) if x < min => {
-                self.holes = self.holes.split_off(&min);
-            }
-            (Some(_), Some(_)) => {
-                self.holes.insert(x);
-            }
-            _ => self.holes.clear(),
+        if x < last {
+            self.runs.insert(x + 1, last);
         }
     }
 
@@ -180,16 +188,10 @@ impl Numbers {
         if first > last {
             return None;
         }
-        let (Some(&min), Some(&max)) = (self.used.first(), self.used.last()) else {
-            return Some(first);
-        };
-        let cand = if first < min || first > max || !self.used.contains(&first) {
-            first
-        } else {
-            match self.holes.range(first..).next() {
-                Some(&h) => h,
-                None => max.checked_add(1)?,
-            }
+        // Runs do not touch, so the number after a run is free.
+        let cand = match self.run_of(first) {
+            Some((_, end)) => end.checked_add(1)?,
+            None => first,
         };
         (cand <= last).then_some(cand)
     }

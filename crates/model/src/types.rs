@@ -144,11 +144,11 @@ impl HostStatus {
             "ready" => Ok(HostStatus::Ready),
             "draining" => Ok(HostStatus::Draining),
             "down" => Ok(HostStatus::Down),
-            _ => Err(crate::InputError {
-                what: "host status",
-                value: s.into(),
-                reason: "expected ready, draining or down".into(),
-            }),
+            _ => Err(crate::InputError::new(
+                "host status",
+                s,
+                "expected ready, draining or down",
+            )),
         }
     }
 }
@@ -166,11 +166,11 @@ impl Role {
         match s {
             "" | "user" => Ok(Role::User),
             "admin" => Ok(Role::Admin),
-            _ => Err(crate::InputError {
-                what: "role",
-                value: s.into(),
-                reason: "allowed roles are user and admin".into(),
-            }),
+            _ => Err(crate::InputError::new(
+                "role",
+                s,
+                "allowed roles are user and admin",
+            )),
         }
     }
 

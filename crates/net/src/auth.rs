@@ -30,7 +30,8 @@ pub fn encode(id: &Identity) -> String {
     )
 }
 
-pub(crate) fn decode(s: &str) -> Option<Identity> {
+/// Reads what [`encode`] wrote; `None` for anything else.
+pub fn decode(s: &str) -> Option<Identity> {
     let mut it = s.splitn(5, ':');
     let serial = it.next()?.to_string();
     let role = CertRole::parse(it.next()?).ok()?;

@@ -287,7 +287,34 @@ impl Bundle {
         };
         // Fails on a key that does not fit, a certificate without a role, etc.
         b.tls()?;
+        b.check_signed()?;
         Ok(b)
+    }
+
+    /// The holder's certificate must be signed by the bundle's CA (a certificate
+    /// edited by hand, or from another cluster, is refused here with a clear
+    /// reason instead of at the first handshake). Validity dates are the
+    /// handshake's business: an expired bundle still loads, and is refused there.
+    fn check_signed(&self) -> Result<(), TlsError> {
+        use rustls::pki_types::UnixTime;
+        let ca = cert_from_pem("CA certificate", &self.ca_pem)?;
+        let cert = cert_from_pem("certificate", &self.cert_pem)?;
+        let id = Identity::from_der(&cert)?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).map_err(|e| bad("CA certificate", e))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .map_err(|e| bad("CA certificate", e))?;
+        // Checked as of the certificate's own start, so only the chain counts.
+        let at = UnixTime::since_unix_epoch(Duration::from_secs(
+            (id.not_before.max(0) as u64).saturating_add(1),
+        ));
+        verifier
+            .verify_client_cert(&cert, &[], at)
+            .map_err(|e| bad("certificate", format!("not signed by the bundle's CA: {e}")))?;
+        Ok(())
     }
 
     /// Reads a bundle file.
