@@ -16,7 +16,7 @@ use crate::tls::{bad, cert_from_pem, Identity, Tls, TlsError, AGENT_NAME, COORDI
 pub const MAX_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
 const CA_TTL: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 /// Certificates start a little in the past, so clocks a few minutes apart agree.
-const SKEW: Duration = Duration::from_secs(300);
+pub const SKEW: Duration = Duration::from_secs(300);
 
 /// The cluster's certificate authority: the only issuer any ssp process trusts.
 #[derive(Clone)]

@@ -65,14 +65,41 @@ pub async fn renew(tls: &Tls, addrs: &[String]) -> anyhow::Result<Credentials> {
     Err(last)
 }
 
-/// Whether a certificate has used two thirds of its validity (time to renew).
+/// Whether a certificate has used two thirds of its life since it was issued
+/// (time to renew). Its validity starts [`crate::ca::SKEW`] before issue, which
+/// does not count: a 30 s certificate is renewed after 20 s, not at once.
 pub fn due(id: &Identity) -> bool {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let life = (id.not_after - id.not_before).max(1);
-    now >= id.not_before + life * 2 / 3
+    due_at(id, now)
+}
+
+fn due_at(id: &Identity, now: i64) -> bool {
+    let issued = (id.not_before + crate::ca::SKEW.as_secs() as i64).min(id.not_after);
+    let life = (id.not_after - issued).max(1);
+    now >= issued + life * 2 / 3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssp_model::CertRole;
+
+    #[test]
+    fn renewal_is_due_after_two_thirds_of_the_life_since_issue() {
+        let ca = crate::Ca::generate("t").unwrap();
+        let id = ca
+            .issue("a", CertRole::Agent, false, Duration::from_secs(30))
+            .unwrap()
+            .identity;
+        let issued = id.not_after - 30;
+        assert!(!due_at(&id, issued));
+        assert!(!due_at(&id, issued + 19));
+        assert!(due_at(&id, issued + 20));
+        assert!(due_at(&id, id.not_after + 1));
+    }
 }
 
 /// Credentials as a bundle.

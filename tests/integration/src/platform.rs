@@ -81,7 +81,17 @@ impl Platform {
     /// Starts a coordinator in the root namespace and an agent in each host's namespace,
     /// and waits until every agent has registered.
     pub fn start(tag: &str, agents: &[AgentSpec]) -> anyhow::Result<Platform> {
-        let mut p = Platform::start_coordinators(tag, 1)?;
+        Self::start_with(tag, agents, "")
+    }
+
+    /// Like [`Platform::start`], with `coordinator_extra` (top-level keys) added to
+    /// the coordinator's config.
+    pub fn start_with(
+        tag: &str,
+        agents: &[AgentSpec],
+        coordinator_extra: &str,
+    ) -> anyhow::Result<Platform> {
+        let mut p = Platform::start_coordinators_with(tag, 1, None, coordinator_extra)?;
         p.add_agents(agents)?;
         Ok(p)
     }
@@ -100,6 +110,15 @@ impl Platform {
         n: usize,
         gid_base: Option<u32>,
     ) -> anyhow::Result<Platform> {
+        Self::start_coordinators_with(tag, n, gid_base, "")
+    }
+
+    fn start_coordinators_with(
+        tag: &str,
+        n: usize,
+        gid_base: Option<u32>,
+        extra: &str,
+    ) -> anyhow::Result<Platform> {
         let mut ssp = Ssp::locate()?;
         let scratch = Scratch::new(tag)?;
         let dir = scratch.path().to_path_buf();
@@ -111,7 +130,7 @@ impl Platform {
         for i in 0..n.max(1) {
             let port = free_port();
             let cfg = format!(
-                "listen = \"0.0.0.0:{port}\"\nadvertise = \"http://127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\nhost_timeout_secs = 6\nbootstrap = {boot}\n[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
+                "listen = \"0.0.0.0:{port}\"\nadvertise = \"http://127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nshared_roots = [\"{root}\"]\ndefault_shares = [\"{root}/team:/shared\"]\nreconcile_secs = 5\nhost_timeout_secs = 6\nbootstrap = {boot}\n{extra}[defaults]\ncpus = 1\nmemory = \"1GiB\"\ndisk = \"2GiB\"\nprocesses = 2000\nimage = \"debian-ssh\"\n",
                 data = dir.join(format!("coordinator{i}")).display(),
                 root = shared_root.display(),
                 boot = i == 0,
