@@ -82,6 +82,16 @@ fn due_at(id: &Identity, now: i64) -> bool {
     now >= issued + life * 2 / 3
 }
 
+/// Credentials as a bundle.
+pub fn bundle_of(c: &Credentials) -> Bundle {
+    Bundle {
+        coordinators: c.coordinators.clone(),
+        cert_pem: c.cert_pem.clone(),
+        key_pem: c.key_pem.clone(),
+        ca_pem: c.ca_pem.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,15 +109,5 @@ mod tests {
         assert!(!due_at(&id, issued + 19));
         assert!(due_at(&id, issued + 20));
         assert!(due_at(&id, id.not_after + 1));
-    }
-}
-
-/// Credentials as a bundle.
-pub fn bundle_of(c: &Credentials) -> Bundle {
-    Bundle {
-        coordinators: c.coordinators.clone(),
-        cert_pem: c.cert_pem.clone(),
-        key_pem: c.key_pem.clone(),
-        ca_pem: c.ca_pem.clone(),
     }
 }
