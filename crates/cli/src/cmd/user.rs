@@ -180,7 +180,11 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
             if !reply.warning.is_empty() {
                 eprintln!("sspctl: warning: {}", reply.warning);
             }
-            if a.wait == Wait::Ssh && !a.no_wait {
+            // The user's credentials are issued while the container's SSH comes up.
+            let ssh = async {
+                if a.wait != Wait::Ssh || a.no_wait {
+                    return Ok(());
+                }
                 if !reply.warning.is_empty() {
                     anyhow::bail!(
                         "user {} is added, but their container is not running yet, so they cannot log in; `sspctl ls` shows when it runs",
@@ -193,11 +197,12 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                         "user {} is added and their container runs on {}, but SSH at {}:{} did not answer from here within {}s (--wait running or --no-wait do not wait for it)",
                         a.name, i.host, i.ssh_host, i.ssh_port, a.wait_timeout
                     )
-                })?;
-            }
-            let bundle = if a.no_credentials {
-                None
-            } else {
+                })
+            };
+            let issue = async {
+                if a.no_credentials {
+                    return Ok(None);
+                }
                 let path = a
                     .credentials_out
                     .clone()
@@ -211,8 +216,14 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                             a.name, a.name
                         )
                     })?;
-                Some(path)
+                anyhow::Ok(Some(path))
             };
+            let (ssh, bundle) = tokio::join!(ssh, issue);
+            let bundle = bundle?;
+            if let (Err(_), Some(p)) = (&ssh, &bundle) {
+                eprintln!("sspctl: {}'s credentials are in {}", a.name, p.display());
+            }
+            ssh?;
             if let (Some(p), output::Format::Table) = (&bundle, cli.output) {
                 eprintln!(
                     "sspctl: {}'s credentials are in {} (give them to {}: `sspctl login {}`)",
