@@ -152,6 +152,10 @@ impl Coordinator for CoordinatorService {
         let id = request_id(req.metadata());
         let r = req.into_inner();
         let cmd = request::add_user(&r, &self.core.cfg).map_err(input_status)?;
+        // The settings (uid range) go into the log before the first user: a user
+        // placed before them would get a uid from the default range. Settings never
+        // change once set, so checking here on the leader is enough.
+        self.core.settle_settings().await?;
         let (user, instance) = match self.core.apply_for(&caller, cmd, id).await? {
             Applied::Now(Outcome::UserAdded { user, instance }) => (user, instance),
             Applied::Earlier { index } => self
