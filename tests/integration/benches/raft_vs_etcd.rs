@@ -232,12 +232,14 @@ fn main() -> Result<()> {
     if std::env::var_os("SSP_BENCH_KEEP").is_some() {
         std::mem::forget(Scratch::new("keep-marker")?);
     }
+    // etcd first: its members must bind their ports before the coordinators'
+    // connections start taking ports.
+    let (_etcd_procs, etcd_addrs) = start_etcd(scratch.path())?;
     let (_ssp_procs, ssp_addrs, ssp_bins) =
         start_ssp(&scratch.path().join("mtls"), Ssp::locate()?)?;
     // The same coordinators built without TLS: what mutual TLS costs.
     let (_plain_procs, plain_addrs, plain_bins) =
         start_ssp(&scratch.path().join("plain"), Ssp::plain()?)?;
-    let (_etcd_procs, etcd_addrs) = start_etcd(scratch.path())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

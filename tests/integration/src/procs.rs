@@ -13,7 +13,22 @@ pub fn new_session(c: &mut Command) {
 }
 
 /// A free TCP port on loopback (bound and released).
+///
+/// Chosen below the kernel's ephemeral range (32768 and up): a port from that range,
+/// free now, can become the source port of some outgoing connection before the
+/// process meant to listen on it binds it (seen: an etcd member that never started).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20000 + (std::process::id() * 7919) % 12000;
+    for _ in 0..12000 {
+        let port = 20000 + (base - 20000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok()
+            && TcpListener::bind(("0.0.0.0", port as u16)).is_ok()
+        {
+            return port as u16;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
