@@ -79,6 +79,9 @@ impl Coordinators {
             .worker_threads(2)
             .enable_all()
             .build()?;
+        let scratch = Scratch::new(tag)?;
+        let mut ssp = ssp;
+        ssp.credentials_dir = Some(scratch.path().to_path_buf());
         let mut c = Coordinators {
             idx,
             nodes: Vec::new(),
@@ -86,7 +89,7 @@ impl Coordinators {
             rt,
             bridge,
             snapshot_every,
-            scratch: Scratch::new(tag)?,
+            scratch,
         };
         for i in 0..n {
             c.add_node(i == 0)?;
