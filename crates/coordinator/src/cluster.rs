@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::Core;
 use crate::raft::NodeId;
+use ssp_model::CertRole;
 
 /// Header carrying a client's request id; retries reuse it.
 pub const REQUEST_ID: &str = "ssp-request-id";
@@ -291,13 +292,14 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<NodeInfoRequest>,
     ) -> Result<Response<NodeInfoReply>, Status> {
-        {
-            use ssp_model::CertRole::*;
-            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
-            if ssp_net::auth::require(&id, &[Admin, Coordinator], "read node info").is_err() {
-                return Err(self.core.deny(&id, "node-info", "").await);
-            }
-        }
+        self.core
+            .admit(
+                &req,
+                &[CertRole::Admin, CertRole::Coordinator],
+                "node-info",
+                "",
+            )
+            .await?;
         let r = &self.core.replica;
         Ok(Response::new(NodeInfoReply {
             id: r.id,
@@ -311,13 +313,9 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ClusterInitRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
-        {
-            use ssp_model::CertRole::*;
-            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
-            if ssp_net::auth::require(&id, &[Admin], "form a cluster").is_err() {
-                return Err(self.core.deny(&id, "init", "").await);
-            }
-        }
+        self.core
+            .admit(&req, &[CertRole::Admin], "init", "")
+            .await?;
         let r = &self.core.replica;
         if r.initialized().await {
             return Err(Status::already_exists(format!(
@@ -336,13 +334,9 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ClusterJoinRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
-        {
-            use ssp_model::CertRole::*;
-            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
-            if ssp_net::auth::require(&id, &[Admin], "add coordinators").is_err() {
-                return Err(self.core.deny(&id, "join", "").await);
-            }
-        }
+        self.core
+            .admit(&req, &[CertRole::Admin], "join", "")
+            .await?;
         if let crate::cluster::Route::Leader(addr) = self.core.route(req.metadata()).await? {
             return self.core.peers.cluster(&addr)?.join(forwarded(req)).await;
         }
@@ -397,13 +391,9 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ClusterLeaveRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
-        {
-            use ssp_model::CertRole::*;
-            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
-            if ssp_net::auth::require(&id, &[Admin], "remove coordinators").is_err() {
-                return Err(self.core.deny(&id, "leave", "").await);
-            }
-        }
+        self.core
+            .admit(&req, &[CertRole::Admin], "leave", "")
+            .await?;
         if let crate::cluster::Route::Leader(addr) = self.core.route(req.metadata()).await? {
             return self.core.peers.cluster(&addr)?.leave(forwarded(req)).await;
         }
@@ -439,15 +429,14 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
-        {
-            use ssp_model::CertRole::*;
-            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
-            if ssp_net::auth::require(&id, &[Admin, Coordinator], "read the cluster status")
-                .is_err()
-            {
-                return Err(self.core.deny(&id, "status", "").await);
-            }
-        }
+        self.core
+            .admit(
+                &req,
+                &[CertRole::Admin, CertRole::Coordinator],
+                "status",
+                "",
+            )
+            .await?;
         let stale = req.metadata().get(READ).and_then(|v| v.to_str().ok()) == Some("stale");
         if !stale {
             if let crate::cluster::Route::Leader(addr) = self.core.route(req.metadata()).await? {
@@ -461,13 +450,9 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
-        {
-            use ssp_model::CertRole::*;
-            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
-            if ssp_net::auth::require(&id, &[Coordinator], "ask for a read index").is_err() {
-                return Err(self.core.deny(&id, "read-index", "").await);
-            }
-        }
+        self.core
+            .admit(&req, &[CertRole::Coordinator], "read-index", "")
+            .await?;
         let index = self.core.read_index().await?;
         Ok(Response::new(ReadIndexReply {
             index,
@@ -479,13 +464,14 @@ impl ssp_proto::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<LocalStateRequest>,
     ) -> Result<Response<LocalStateReply>, Status> {
-        {
-            use ssp_model::CertRole::*;
-            let id = ssp_net::auth::caller(&self.core.tls, &req)?;
-            if ssp_net::auth::require(&id, &[Admin, Coordinator], "read a replica").is_err() {
-                return Err(self.core.deny(&id, "local-state", "").await);
-            }
-        }
+        self.core
+            .admit(
+                &req,
+                &[CertRole::Admin, CertRole::Coordinator],
+                "local-state",
+                "",
+            )
+            .await?;
         let (json, applied) = self.core.replica.read(|m| {
             (
                 serde_json::to_vec(m).map_err(|e| Status::internal(e.to_string())),

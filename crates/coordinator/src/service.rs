@@ -30,8 +30,6 @@ fn input_status(e: ssp_model::InputError) -> Status {
 use ssp_model::CertRole::{Admin, Agent, User as UserRole};
 
 impl CoordinatorService {
-    /// The caller, if their role is one of `roles`; otherwise PermissionDenied,
-    /// written to the audit log.
     async fn admit<T>(
         &self,
         req: &Request<T>,
@@ -39,11 +37,7 @@ impl CoordinatorService {
         action: &str,
         target: &str,
     ) -> Result<Arc<ssp_net::Identity>, Status> {
-        let id = ssp_net::auth::caller(&self.core.tls, req)?;
-        if ssp_net::auth::require(&id, roles, action).is_err() {
-            return Err(self.core.deny(&id, action, target).await);
-        }
-        Ok(id)
+        self.core.admit(req, roles, action, target).await
     }
 
     /// Admits an admin, or a user acting on their own name.

@@ -274,6 +274,22 @@ impl Core {
         status
     }
 
+    /// The caller of `req`, if their role is one of `roles`; otherwise
+    /// PermissionDenied, written to the audit log as `action` on `target`.
+    pub async fn admit<T>(
+        &self,
+        req: &Request<T>,
+        roles: &[CertRole],
+        action: &str,
+        target: &str,
+    ) -> Result<Arc<Identity>, Status> {
+        let id = caller(&self.tls, req)?;
+        if require(&id, roles, action).is_err() {
+            return Err(self.deny(&id, action, target).await);
+        }
+        Ok(id)
+    }
+
     /// Applies `cmd` for `id`, recorded in the audit log.
     pub async fn apply_for(
         &self,
@@ -439,10 +455,11 @@ impl ssp_proto::trust_server::Trust for TrustService {
     }
 
     async fn issue(&self, req: Request<IssueRequest>) -> Result<Response<Credentials>, Status> {
-        let id = caller(&self.core.tls, &req)?;
-        if require(&id, &[CertRole::Admin], "issue certificates").is_err() {
-            return Err(self.core.deny(&id, "issue-cert", &req.get_ref().name).await);
-        }
+        let target = req.get_ref().name.clone();
+        let id = self
+            .core
+            .admit(&req, &[CertRole::Admin], "issue-cert", &target)
+            .await?;
         to_leader!(self, req, issue);
         let r = req.into_inner();
         let role = CertRole::parse(&r.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -468,13 +485,11 @@ impl ssp_proto::trust_server::Trust for TrustService {
         &self,
         req: Request<CreateTokenRequest>,
     ) -> Result<Response<Credentials>, Status> {
-        let id = caller(&self.core.tls, &req)?;
-        if require(&id, &[CertRole::Admin], "create join tokens").is_err() {
-            return Err(self
-                .core
-                .deny(&id, "create-token", &req.get_ref().role)
-                .await);
-        }
+        let target = req.get_ref().role.clone();
+        let id = self
+            .core
+            .admit(&req, &[CertRole::Admin], "create-token", &target)
+            .await?;
         to_leader!(self, req, create_token);
         let r = req.into_inner();
         let role = CertRole::parse(&r.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -519,13 +534,11 @@ impl ssp_proto::trust_server::Trust for TrustService {
     }
 
     async fn revoke(&self, req: Request<RevokeRequest>) -> Result<Response<RevokeReply>, Status> {
-        let id = caller(&self.core.tls, &req)?;
-        if require(&id, &[CertRole::Admin], "revoke certificates").is_err() {
-            return Err(self
-                .core
-                .deny(&id, "revoke", &req.get_ref().serial_or_name)
-                .await);
-        }
+        let target = req.get_ref().serial_or_name.clone();
+        let id = self
+            .core
+            .admit(&req, &[CertRole::Admin], "revoke", &target)
+            .await?;
         to_leader!(self, req, revoke);
         let target = req.into_inner().serial_or_name;
         if target.is_empty() || target.len() > 128 {
@@ -558,10 +571,9 @@ impl ssp_proto::trust_server::Trust for TrustService {
         &self,
         req: Request<ListCertsRequest>,
     ) -> Result<Response<CertList>, Status> {
-        let id = caller(&self.core.tls, &req)?;
-        if require(&id, &[CertRole::Admin], "list certificates").is_err() {
-            return Err(self.core.deny(&id, "list-certs", "").await);
-        }
+        self.core
+            .admit(&req, &[CertRole::Admin], "list-certs", "")
+            .await?;
         self.core.prepare_read(req.metadata()).await?;
         let list = self.core.read(|s| CertList {
             certs: s
