@@ -71,6 +71,24 @@ pub struct AgentConfig {
     /// when `state_dir/tls` has no certificate; `--token` overrides it.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Where this host's daemon listens for moves between hosts (`ADDRESS:PORT`,
+    /// set as the daemon's `core.https_address` at the first move out of this
+    /// host, unless the daemon already listens somewhere). Default: `ssh_host:8443`.
+    #[serde(default)]
+    pub migration_address: Option<String>,
+}
+
+impl AgentConfig {
+    /// [`AgentConfig::migration_address`] or its default.
+    pub fn migration_address(&self) -> String {
+        match &self.migration_address {
+            Some(a) => a.clone(),
+            None => match self.ssh_host.trim().parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:8443"),
+                _ => format!("{}:8443", self.ssh_host.trim()),
+            },
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {

@@ -12,6 +12,7 @@ pub mod hostcheck;
 pub mod inventory;
 pub mod lxcfs;
 pub mod members;
+pub mod migrate;
 pub mod nvidia;
 pub mod policy;
 pub mod ports;
@@ -114,6 +115,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         host: Arc::clone(&host),
         policy,
         admit: Default::default(),
+        migration_address: cfg.migration_address(),
     };
     // Only coordinators of this cluster drive an agent.
     ssp_net::Listener::server()

@@ -21,6 +21,8 @@ pub struct AgentService {
     /// Held from the policy check until the spec is stored, so two specs sent at
     /// once cannot both take the same GPU or port.
     pub admit: Arc<tokio::sync::Mutex<()>>,
+    /// Where the daemon listens for moves out of this host.
+    pub migration_address: String,
 }
 
 fn to_status(e: EnsureError) -> Status {
@@ -212,6 +214,156 @@ impl Agent for AgentService {
             tracing::info!(members = n, %hash, "lab members files written");
         }
         Ok(Response::new(SetLabMembersReply { hash }))
+    }
+
+    async fn migrate_out(
+        &self,
+        req: Request<MigrateOutRequest>,
+    ) -> Result<Response<MigrateOutReply>, Status> {
+        let r = req.into_inner();
+        let name = r.name;
+        check_name(&name)?;
+        if !r.snapshot.is_empty() {
+            check_name(&r.snapshot).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "snapshot name {:?}: letters, digits and '-' only",
+                    r.snapshot.chars().take(80).collect::<String>()
+                ))
+            })?;
+        }
+        let _guard = self.host.lock(&name).await;
+        let reply = crate::migrate::migrate_out(
+            self.client(),
+            &self.migration_address,
+            &self.host.ssh_host,
+            &name,
+            &r.snapshot,
+        )
+        .await
+        .map_err(to_status)?;
+        tracing::info!(instance = %name, operation = %reply.operation, "a move out of this host may pull it");
+        Ok(Response::new(reply))
+    }
+
+    type MigrateInStream = Pin<Box<dyn Stream<Item = Result<MigrateProgress, Status>> + Send>>;
+
+    async fn migrate_in(
+        &self,
+        req: Request<MigrateInRequest>,
+    ) -> Result<Response<Self::MigrateInStream>, Status> {
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| Status::invalid_argument("a move needs the container's spec"))?;
+        let source = r
+            .source
+            .ok_or_else(|| Status::invalid_argument("a move needs the source's operation"))?;
+        check_name(&spec.name)?;
+        if !source.operation.starts_with("https://") {
+            return Err(Status::invalid_argument(format!(
+                "the source operation must be an https:// URL, not {:?}",
+                source.operation.chars().take(80).collect::<String>()
+            )));
+        }
+        let facts = self
+            .host
+            .facts()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read host facts: {e:#}")))?;
+        {
+            let _admitting = self.admit.lock().await;
+            let gpus: Vec<String> = facts
+                .inventory
+                .gpus
+                .iter()
+                .map(|g| g.pci_address.clone())
+                .collect();
+            let others: Vec<InstanceSpec> = self
+                .host
+                .specs
+                .names()
+                .iter()
+                .filter(|n| **n != spec.name)
+                .filter_map(|n| self.host.specs.get(n))
+                .collect();
+            crate::policy::check(&spec, &self.policy, &gpus, &others).map_err(|why| {
+                tracing::warn!(instance = %spec.name, "refused a move in: {why}");
+                Status::invalid_argument(format!(
+                    "this host refuses the spec of {}: {why}",
+                    spec.name
+                ))
+            })?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<MigrateProgress, Status>>(64);
+        let host = Arc::clone(&self.host);
+        tokio::spawn(async move {
+            let _guard = host.lock(&spec.name).await;
+            let (ptx, mut prx) = tokio::sync::mpsc::channel::<MigrateProgress>(64);
+            let forward = {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(p) = prx.recv().await {
+                        let _ = tx.send(Ok(p)).await;
+                    }
+                })
+            };
+            let t0 = std::time::Instant::now();
+            let result = crate::migrate::migrate_in(
+                &host.client,
+                &facts.context,
+                &host.addrs,
+                &spec,
+                &source,
+                &ptx,
+            )
+            .await;
+            drop(ptx);
+            let _ = forward.await;
+            let last = match result {
+                Ok(refresh) => {
+                    tracing::info!(instance = %spec.name, refresh, ms = t0.elapsed().as_millis() as u64, "moved in");
+                    Ok(MigrateProgress {
+                        refresh,
+                        done: true,
+                        ..Default::default()
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %spec.name, "a move in failed: {e}");
+                    Err(to_status(e))
+                }
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn probe_ssh(
+        &self,
+        req: Request<ProbeSshRequest>,
+    ) -> Result<Response<ProbeSshReply>, Status> {
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let timeout = std::time::Duration::from_millis(u64::from(r.timeout_ms.min(120_000)));
+        let (answered, detail) = crate::migrate::probe_ssh(self.client(), &r.name, timeout).await;
+        Ok(Response::new(ProbeSshReply { answered, detail }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotReply>, Status> {
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        check_name(&r.snapshot)
+            .map_err(|_| Status::invalid_argument("snapshot names are letters, digits and '-'"))?;
+        let _guard = self.host.lock(&r.name).await;
+        let existed = crate::migrate::delete_snapshot(self.client(), &r.name, &r.snapshot)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(DeleteSnapshotReply { existed }))
     }
 
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<InstanceEvent, Status>> + Send>>;

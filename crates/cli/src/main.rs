@@ -58,6 +58,11 @@ enum Commands {
     Cert(cmd::trust::CertCmd),
     /// Who did what, when, from which certificate, and the outcome.
     Audit(cmd::trust::AuditArgs),
+    /// Move a user's container to another host (seconds of downtime: copied while
+    /// it runs, then only what changed), or resume or abort an interrupted move.
+    Migrate(cmd::migrate::Args),
+    /// Moves in progress and recent ones, with phase and outcome.
+    Migrations(cmd::migrate::ListArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -78,6 +83,8 @@ async fn main() {
         Commands::Token(ref c) => cmd::trust::token(&cli, c).await,
         Commands::Cert(ref c) => cmd::trust::cert(&cli, c).await,
         Commands::Audit(ref a) => cmd::trust::audit(&cli, a).await,
+        Commands::Migrate(ref a) => cmd::migrate::migrate(&cli, a).await,
+        Commands::Migrations(ref a) => cmd::migrate::list(&cli, a).await,
     };
     if let Err(e) = res {
         eprintln!("sspctl: {}", cmd::one_line(&e));

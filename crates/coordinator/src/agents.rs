@@ -16,6 +16,8 @@ use tonic::transport::Channel;
 /// Long operations (image unpack, first start) may take this long.
 const ENSURE_TIMEOUT: Duration = Duration::from_secs(180);
 const QUICK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A move whose transfer reports nothing for this long is taken as hung.
+const MIGRATE_SILENCE: Duration = Duration::from_secs(600);
 
 /// A pool of channels, one per agent address (mutual TLS: the agent must show an
 /// agent certificate of this cluster, and sees this coordinator's).
@@ -125,6 +127,125 @@ impl Agents {
             host,
             QUICK_TIMEOUT,
             c.list_instances(ListInstancesRequest { managed_only }),
+        )
+        .await
+    }
+
+    /// Stops `name` on `host` and keeps it stopped (the agent's stored spec says so).
+    pub async fn stop(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+    ) -> Result<InstanceStatus, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        call(
+            host,
+            ENSURE_TIMEOUT,
+            c.instance_action(ssp_proto::InstanceActionRequest {
+                name: name.into(),
+                action: ssp_proto::Action::Stop as i32,
+            }),
+        )
+        .await
+    }
+
+    /// Has `host`'s daemon open the operation a target pulls `name` from.
+    pub async fn migrate_out(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<ssp_proto::MigrateOutReply, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        call(
+            host,
+            ENSURE_TIMEOUT,
+            c.migrate_out(ssp_proto::MigrateOutRequest {
+                name: name.into(),
+                snapshot: snapshot.into(),
+            }),
+        )
+        .await
+    }
+
+    /// Deletes snapshot `snapshot` of `name` on `host`.
+    pub async fn delete_snapshot(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<bool, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        Ok(call(
+            host,
+            ENSURE_TIMEOUT,
+            c.delete_snapshot(ssp_proto::DeleteSnapshotRequest {
+                name: name.into(),
+                snapshot: snapshot.into(),
+            }),
+        )
+        .await?
+        .existed)
+    }
+
+    /// Has `host` pull `spec`'s container from `source`; `progress` sees the
+    /// daemon's progress. Returns whether only what changed was sent.
+    pub async fn migrate_in(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        spec: InstanceSpec,
+        source: ssp_proto::MigrateOutReply,
+        mut progress: impl FnMut(&ssp_proto::MigrateProgress),
+    ) -> Result<bool, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        let mut stream = call(
+            host,
+            QUICK_TIMEOUT,
+            c.migrate_in(ssp_proto::MigrateInRequest {
+                spec: Some(spec),
+                source: Some(source),
+            }),
+        )
+        .await?;
+        loop {
+            // A transfer that shows no progress for this long is taken as hung.
+            let next = call(host, MIGRATE_SILENCE, async {
+                stream.message().await.map(tonic::Response::new)
+            })
+            .await?;
+            match next {
+                Some(p) if p.done => return Ok(p.refresh),
+                Some(p) => progress(&p),
+                None => {
+                    return Err(AgentError::Unreachable {
+                        host: host.into(),
+                        message: "the agent ended the transfer without a result".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether `name`'s SSH server on `host` greets within `timeout`.
+    pub async fn probe_ssh(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<ssp_proto::ProbeSshReply, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        call(
+            host,
+            timeout + QUICK_TIMEOUT,
+            c.probe_ssh(ssp_proto::ProbeSshRequest {
+                name: name.into(),
+                timeout_ms: timeout.as_millis() as u32,
+            }),
         )
         .await
     }

@@ -41,6 +41,8 @@ pub struct Core {
     backoff: Arc<std::sync::Mutex<Backoff>>,
     /// What the last reconcile pass found on each host and left alone.
     found: Arc<std::sync::Mutex<HashMap<String, Found>>>,
+    /// The moves between hosts this coordinator drives (as leader).
+    pub driving: crate::migrate::Driving,
 }
 
 /// Containers on a host that ssp leaves alone, from the last reconcile pass.
@@ -61,6 +63,8 @@ pub enum Converged {
     Deleted,
     /// It is not in the desired state (any more).
     Gone,
+    /// It is moving between hosts: the move's driver acts on it, nothing else.
+    Moving,
 }
 
 /// A write's result: its outcome, or `Earlier` when the same request id was
@@ -84,9 +88,10 @@ pub fn rejection_status(r: Rejection) -> Status {
         Rejection::NoFit { .. } | Rejection::NoFreeUid { .. } => {
             Status::resource_exhausted(r.to_string())
         }
-        Rejection::NotDeleting(_) | Rejection::UserRemoving(_) | Rejection::Trust(_) => {
-            Status::failed_precondition(r.to_string())
-        }
+        Rejection::NotDeleting(_)
+        | Rejection::UserRemoving(_)
+        | Rejection::Trust(_)
+        | Rejection::Migration(_) => Status::failed_precondition(r.to_string()),
         Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
             Status::invalid_argument(r.to_string())
         }
@@ -106,6 +111,7 @@ impl Core {
             last_seen: Default::default(),
             backoff: Default::default(),
             found: Default::default(),
+            driving: Default::default(),
         }
     }
 
@@ -213,6 +219,7 @@ impl Core {
         // Take only what this instance needs from the state, under the read lock.
         enum Plan {
             Gone,
+            Moving,
             Delete(String),
             Ensure(String, Box<ssp_proto::InstanceSpec>),
         }
@@ -220,6 +227,9 @@ impl Core {
             let Some(inst) = state.instances.get(name) else {
                 return (Plan::Gone, None);
             };
+            if state.moving(name).is_some() {
+                return (Plan::Moving, None);
+            }
             let host = state.hosts.get(inst.host.as_str()).cloned();
             if inst.deleting {
                 return (Plan::Delete(inst.host.to_string()), host);
@@ -232,6 +242,7 @@ impl Core {
         });
         match plan {
             Plan::Gone => Ok(Converged::Gone),
+            Plan::Moving => Ok(Converged::Moving),
             Plan::Delete(host) => {
                 self.agents
                     .delete(state_for_host.as_ref(), &host, name)
@@ -538,6 +549,10 @@ impl Core {
                 due = true;
             }
             was_leader = leader;
+            if leader {
+                // Moves a previous leader left (or this one dropped) go on.
+                self.drive_unfinished();
+            }
             if !leader || !(due || last_pass.is_none_or(|t| t.elapsed() >= every)) {
                 continue;
             }

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod core;
+pub mod migrate;
 pub mod plan;
 pub mod raft;
 pub mod request;

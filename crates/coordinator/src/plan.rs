@@ -76,6 +76,10 @@ pub fn plan(state: &State, reports: &BTreeMap<String, InstanceList>) -> Plan {
         {
             continue;
         }
+        // A moving container is its move's to act on.
+        if state.moving(&inst.name).is_some() {
+            continue;
+        }
         if inst.deleting {
             p.steps.push(Step::Delete {
                 name: inst.name.clone(),
@@ -117,7 +121,10 @@ pub fn plan(state: &State, reports: &BTreeMap<String, InstanceList>) -> Plan {
             let ours = state
                 .instances
                 .get(&r.name)
-                .is_some_and(|i| i.host.as_str() == host);
+                .is_some_and(|i| i.host.as_str() == host)
+                || state
+                    .moving(&r.name)
+                    .is_some_and(|m| m.from.host.as_str() == host || m.to.host.as_str() == host);
             let list = if !r.managed {
                 &mut p.unmanaged
             } else if !ours {

@@ -522,6 +522,224 @@ impl Coordinator for CoordinatorService {
         ))
     }
 
+    async fn migrate(
+        &self,
+        req: Request<MigrateRequest>,
+    ) -> Result<Response<MigrationView>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "migrate", &req.get_ref().name)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .migrate(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let name = ssp_model::Username::parse(&r.name).map_err(input_status)?;
+        let to = match (r.host.is_empty(), r.auto) {
+            (false, false) => Some(ssp_model::HostName::parse(&r.host).map_err(input_status)?),
+            (true, true) => None,
+            (false, true) => {
+                return Err(Status::invalid_argument(
+                    "name a target host or ask for --auto, not both",
+                ))
+            }
+            (true, false) => {
+                return Err(Status::invalid_argument(
+                    "name the target host, or ask for --auto to let placement choose",
+                ))
+            }
+        };
+        let cmd = Command::Migrate(ssp_model::MigrationCommand::Begin {
+            instance: name.to_string(),
+            to,
+            at_ms: crate::migrate::now_ms(),
+        });
+        let m = match self.core.apply_for(&caller, cmd, id).await? {
+            Applied::Now(Outcome::Migration(m)) => m,
+            // A retried request: the move it began.
+            _ => self
+                .core
+                .read(|s| {
+                    s.migrations
+                        .values()
+                        .rev()
+                        .find(|m| m.instance == name.as_str())
+                        .cloned()
+                })
+                .ok_or_else(|| Status::internal("the move was begun but its record is missing"))?,
+        };
+        tracing::info!(migration = m.id, instance = %m.instance, from = %m.from.host, to = %m.to.host, "move begun");
+        self.core.drive(m.id);
+        Ok(from_leader(
+            Response::new(crate::migrate::view(&m, self.core.driving.progress(m.id))),
+            &self.core,
+        ))
+    }
+
+    async fn control_migration(
+        &self,
+        req: Request<ControlMigrationRequest>,
+    ) -> Result<Response<MigrationView>, Status> {
+        let target = req.get_ref().id.to_string();
+        let caller = self
+            .admit(&req, &[Admin], "control-migration", &target)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .control_migration(forwarded(req))
+                .await;
+        }
+        let r = req.into_inner();
+        let m = self
+            .core
+            .read(|s| s.migrations.get(&r.id).cloned())
+            .ok_or_else(|| {
+                Status::not_found(format!("no migration {} (see sspctl migrations)", r.id))
+            })?;
+        match r.action.as_str() {
+            "resume" => {}
+            "abort" => {
+                if !m.phase.may_roll_back() {
+                    return Err(Status::failed_precondition(format!(
+                        "migration {} is {}: {}",
+                        m.id,
+                        m.phase,
+                        if m.phase.finished() {
+                            "it is over"
+                        } else {
+                            "the target has been started and may hold new writes, so it only goes forward; resume it instead"
+                        }
+                    )));
+                }
+                let cmd = Command::Migrate(ssp_model::MigrationCommand::Advance {
+                    id: m.id,
+                    phase: ssp_model::MigrationPhase::RollingBack,
+                    note: format!("aborted by {}", caller.label()),
+                    at_ms: crate::migrate::now_ms(),
+                    ssh: None,
+                });
+                self.core.apply_for(&caller, cmd, None).await?;
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "action {:?}: expected resume or abort",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+        self.core.drive(m.id);
+        let m = self
+            .core
+            .read(|s| s.migrations.get(&m.id).cloned())
+            .unwrap_or(m);
+        Ok(from_leader(
+            Response::new(crate::migrate::view(&m, self.core.driving.progress(m.id))),
+            &self.core,
+        ))
+    }
+
+    async fn list_migrations(
+        &self,
+        req: Request<ListMigrationsRequest>,
+    ) -> Result<Response<MigrationList>, Status> {
+        let caller = self
+            .admit(&req, &[Admin, UserRole], "list-migrations", "")
+            .await?;
+        self.core.prepare_read(req.metadata()).await?;
+        let want = req.get_ref().id;
+        let mine = |m: &ssp_model::Migration| caller.role == Admin || m.instance == caller.name;
+        let migrations = self.core.read(|s| {
+            s.migrations
+                .values()
+                .filter(|m| (want == 0 || m.id == want) && mine(m))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        if want != 0 && migrations.is_empty() {
+            return Err(Status::not_found(format!("no migration {want}")));
+        }
+        let migrations = migrations
+            .iter()
+            .map(|m| crate::migrate::view(m, self.core.driving.progress(m.id)))
+            .collect();
+        Ok(from_leader(
+            Response::new(MigrationList { migrations }),
+            &self.core,
+        ))
+    }
+
+    async fn evacuate_host(
+        &self,
+        req: Request<EvacuateHostRequest>,
+    ) -> Result<Response<EvacuateHostReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "evacuate-host", &req.get_ref().host)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .evacuate_host(forwarded(req))
+                .await;
+        }
+        let host = req.into_inner().host;
+        let host = ssp_model::HostName::parse(&host).map_err(input_status)?;
+        self.core
+            .apply_for(
+                &caller,
+                Command::SetHostStatus {
+                    name: host.to_string(),
+                    status: ssp_model::HostStatus::Draining,
+                },
+                None,
+            )
+            .await?;
+        let names: Vec<String> = self.core.read(|s| {
+            s.instances
+                .values()
+                .filter(|i| i.host == host && !i.deleting && s.moving(&i.name).is_none())
+                .map(|i| i.name.clone())
+                .collect()
+        });
+        let mut reply = EvacuateHostReply::default();
+        for name in names {
+            let cmd = Command::Migrate(ssp_model::MigrationCommand::Begin {
+                instance: name.clone(),
+                to: None,
+                at_ms: crate::migrate::now_ms(),
+            });
+            match self.core.apply_for(&caller, cmd, None).await {
+                Ok(Applied::Now(Outcome::Migration(m))) => {
+                    self.core.drive(m.id);
+                    reply.migrations.push(crate::migrate::view(&m, None));
+                }
+                Ok(_) => {}
+                Err(s) => reply.refused.push(format!("{name}: {}", s.message())),
+            }
+        }
+        // Moves begun earlier are part of the evacuation too.
+        let begun: Vec<u64> = reply.migrations.iter().map(|m| m.id).collect();
+        let earlier: Vec<MigrationView> = self.core.read(|s| {
+            s.migrations
+                .values()
+                .filter(|m| m.from.host == host && !m.phase.finished() && !begun.contains(&m.id))
+                .map(|m| crate::migrate::view(m, None))
+                .collect()
+        });
+        reply.migrations.extend(earlier);
+        tracing::info!(host = %host, moving = reply.migrations.len(), refused = reply.refused.len(), "evacuating");
+        Ok(from_leader(Response::new(reply), &self.core))
+    }
+
     async fn ssh_config(
         &self,
         req: Request<SshConfigRequest>,

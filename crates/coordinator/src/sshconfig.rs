@@ -16,7 +16,12 @@ pub fn render(inst: &Instance, host: &Host, identity_file: &str) -> String {
             "    IdentityFile {identity_file}\n    IdentitiesOnly yes\n"
         ));
     }
-    // The container's host key is new when it is created; accept it once, then pin it.
-    out.push_str("    StrictHostKeyChecking accept-new\n    ServerAliveInterval 30\n");
+    // The container's host key is new when it is created; accept it once, then pin
+    // it under the container's name, not its host and port: the container keeps its
+    // keys when it moves to another host, and the pinned key still matches there.
+    out.push_str(&format!(
+        "    HostKeyAlias ssp-{}\n    StrictHostKeyChecking accept-new\n    ServerAliveInterval 30\n",
+        inst.name
+    ));
     out
 }

@@ -238,6 +238,40 @@ impl Client {
         Ok(self.call(Method::POST, path, Some(body), &[]).await?.body)
     }
 
+    /// `POST path` for an async reply, without waiting: the operation's id and
+    /// its first state (e.g. a migration's websocket secrets in its metadata).
+    pub async fn post_async(&self, path: &str, body: Value) -> Result<(String, Value), Error> {
+        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        let (status, _, bytes) = self.raw(Method::POST, path, Some(bytes), &[]).await?;
+        let json: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| self.protocol(path, format!("{e} (status {status})")))?;
+        if json["type"] == "error" || !status.is_success() {
+            return Err(Error::Api {
+                method: "POST".into(),
+                path: path.into(),
+                code: json["error_code"]
+                    .as_u64()
+                    .unwrap_or(status.as_u16() as u64) as u16,
+                message: json["error"].as_str().unwrap_or("unknown error").into(),
+            });
+        }
+        let op = json["operation"]
+            .as_str()
+            .ok_or_else(|| self.protocol(path, "no operation in the reply".into()))?;
+        let id = op.rsplit('/').next().unwrap_or(op).to_string();
+        Ok((id, json["metadata"].clone()))
+    }
+
+    /// An operation's current state (`status`, `metadata`, `err`); `Ok(None)` once
+    /// the daemon has forgotten it.
+    pub async fn operation(&self, id: &str) -> Result<Option<Value>, Error> {
+        match self.get(&format!("/1.0/operations/{id}")).await {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `PATCH path` with a JSON body (merges keys).
     pub async fn patch(&self, path: &str, body: Value) -> Result<Value, Error> {
         Ok(self.call(Method::PATCH, path, Some(body), &[]).await?.body)

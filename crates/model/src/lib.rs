@@ -1,12 +1,14 @@
 //! ssp's domain model: types that parse their input, and the deterministic
 //! state machine every coordinator change goes through. No IO, no async.
 
+pub mod migration;
 pub mod names;
 pub mod place;
 pub mod state;
 pub mod trust;
 pub mod types;
 
+pub use migration::{Migration, MigrationCommand, Phase as MigrationPhase, Side};
 pub use names::{
     parse_image, parse_label, ByteSize, Endpoint, HostName, InputError, NetAddress, PciAddress,
     ShareMode, SharedFolder, SshKey, Username,

@@ -46,6 +46,11 @@ impl std::fmt::Display for NoFit {
     }
 }
 
+/// What moves in progress hold beyond the containers' own records.
+fn reserved(state: &State) -> impl Iterator<Item = &crate::migration::Side> {
+    state.migrations.values().filter_map(|m| m.reserved())
+}
+
 /// GPUs of `host` that no instance holds, in index order.
 pub fn free_gpus(state: &State, host: &Host) -> Vec<PciAddress> {
     let mut gpus: Vec<_> = host.inventory.gpus.iter().collect();
@@ -55,10 +60,13 @@ pub fn free_gpus(state: &State, host: &Host) -> Vec<PciAddress> {
             .hosts
             .get(host.name.as_str())
             .is_some_and(|h| h.gpus.contains_key(&g.pci)),
-        None => !state
-            .instances
-            .values()
-            .any(|i| i.host == host.name && i.gpus.contains(&g.pci)),
+        None => {
+            !state
+                .instances
+                .values()
+                .any(|i| i.host == host.name && i.gpus.contains(&g.pci))
+                && !reserved(state).any(|side| side.host == host.name && side.gpus.contains(&g.pci))
+        }
     };
     gpus.into_iter()
         .filter(free)
@@ -87,6 +95,11 @@ pub fn free_port(state: &State, host: &Host) -> Option<u16> {
                 .values()
                 .filter(|i| i.host == host.name)
                 .map(|i| i.ssh_port)
+                .chain(
+                    reserved(state)
+                        .filter(|side| side.host == host.name)
+                        .map(|side| side.ssh_port),
+                )
                 .chain(host.foreign_ports.iter().copied())
                 .collect();
             (first..=last).find(|p| !used.contains(p))
@@ -117,7 +130,7 @@ fn why_not(
     host: &Host,
     limits: &Limits,
     gpus: u32,
-    image: &str,
+    image: Option<&str>,
     c: &Constraints,
 ) -> Result<Placement, (String, bool)> {
     let inv = &host.inventory;
@@ -125,7 +138,7 @@ fn why_not(
     if host.status != crate::types::HostStatus::Ready {
         return Err((format!("{name}: {}", host.status.as_str()), false));
     }
-    if !inv.has_image(image) {
+    if let Some(image) = image.filter(|i| !inv.has_image(i)) {
         return Err((format!("{name}: no image {image}"), false));
     }
     if let Some(l) = c.labels.iter().find(|l| !host.labels.contains(l)) {
@@ -215,7 +228,7 @@ pub fn choose(
             state
                 .hosts
                 .get(name)
-                .and_then(|h| why_not(state, h, limits, gpus, image, c).ok())
+                .and_then(|h| why_not(state, h, limits, gpus, Some(image), c).ok())
         };
         let candidates = usage.by_free.range((gpus, String::new())..);
         if !c.spread {
@@ -301,7 +314,7 @@ pub fn choose_by_scan(
     for host in considered() {
         let free = eligible_gpus(state, host, c).len();
         gpus_free += free as u32;
-        match why_not(state, host, limits, gpus, image, c) {
+        match why_not(state, host, limits, gpus, Some(image), c) {
             Ok(p) => {
                 let better = match &best {
                     None => true,
@@ -324,6 +337,57 @@ pub fn choose_by_scan(
             gpus_asked: gpus,
             gpus_free,
             only_gpus_short: only_gpus_short && !reasons.is_empty(),
+            reasons,
+        }),
+    }
+}
+
+/// Where a move of `inst` goes: `to`, or (when `None`) the host placement
+/// prefers among the others, with the same number of GPUs under the same model
+/// and memory constraints and labels it was made with. The image is not needed
+/// there (the daemons copy the container).
+pub fn choose_for_move(
+    state: &State,
+    inst: &crate::types::Instance,
+    to: Option<&HostName>,
+) -> Result<Placement, NoFit> {
+    let gpus = inst.gpus.len() as u32;
+    let c = &inst.placement;
+    let mut best: Option<(usize, Placement)> = None;
+    let mut reasons = Vec::new();
+    let mut only_gpus_short = true;
+    let mut gpus_free = 0u32;
+    for host in state
+        .hosts
+        .values()
+        .filter(|h| h.name != inst.host && to.is_none_or(|t| *t == h.name))
+    {
+        let free = eligible_gpus(state, host, c).len();
+        gpus_free += free as u32;
+        match why_not(state, host, &inst.limits, gpus, None, c) {
+            Ok(p) => {
+                if best.as_ref().is_none_or(|(f, _)| free < *f) {
+                    best = Some((free, p));
+                }
+            }
+            Err((reason, gpu_short)) => {
+                only_gpus_short &= gpu_short;
+                reasons.push(reason);
+            }
+        }
+    }
+    match best {
+        Some((_, p)) => Ok(p),
+        None if reasons.is_empty() => Err(NoFit {
+            gpus_asked: gpus,
+            gpus_free: 0,
+            only_gpus_short: false,
+            reasons: vec![format!("no host other than {} is registered", inst.host)],
+        }),
+        None => Err(NoFit {
+            gpus_asked: gpus,
+            gpus_free,
+            only_gpus_short,
             reasons,
         }),
     }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::migration::{Migration, MigrationCommand, Phase, Side};
 use crate::names::{PciAddress, SshKey};
 use crate::place::{self, NoFit};
 use crate::types::{Host, Instance, NewUser, User};
@@ -49,6 +50,12 @@ pub struct State {
     /// Join tokens and issued certificates (absent from state written before them).
     #[serde(default)]
     pub trust: crate::trust::Trust,
+    /// Moves between hosts, in progress and the last finished ones, by id.
+    #[serde(default)]
+    pub migrations: BTreeMap<u64, Migration>,
+    /// The id the next move gets.
+    #[serde(default)]
+    pub next_migration: u64,
     /// Derived from `users` and `instances`; never stored. See [`Usage`].
     #[serde(skip)]
     usage: Usage,
@@ -61,6 +68,8 @@ impl PartialEq for State {
             && self.hosts == o.hosts
             && self.instances == o.instances
             && self.trust == o.trust
+            && self.migrations == o.migrations
+            && self.next_migration == o.next_migration
     }
 }
 
@@ -202,6 +211,7 @@ impl Usage {
         users: &BTreeMap<String, User>,
         instances: &BTreeMap<String, Instance>,
         hosts: &BTreeMap<String, Host>,
+        migrations: &BTreeMap<u64, Migration>,
     ) -> Usage {
         let mut u = Usage {
             ..Default::default()
@@ -214,6 +224,11 @@ impl Usage {
         }
         for i in instances.values() {
             u.add(i);
+        }
+        for m in migrations.values() {
+            if let Some(side) = m.reserved() {
+                u.hold_side(&m.instance, side);
+            }
         }
         for h in hosts.values() {
             u.set_foreign(h);
@@ -255,6 +270,24 @@ impl Usage {
         self.instances += 1;
     }
 
+    /// Holds what a move reserves for `name` on the side its record does not place it.
+    fn hold_side(&mut self, name: &str, side: &Side) {
+        let h = self.hosts.entry(side.host.to_string()).or_default();
+        h.hold(side.ssh_port.into());
+        for g in &side.gpus {
+            h.gpus.insert(g.clone(), name.to_string());
+        }
+    }
+
+    fn release_side(&mut self, side: &Side) {
+        if let Some(h) = self.hosts.get_mut(side.host.as_str()) {
+            h.release(side.ssh_port.into());
+            for g in &side.gpus {
+                h.gpus.remove(g);
+            }
+        }
+    }
+
     fn remove(&mut self, i: &Instance) {
         if let Some(h) = self.hosts.get_mut(i.host.as_str()) {
             h.release(i.ssh_port.into());
@@ -289,6 +322,8 @@ pub enum Command {
     },
     /// Tokens and certificates.
     Trust(crate::trust::TrustCommand),
+    /// Moves a container between hosts (see [`crate::migration`]).
+    Migrate(MigrationCommand),
     /// Changes nothing: records, in the audit log, a request refused before it
     /// reached the state (e.g. permission denied).
     Audit {
@@ -321,6 +356,24 @@ impl Command {
             }
             Command::Trust(T::Revoke { serial_or_name, .. }) => ("revoke", serial_or_name.clone()),
             Command::Audit { action, target, .. } => return (action.clone(), target.clone()),
+            Command::Migrate(MigrationCommand::Begin { instance, to, .. }) => {
+                return (
+                    format!(
+                        "migrate to {}",
+                        to.as_ref().map(|h| h.as_str()).unwrap_or("auto")
+                    ),
+                    instance.clone(),
+                )
+            }
+            Command::Migrate(MigrationCommand::Advance { id, phase, .. }) => {
+                return (format!("migration {phase}"), id.to_string())
+            }
+            Command::Migrate(MigrationCommand::Switch { id, .. }) => {
+                ("migration switch", id.to_string())
+            }
+            Command::Migrate(MigrationCommand::Finish { id, .. }) => {
+                ("migration finish", id.to_string())
+            }
         };
         (a.to_string(), t)
     }
@@ -351,6 +404,8 @@ pub enum Outcome {
     },
     Trust(crate::trust::TrustOutcome),
     Audited,
+    /// A move's record after the command.
+    Migration(Migration),
 }
 
 /// Why a command was refused; the state is unchanged.
@@ -380,6 +435,8 @@ pub enum Rejection {
     UnknownHost(String),
     #[error("{0}")]
     Trust(String),
+    #[error("{0}")]
+    Migration(String),
 }
 
 impl State {
@@ -398,7 +455,7 @@ impl State {
 
     fn ensure_usage(&mut self) {
         if self.usage().is_none() {
-            self.usage = Usage::build(&self.users, &self.instances, &self.hosts);
+            self.usage = Usage::build(&self.users, &self.instances, &self.hosts, &self.migrations);
         }
     }
 
@@ -436,6 +493,7 @@ impl State {
             Command::AddUser(req) => self.add_user(req),
             Command::Trust(t) => self.trust.apply(t).map(Outcome::Trust),
             Command::Audit { .. } => Ok(Outcome::Audited),
+            Command::Migrate(m) => self.migrate(m).map(Outcome::Migration),
             Command::SetHostStatus { name, status } => {
                 let h = self
                     .hosts
@@ -465,6 +523,17 @@ impl State {
             Command::RemoveUser { name } => {
                 if !self.users.contains_key(name) {
                     return Err(Rejection::UnknownUser(name.clone()));
+                }
+                if let Some(m) = self
+                    .instances
+                    .values()
+                    .filter(|i| i.owner.as_str() == name)
+                    .find_map(|i| self.moving(&i.name))
+                {
+                    return Err(Rejection::Migration(format!(
+                        "{}'s container is moving to {} (migration {}, {}); wait for it or abort it with `sspctl migrate --abort {}`",
+                        name, m.to.host, m.id, m.phase, m.id
+                    )));
                 }
                 let mut instances = Vec::new();
                 for i in self
@@ -552,6 +621,13 @@ impl State {
             image: req.image.clone(),
             shares: req.shares.clone(),
             deleting: false,
+            placement: crate::types::Constraints {
+                gpu_model: req.placement.gpu_model.clone(),
+                gpu_memory: req.placement.gpu_memory,
+                host: None,
+                spread: false,
+                labels: req.placement.labels.clone(),
+            },
         };
         self.usage.uids.insert(uid);
         self.usage.add(&instance);
@@ -561,6 +637,208 @@ impl State {
         self.users.insert(name.into(), user.clone());
         self.instances.insert(name.into(), instance.clone());
         Ok(Outcome::UserAdded { user, instance })
+    }
+
+    /// The move of `instance` in progress, if any.
+    pub fn moving(&self, instance: &str) -> Option<&Migration> {
+        self.migrations
+            .values()
+            .rev()
+            .find(|m| m.instance == instance && !m.phase.finished())
+    }
+
+    fn migrate(&mut self, cmd: &MigrationCommand) -> Result<Migration, Rejection> {
+        let bad = |s: String| Rejection::Migration(s);
+        match cmd {
+            MigrationCommand::Begin {
+                instance,
+                to,
+                at_ms,
+            } => {
+                let inst = self
+                    .instances
+                    .get(instance)
+                    .ok_or_else(|| Rejection::UnknownInstance(instance.clone()))?;
+                if inst.deleting {
+                    return Err(Rejection::UserRemoving(inst.owner.to_string()));
+                }
+                if let Some(m) = self.moving(instance) {
+                    return Err(bad(format!(
+                        "container {instance} is already moving to {} (migration {}, {})",
+                        m.to.host, m.id, m.phase
+                    )));
+                }
+                if let Some(h) = to {
+                    if !self.hosts.contains_key(h.as_str()) {
+                        return Err(bad(format!(
+                            "host {h} is not registered (registered: {})",
+                            self.hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                    if *h == inst.host {
+                        return Err(bad(format!("container {instance} is already on {h}")));
+                    }
+                }
+                let p = place::choose_for_move(self, inst, to.as_ref()).map_err(|e| {
+                    Rejection::NoFit {
+                        user: inst.owner.to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let id = self.next_migration.max(1);
+                let mut m = Migration {
+                    id,
+                    instance: instance.clone(),
+                    from: Side {
+                        host: inst.host.clone(),
+                        gpus: inst.gpus.clone(),
+                        ssh_port: inst.ssh_port,
+                    },
+                    to: Side {
+                        host: p.host,
+                        gpus: p.gpus,
+                        ssh_port: p.ssh_port,
+                    },
+                    phase: Phase::Copying,
+                    started_ms: *at_ms,
+                    updated_ms: *at_ms,
+                    ssh: false,
+                    downtime_ms: None,
+                    note: String::new(),
+                    events: Vec::new(),
+                };
+                m.log(
+                    *at_ms,
+                    format!("from {} to {}: copying", m.from.host, m.to.host),
+                );
+                self.next_migration = id + 1;
+                self.usage.hold_side(instance, &m.to);
+                if let Some(h) = self.hosts.get(m.to.host.as_str()) {
+                    self.usage.refresh(h);
+                }
+                self.migrations.insert(id, m.clone());
+                Ok(m)
+            }
+            MigrationCommand::Advance {
+                id,
+                phase,
+                note,
+                at_ms,
+                ssh,
+            } => {
+                let m = self
+                    .migrations
+                    .get_mut(id)
+                    .ok_or_else(|| bad(format!("no migration {id}")))?;
+                let allowed = *phase == m.phase
+                    || matches!(
+                        (m.phase, phase),
+                        (Phase::Copying, Phase::Syncing)
+                            | (Phase::Syncing, Phase::Starting)
+                            | (Phase::Copying | Phase::Syncing, Phase::RollingBack)
+                    );
+                if !allowed || m.phase.finished() {
+                    return Err(bad(format!(
+                        "migration {id} is {}; it cannot go to {phase}",
+                        m.phase
+                    )));
+                }
+                if *phase != m.phase {
+                    m.log(*at_ms, phase.to_string());
+                }
+                if let Some(s) = ssh {
+                    m.ssh = *s;
+                }
+                m.phase = *phase;
+                m.updated_ms = m.updated_ms.max(*at_ms);
+                if !note.is_empty() && *note != m.note {
+                    m.log(*at_ms, note.clone());
+                }
+                m.note = note.clone();
+                Ok(m.clone())
+            }
+            MigrationCommand::Switch {
+                id,
+                downtime_ms,
+                at_ms,
+            } => {
+                let m = self
+                    .migrations
+                    .get(id)
+                    .ok_or_else(|| bad(format!("no migration {id}")))?;
+                if m.phase != Phase::Starting {
+                    return Err(bad(format!(
+                        "migration {id} is {}; only a starting one switches",
+                        m.phase
+                    )));
+                }
+                let mut m = m.clone();
+                let inst = self
+                    .instances
+                    .get(&m.instance)
+                    .cloned()
+                    .ok_or_else(|| Rejection::UnknownInstance(m.instance.clone()))?;
+                self.usage.release_side(&m.to);
+                self.usage.remove(&inst);
+                let mut moved = inst;
+                moved.host = m.to.host.clone();
+                moved.gpus = m.to.gpus.clone();
+                moved.ssh_port = m.to.ssh_port;
+                self.usage.add(&moved);
+                self.usage.hold_side(&m.instance, &m.from);
+                for h in [&m.from.host, &m.to.host] {
+                    if let Some(h) = self.hosts.get(h.as_str()) {
+                        self.usage.refresh(h);
+                    }
+                }
+                self.instances.insert(m.instance.clone(), moved);
+                m.phase = Phase::Cleaning;
+                m.downtime_ms = Some(*downtime_ms);
+                m.note.clear();
+                m.log(
+                    *at_ms,
+                    format!("running on {} ({downtime_ms} ms down); cleaning", m.to.host),
+                );
+                self.migrations.insert(*id, m.clone());
+                Ok(m)
+            }
+            MigrationCommand::Finish { id, at_ms } => {
+                let m = self
+                    .migrations
+                    .get_mut(id)
+                    .ok_or_else(|| bad(format!("no migration {id}")))?;
+                let (end, held) = match m.phase {
+                    Phase::Cleaning => (Phase::Done, m.from.clone()),
+                    Phase::RollingBack => (Phase::Failed, m.to.clone()),
+                    p => {
+                        return Err(bad(format!(
+                            "migration {id} is {p}; only a cleaning or rolling-back one finishes"
+                        )))
+                    }
+                };
+                m.phase = end;
+                m.log(*at_ms, end.to_string());
+                let m = m.clone();
+                self.usage.release_side(&held);
+                if let Some(h) = self.hosts.get(held.host.as_str()) {
+                    self.usage.refresh(h);
+                }
+                // Keep the last finished ones for `sspctl migrations`.
+                let finished: Vec<u64> = self
+                    .migrations
+                    .values()
+                    .filter(|m| m.phase.finished())
+                    .map(|m| m.id)
+                    .collect();
+                let extra = finished
+                    .len()
+                    .saturating_sub(crate::migration::KEEP_FINISHED);
+                for old in finished.into_iter().take(extra) {
+                    self.migrations.remove(&old);
+                }
+                Ok(m)
+            }
+        }
     }
 
     /// The instance holding GPU `pci` on `host`, if any.

@@ -268,6 +268,10 @@ pub struct Instance {
     /// Its GPUs and port stay held until then.
     #[serde(default)]
     pub deleting: bool,
+    /// The GPU model, GPU memory and labels asked for when it was made; a move
+    /// places it under the same (absent from records written before moves).
+    #[serde(default)]
+    pub placement: Constraints,
 }
 
 /// A validated request to add a user (defaults already filled in).

@@ -117,6 +117,11 @@ impl Host {
         ip(&format!("-n {ns} addr add {}/24 dev eth0", self.addr))?;
         ip(&format!("-n {ns} link set eth0 up"))?;
         ip(&format!("-n {ns} link set lo up"))?;
+        // The other simulated hosts (moves between daemons) and nothing else.
+        ip(&format!(
+            "-n {ns} route add 10.231.0.0/16 via {}",
+            self.gateway
+        ))?;
         Ok(())
     }
 

@@ -100,12 +100,15 @@ pub enum HostCmd {
     Drain { name: String },
     /// Take new containers on this host again.
     Ready { name: String },
+    /// Drain the host, then move every container off it where placement says.
+    Evacuate(crate::cmd::migrate::EvacuateArgs),
 }
 
 pub async fn set(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<()> {
     let (name, status) = match cmd {
         HostCmd::Drain { name } => (name, "draining"),
         HostCmd::Ready { name } => (name, "ready"),
+        HostCmd::Evacuate(a) => return crate::cmd::migrate::evacuate(cli, a).await,
     };
     let body = ssp_proto::SetHostStatusRequest {
         name: name.clone(),

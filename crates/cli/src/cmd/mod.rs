@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod gpus;
 pub mod hosts;
 pub mod ls;
+pub mod migrate;
 pub mod ssh_config;
 pub mod trust;
 pub mod user;

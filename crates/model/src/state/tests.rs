@@ -1,6 +1,7 @@
 //! Table tests of the state machine and placement.
 
 use super::*;
+use crate::migration::Phase;
 use crate::names::{ByteSize, HostName, PciAddress, SshKey, Username};
 use crate::types::{Constraints, Gpu, HostStatus, Inventory, Limits, Pool, Role};
 
@@ -341,7 +342,7 @@ fn the_usage_index_matches_a_rebuild_and_survives_serialization() {
     let a = s.apply(&next).unwrap();
     let b = restored.apply(&next).unwrap();
     assert_eq!(a, b);
-    let rebuilt = Usage::build(&s.users, &s.instances, &s.hosts);
+    let rebuilt = Usage::build(&s.users, &s.instances, &s.hosts, &s.migrations);
     assert_eq!(s.usage(), Some(&rebuilt));
     assert_ne!(Some(&live), s.usage());
     // GPU holders come from the index.
@@ -669,7 +670,12 @@ fn foreign_ports_are_skipped_and_released_when_they_go() {
     s.apply(&Command::RegisterHost(h.clone())).unwrap();
     assert_eq!(
         s.usage(),
-        Some(&Usage::build(&s.users, &s.instances, &s.hosts))
+        Some(&Usage::build(
+            &s.users,
+            &s.instances,
+            &s.hosts,
+            &s.migrations
+        ))
     );
     assert_eq!(port(&mut s, "c"), 22000);
     s.apply(&Command::RemoveUser { name: "a".into() }).unwrap();
@@ -680,7 +686,12 @@ fn foreign_ports_are_skipped_and_released_when_they_go() {
     s.apply(&Command::RegisterHost(h.clone())).unwrap();
     assert_eq!(
         s.usage(),
-        Some(&Usage::build(&s.users, &s.instances, &s.hosts))
+        Some(&Usage::build(
+            &s.users,
+            &s.instances,
+            &s.hosts,
+            &s.migrations
+        ))
     );
     assert_eq!(port(&mut s, "d"), 22001);
     // A restored replica allocates the same.
@@ -711,4 +722,146 @@ fn a_host_that_never_reported_images_is_not_checked_so_old_log_entries_replay_th
     old.inventory.images = None;
     s.apply(&Command::RegisterHost(old)).unwrap();
     assert_eq!(placed(&mut s, &user_image("ann", "anything")).0, "h1");
+}
+
+fn begin(s: &mut State, name: &str, to: Option<&str>) -> Result<Migration, Rejection> {
+    match s.apply(&Command::Migrate(MigrationCommand::Begin {
+        instance: name.into(),
+        to: to.map(|t| HostName::parse(t).unwrap()),
+        at_ms: 1,
+    }))? {
+        Outcome::Migration(m) => Ok(m),
+        o => panic!("unexpected {o:?}"),
+    }
+}
+
+fn advance(s: &mut State, id: u64, phase: Phase) -> Result<Outcome, Rejection> {
+    s.apply(&Command::Migrate(MigrationCommand::Advance {
+        id,
+        phase,
+        note: String::new(),
+        at_ms: 2,
+        ssh: None,
+    }))
+}
+
+fn rebuilt(s: &State) -> State {
+    serde_json::from_str(&serde_json::to_string(s).unwrap()).unwrap()
+}
+
+#[test]
+fn a_move_holds_both_sides_until_it_finishes() {
+    let mut s = State::default();
+    s.apply(&Command::RegisterHost(host("h1", 2))).unwrap();
+    s.apply(&Command::RegisterHost(host("h2", 2))).unwrap();
+    s.apply(&user("gdw", 2)).unwrap();
+    let from = s.instances["gdw"].clone();
+    let m = begin(&mut s, "gdw", None).unwrap();
+    assert_ne!(m.to.host, from.host, "auto placement picks another host");
+    assert_eq!(m.to.gpus.len(), 2);
+    // The target's GPUs are held for the move: nobody else gets them.
+    let refused = s.apply(&user("bob", 1)).unwrap_err();
+    assert!(matches!(refused, Rejection::NoFit { .. }), "{refused}");
+    // Replicas rebuilt from a snapshot hold the same.
+    assert_eq!(
+        place::free_gpus(&rebuilt(&s), &s.hosts[m.to.host.as_str()]),
+        vec![]
+    );
+    // The user cannot be removed mid-move, and a second move is refused.
+    assert!(s
+        .apply(&Command::RemoveUser { name: "gdw".into() })
+        .is_err());
+    assert!(begin(&mut s, "gdw", None).is_err());
+    // Forward only: no switch before starting, no rollback once started.
+    assert!(s
+        .apply(&Command::Migrate(MigrationCommand::Switch {
+            id: m.id,
+            downtime_ms: 1,
+            at_ms: 3
+        }))
+        .is_err());
+    advance(&mut s, m.id, Phase::Syncing).unwrap();
+    advance(&mut s, m.id, Phase::Starting).unwrap();
+    assert!(advance(&mut s, m.id, Phase::RollingBack).is_err());
+    s.apply(&Command::Migrate(MigrationCommand::Switch {
+        id: m.id,
+        downtime_ms: 900,
+        at_ms: 3,
+    }))
+    .unwrap();
+    let moved = &s.instances["gdw"];
+    assert_eq!(moved.host, m.to.host);
+    assert_eq!(moved.gpus, m.to.gpus);
+    assert_eq!(moved.ssh_port, m.to.ssh_port);
+    // The source copy still exists: its GPUs stay held until it is deleted.
+    assert!(place::free_gpus(&s, &s.hosts[from.host.as_str()]).is_empty());
+    assert!(place::free_gpus(&rebuilt(&s), &s.hosts[from.host.as_str()]).is_empty());
+    s.apply(&Command::Migrate(MigrationCommand::Finish {
+        id: m.id,
+        at_ms: 4,
+    }))
+    .unwrap();
+    assert_eq!(s.migrations[&m.id].phase, Phase::Done);
+    assert_eq!(place::free_gpus(&s, &s.hosts[from.host.as_str()]).len(), 2);
+    assert_eq!(rebuilt(&s), s);
+    // Bob now fits on the old host.
+    s.apply(&user("bob", 1)).unwrap();
+    assert_eq!(s.instances["bob"].host, from.host);
+}
+
+#[test]
+fn a_rolled_back_move_releases_the_target_and_leaves_the_container() {
+    let mut s = State::default();
+    s.apply(&Command::RegisterHost(host("h1", 1))).unwrap();
+    s.apply(&Command::RegisterHost(host("h2", 1))).unwrap();
+    s.apply(&user("gdw", 1)).unwrap();
+    let before = s.instances["gdw"].clone();
+    let m = begin(
+        &mut s,
+        "gdw",
+        Some(if before.host.as_str() == "h1" {
+            "h2"
+        } else {
+            "h1"
+        }),
+    )
+    .unwrap();
+    advance(&mut s, m.id, Phase::Syncing).unwrap();
+    advance(&mut s, m.id, Phase::RollingBack).unwrap();
+    assert!(advance(&mut s, m.id, Phase::Starting).is_err());
+    s.apply(&Command::Migrate(MigrationCommand::Finish {
+        id: m.id,
+        at_ms: 5,
+    }))
+    .unwrap();
+    assert_eq!(s.migrations[&m.id].phase, Phase::Failed);
+    assert_eq!(s.instances["gdw"], before);
+    assert_eq!(place::free_gpus(&s, &s.hosts[m.to.host.as_str()]).len(), 1);
+    // A finished move may be followed by another.
+    assert!(begin(&mut s, "gdw", None).is_ok());
+}
+
+#[test]
+fn a_move_is_refused_with_reasons() {
+    let mut s = State::default();
+    s.apply(&Command::RegisterHost(host("h1", 2))).unwrap();
+    s.apply(&user("gdw", 2)).unwrap();
+    let e = begin(&mut s, "gdw", None).unwrap_err().to_string();
+    assert!(e.contains("no host other than h1"), "{e}");
+    let e = begin(&mut s, "gdw", Some("h1")).unwrap_err().to_string();
+    assert!(e.contains("already on h1"), "{e}");
+    let e = begin(&mut s, "gdw", Some("nope")).unwrap_err().to_string();
+    assert!(e.contains("not registered"), "{e}");
+    s.apply(&Command::RegisterHost(host("h2", 1))).unwrap();
+    let e = begin(&mut s, "gdw", Some("h2")).unwrap_err().to_string();
+    assert!(e.contains("h2: 1 free GPU of 2 asked"), "{e}");
+    s.apply(&Command::RegisterHost(host("h3", 2))).unwrap();
+    s.apply(&Command::SetHostStatus {
+        name: "h3".into(),
+        status: HostStatus::Draining,
+    })
+    .unwrap();
+    let e = begin(&mut s, "gdw", None).unwrap_err().to_string();
+    assert!(e.contains("h3: draining"), "{e}");
+    assert!(s.migrations.is_empty());
 }
