@@ -28,3 +28,4 @@ cargo bench -p ssp-integration --bench raft_vs_etcd --locked
 cargo bench -p ssp-model --bench placement --locked
 cargo bench -p ssp-integration --bench heal --locked
 cargo bench -p ssp-integration --bench resync --locked
+cargo bench -p ssp-integration --bench migrate --locked

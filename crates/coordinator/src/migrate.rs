@@ -175,7 +175,7 @@ impl Core {
                 // Forward only from here: try again, less often the longer it fails.
                 failures += 1;
                 let wait = Duration::from_millis(500 * 2u64.pow(failures.min(6)));
-                tokio::time::sleep(wait.min(Duration::from_secs(30))).await;
+                tokio::time::sleep(wait.min(Duration::from_secs(8))).await;
             }
         }
     }

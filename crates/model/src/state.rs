@@ -754,7 +754,12 @@ impl State {
                 if !note.is_empty() && *note != m.note {
                     m.log(*at_ms, note.clone());
                 }
-                m.note = note.clone();
+                // A rollback keeps the reason it began with; later errors (it waits
+                // for a host) are in the events.
+                let keep = *phase == Phase::RollingBack && !m.note.is_empty();
+                if !keep {
+                    m.note = note.clone();
+                }
                 Ok(m.clone())
             }
             MigrationCommand::Switch {
@@ -817,6 +822,9 @@ impl State {
                     }
                 };
                 m.phase = end;
+                if end == Phase::Done {
+                    m.note.clear();
+                }
                 m.log(*at_ms, end.to_string());
                 let m = m.clone();
                 self.usage.release_side(&held);

@@ -317,6 +317,20 @@ impl Host {
         self.daemon()
     }
 
+    /// Kills the daemon with SIGKILL (the host going down, as far as ssp can tell
+    /// with its agent killed too); [`Host::start_daemon`] brings it back.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+
+    /// Starts the daemon again after [`Host::kill_daemon`].
+    pub fn start_daemon(&mut self) -> anyhow::Result<()> {
+        self.daemon()
+    }
+
     /// Waits until the daemon answers again (after a restart).
     pub fn wait_ready(&self) -> anyhow::Result<()> {
         wait_for("daemon socket", Duration::from_secs(30), || {

@@ -1,0 +1,489 @@
+//! Benchmark: `sspctl migrate` of a container holding about 2 GB of data between
+//! two daemons with btrfs pools, against a raw `incus move` of a same-sized
+//! container between the same two daemons (stop, move, start) in the same run.
+//!
+//! The raw baseline runs on a separate, unmanaged container (`raw`, the same image,
+//! limits, root disk size and ~2 GB of random data, no snapshots), since a raw move
+//! of ssp's own container would take it from under ssp (its agent and the
+//! coordinator would re-create it). Its SSH forward is a proxy device on a fixed
+//! port that listens on every address of whichever host it runs on.
+//!
+//! Downtime is measured from outside the same way for both: an SSH banner probe
+//! ("SSH-") every ~20 ms at the source's and at the target's forward, from the
+//! root namespace; downtime = the first banner on the target − the last banner on
+//! the source before it. Total = the whole `sspctl migrate` command, against the
+//! raw stop + move + start until the target's banner. Directions alternate
+//! (mb1→mb2, mb2→mb1, …) and so does which of the two goes first.
+//!
+//! Run: cargo bench -p ssp-integration --bench migrate
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use ssp_integration::{ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform};
+
+const RUNS: usize = 3;
+/// Random data written into each container (MiB).
+const DATA_MIB: u32 = 2000;
+/// The raw container's SSH forward on either host.
+const RAW_PORT: u16 = 23096;
+const RAW: &str = "raw";
+const USER: &str = "gdw";
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// One banner probe: connect, read "SSH-".
+fn banner_once(addr: &SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_millis(300)) else {
+        return false;
+    };
+    if s.set_read_timeout(Some(Duration::from_millis(500)))
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
+}
+
+/// Probes an SSH forward every ~20 ms in the background, recording when a banner came.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Instant>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Prober {
+    fn start(addr: &str) -> Result<Prober> {
+        let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s, v) = (stop.clone(), seen.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if banner_once(&addr) {
+                    if let Ok(mut v) = v.lock() {
+                        v.push(Instant::now());
+                    }
+                }
+                std::thread::sleep(PROBE_EVERY);
+            }
+        });
+        Ok(Prober {
+            stop,
+            seen,
+            handle: Some(handle),
+        })
+    }
+
+    fn first(&self) -> Option<Instant> {
+        self.seen.lock().ok()?.first().copied()
+    }
+
+    /// Stops probing; returns the banners' times.
+    fn finish(mut self) -> Vec<Instant> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// First banner on the target − last banner on the source before it.
+fn downtime(source: &[Instant], target: &[Instant], what: &str) -> Result<Duration> {
+    let first = *target
+        .first()
+        .with_context(|| format!("{what}: no SSH banner on the target"))?;
+    let last = source
+        .iter()
+        .rev()
+        .find(|t| **t < first)
+        .with_context(|| format!("{what}: no SSH banner on the source before the target's"))?;
+    Ok(first - *last)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Makes each daemon listen on its host's address and trust the other's CLI, so
+/// that `incus move` works in both directions (each host's CLI has its own config
+/// dir: `Host::cli` sets HOME to the host's dir).
+fn trust_each_other(a: &Host, b: &Host) -> Result<()> {
+    for h in [a, b] {
+        h.cli_run(&[
+            "config",
+            "set",
+            "core.https_address",
+            &format!("{}:8443", h.addr),
+        ])?;
+    }
+    for (from, to) in [(a, b), (b, a)] {
+        let out = to.cli_run(&["config", "trust", "add", &format!("cli-{}", from.name)])?;
+        let token = out
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .context("no trust token printed")?
+            .to_string();
+        from.cli_run(&[
+            "remote",
+            "add",
+            &to.name,
+            &format!("https://{}:8443", to.addr),
+            "--token",
+            &token,
+            "--accept-certificate",
+        ])?;
+    }
+    Ok(())
+}
+
+/// The container's record in `sspctl ls`.
+fn ls_record(p: &Platform, name: &str) -> Result<serde_json::Value> {
+    let ls = p.ctl_json(&["ls"])?;
+    ls.as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .with_context(|| format!("{name} not in sspctl ls: {ls}"))
+}
+
+struct Measured {
+    downtime: Duration,
+    total: Duration,
+    detail: String,
+}
+
+/// `sspctl migrate USER to` with banner probes at both ends.
+fn ssp_move(p: &Platform, from: &Host, to: &Host) -> Result<Measured> {
+    let before = ls_record(p, USER)?;
+    ensure!(
+        before["host"] == from.name.as_str() && before["state"] == "Running",
+        "{USER} should run on {} before the move: {before}",
+        from.name
+    );
+    let src_addr = format!(
+        "{}:{}",
+        before["ssh_host"].as_str().context("ssh_host")?,
+        before["ssh_port"].as_u64().context("ssh_port")?
+    );
+    let last_id = p
+        .ctl_json(&["migrations"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let src = Prober::start(&src_addr)?;
+    wait_for("the source's SSH banner", Duration::from_secs(10), || {
+        src.first()
+    })?;
+    let t0 = Instant::now();
+    let (out, total, dst) = std::thread::scope(|s| -> Result<_> {
+        let cmd = s.spawn(|| {
+            let out = p.ctl(&["-o", "json", "migrate", USER, &to.name]);
+            (out, t0.elapsed())
+        });
+        // The target's port is chosen when the move begins: probe it from then on.
+        let mut dst = None;
+        while !cmd.is_finished() {
+            if dst.is_none() {
+                let list = p.ctl_json(&["migrations"])?;
+                let port = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["id"].as_u64().unwrap_or(0) > last_id && m["instance"] == USER)
+                    .and_then(|m| m["to"]["ssh_port"].as_u64())
+                    .filter(|p| *p > 0);
+                if let Some(port) = port {
+                    dst = Some(Prober::start(&format!("{}:{port}", to.addr))?);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (out, total) = cmd
+            .join()
+            .map_err(|_| anyhow::anyhow!("sspctl thread panicked"))?;
+        Ok((out, total, dst))
+    })?;
+    if !out.status.success() {
+        bail!(
+            "sspctl migrate {USER} {} failed: {}\n{}\ncoordinator log:\n{}",
+            to.name,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            p.coordinator.log_tail()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}", String::from_utf8_lossy(&out.stdout)))?;
+    let m = &v[0];
+    ensure!(m["phase"] == "done", "the move is not done: {m}");
+    ensure!(
+        m["from"]["host"] == from.name.as_str() && m["to"]["host"] == to.name.as_str(),
+        "{m}"
+    );
+    let port = m["to"]["ssh_port"].as_u64().context("to.ssh_port")?;
+    // The move began before the first look at the list found it only if the
+    // command outran it; probe the target now then (its SSH answers already).
+    let dst = match dst {
+        Some(d) => d,
+        None => Prober::start(&format!("{}:{port}", to.addr))?,
+    };
+    wait_for("the target's SSH banner", Duration::from_secs(30), || {
+        dst.first()
+    })?;
+    let (src_seen, dst_seen) = (src.finish(), dst.finish());
+    let down = downtime(&src_seen, &dst_seen, "sspctl migrate")?;
+    let recorded = m["downtime_ms"].as_u64().context("downtime_ms recorded")?;
+
+    // Where ssp says it is, and where the daemons have it.
+    let after = ls_record(p, USER)?;
+    ensure!(
+        after["host"] == to.name.as_str()
+            && after["ssh_host"] == to.addr.as_str()
+            && after["ssh_port"].as_u64() == Some(port)
+            && after["state"] == "Running",
+        "sspctl ls after the move to {}: {after}",
+        to.name
+    );
+    ensure!(
+        !from.instance_names()?.contains(&USER.to_string()),
+        "{USER} is still on {}",
+        from.name
+    );
+    ensure!(
+        to.init_pid(USER)?.1 == "Running",
+        "{USER} does not run on {}",
+        to.name
+    );
+    // The phases, relative to the start of the move.
+    let started = m["started_ms"].as_i64().unwrap_or(0);
+    let phases = m["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{} +{}",
+                e["what"].as_str().unwrap_or("?"),
+                e["at_ms"].as_i64().unwrap_or(0) - started
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Measured {
+        downtime: down,
+        total,
+        detail: format!("coordinator's downtime_ms {recorded}; phases (ms) {phases}"),
+    })
+}
+
+/// Raw: `incus stop raw`, `incus move raw TO:raw`, `incus start raw` on the target,
+/// until its SSH banner; probes at both ends.
+fn raw_move(from: &Host, to: &Host) -> Result<Measured> {
+    let src = Prober::start(&format!("{}:{RAW_PORT}", from.addr))?;
+    let dst = Prober::start(&format!("{}:{RAW_PORT}", to.addr))?;
+    wait_for(
+        "the raw container's SSH banner",
+        Duration::from_secs(10),
+        || src.first(),
+    )?;
+    let t0 = Instant::now();
+    from.cli_run(&["stop", RAW])?;
+    let stopped = t0.elapsed();
+    from.cli_run(&["move", RAW, &format!("{}:{RAW}", to.name), "-q"])?;
+    let moved = t0.elapsed();
+    to.cli_run(&["start", RAW])?;
+    let started = t0.elapsed();
+    wait_for(
+        "the raw container's SSH banner on the target",
+        Duration::from_secs(60),
+        || dst.first(),
+    )?;
+    let total = dst.first().map(|t| t - t0).unwrap_or_default();
+    let (src_seen, dst_seen) = (src.finish(), dst.finish());
+    let down = downtime(&src_seen, &dst_seen, "raw incus move")?;
+    ensure!(
+        !from.instance_names()?.contains(&RAW.to_string())
+            && to.instance_names()?.contains(&RAW.to_string()),
+        "the raw container did not end up on {}",
+        to.name
+    );
+    Ok(Measured {
+        downtime: down,
+        total,
+        detail: format!(
+            "stop {:.0} ms, move {:.0} ms, start {:.0} ms",
+            ms(stopped),
+            ms(moved - stopped),
+            ms(started - moved)
+        ),
+    })
+}
+
+fn main() -> Result<()> {
+    let h1 = Host::start("mb1", Kind::Incus, 96)?;
+    let h2 = Host::start("mb2", Kind::Incus, 97)?;
+    trust_each_other(&h1, &h2)?;
+    let p = Platform::start("migrate-bench", &[AgentSpec::new(&h1), AgentSpec::new(&h2)])?;
+    let key = ssh_keypair(p.scratch.path(), USER)?;
+    let pubkey = format!("{}.pub", key.display());
+    // A root disk that holds the data (the coordinator's default is 2GiB).
+    p.ctl_ok(&[
+        "user",
+        "add",
+        USER,
+        "--ssh-key",
+        &pubkey,
+        "--host",
+        "mb1",
+        "--disk",
+        "4GiB",
+    ])?;
+    let ssh = p.ssh_login(USER, &key)?;
+    let t = Instant::now();
+    let sum = ssh.run(&format!(
+        "head -c {DATA_MIB}M /dev/urandom > $HOME/data && sync && sha256sum $HOME/data"
+    ))?;
+    let sum = sum.split_whitespace().next().context("sha256")?.to_string();
+    println!(
+        "{USER}: {DATA_MIB} MiB of random data written in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // The unmanaged baseline: same image, limits and root disk size, same data.
+    h1.cli_run(&[
+        "launch",
+        "debian-ssh",
+        RAW,
+        "-q",
+        "-c",
+        "limits.cpu=1",
+        "-c",
+        "limits.memory=1GiB",
+        "-d",
+        "root,size=4GiB",
+    ])?;
+    h1.cli_run(&[
+        "config",
+        "device",
+        "add",
+        RAW,
+        "ssh",
+        "proxy",
+        &format!("listen=tcp:0.0.0.0:{RAW_PORT}"),
+        "connect=tcp:127.0.0.1:22",
+    ])?;
+    wait_for(
+        "the raw container's SSH banner",
+        Duration::from_secs(60),
+        || banner_once(&format!("{}:{RAW_PORT}", h1.addr).parse().ok()?).then_some(()),
+    )?;
+    let raw_sum = h1.exec(
+        RAW,
+        &format!("head -c {DATA_MIB}M /dev/urandom > /root/data && sync && sha256sum /root/data"),
+    )?;
+    let raw_sum = raw_sum
+        .split_whitespace()
+        .next()
+        .context("sha256")?
+        .to_string();
+    let snaps = h1.cli_run(&["query", &format!("/1.0/instances/{RAW}/snapshots")])?;
+    ensure!(
+        !snaps.contains("/snapshots/"),
+        "the raw container has no snapshots: {snaps}"
+    );
+    println!(
+        "raw: unmanaged container, {DATA_MIB} MiB of random data, no snapshots (a raw move of the stopped container copies its whole root disk); SSH through a proxy device on port {RAW_PORT}"
+    );
+
+    let (mut ssp_down, mut raw_down, mut down_ratio) = (vec![], vec![], vec![]);
+    let (mut ssp_total, mut raw_total, mut total_ratio) = (vec![], vec![], vec![]);
+    for run in 0..RUNS {
+        let (from, to) = if run % 2 == 0 { (&h1, &h2) } else { (&h2, &h1) };
+        let (ssp, raw) = if run % 2 == 0 {
+            let s = ssp_move(&p, from, to)?;
+            (s, raw_move(from, to)?)
+        } else {
+            let r = raw_move(from, to)?;
+            (ssp_move(&p, from, to)?, r)
+        };
+        println!(
+            "run {run} {}→{}: ssp downtime {:.0} ms, total {:.0} ms ({}); raw incus move downtime {:.0} ms, total {:.0} ms ({}); ratios downtime {:.3}, total {:.3}",
+            from.name,
+            to.name,
+            ms(ssp.downtime),
+            ms(ssp.total),
+            ssp.detail,
+            ms(raw.downtime),
+            ms(raw.total),
+            raw.detail,
+            ms(ssp.downtime) / ms(raw.downtime),
+            ms(ssp.total) / ms(raw.total),
+        );
+        ssp_down.push(ms(ssp.downtime));
+        raw_down.push(ms(raw.downtime));
+        down_ratio.push(ms(ssp.downtime) / ms(raw.downtime));
+        ssp_total.push(ms(ssp.total));
+        raw_total.push(ms(raw.total));
+        total_ratio.push(ms(ssp.total) / ms(raw.total));
+        // btrfs removes the deleted source copy's subvolumes in the background.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // The data came through every move.
+    let last = if RUNS % 2 == 1 { &h2 } else { &h1 };
+    let ssh = p.ssh_login(USER, &key)?;
+    let now = ssh.run("sha256sum $HOME/data")?;
+    ensure!(
+        now.split_whitespace().next() == Some(sum.as_str()),
+        "{USER}'s data changed: {sum} before, {now} after"
+    );
+    let now = last.exec(RAW, "sha256sum /root/data")?;
+    ensure!(
+        now.split_whitespace().next() == Some(raw_sum.as_str()),
+        "the raw container's data changed: {raw_sum} before, {now} after"
+    );
+    ensure!(
+        ls_record(&p, USER)?["host"] == last.name.as_str(),
+        "{USER} ends on {}",
+        last.name
+    );
+
+    println!(
+        "migrate: median ssp downtime {:.0} ms (target ≤ 2000 ms), median raw incus move downtime {:.0} ms, median ratio {:.3} (target ≤ 0.10); median sspctl migrate total {:.0} ms, median raw move total {:.0} ms, median ratio {:.3} (target ≤ 1.25); {RUNS} runs, {DATA_MIB} MiB each",
+        median(ssp_down),
+        median(raw_down),
+        median(down_ratio),
+        median(ssp_total),
+        median(raw_total),
+        median(total_ratio),
+    );
+    Ok(())
+}
