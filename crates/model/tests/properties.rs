@@ -15,8 +15,9 @@ use proptest::test_runner::{Config, RngSeed};
 use ssp_model::state::Numbers;
 use ssp_model::{
     parse_image, parse_label, ByteSize, Command, Constraints, Endpoint, Gpu, Host, HostName,
-    HostStatus, Image, InputError, Inventory, Limits, NetAddress, NewUser, Outcome, PciAddress,
-    Pool, Role, Settings, ShareMode, SharedFolder, SshKey, State, Username,
+    HostStatus, Image, InputError, Inventory, Limits, MigrationCommand, MigrationPhase, NetAddress,
+    NewUser, Outcome, PciAddress, Pool, Role, Settings, ShareMode, SharedFolder, SshKey, State,
+    Username,
 };
 
 fn config(cases: u32) -> Config {
@@ -872,6 +873,30 @@ fn command() -> impl Strategy<Value = Command> {
             mostly(HostStatus::Ready, &[HostStatus::Draining, HostStatus::Down]),
         )
             .prop_map(|(name, status)| Command::SetHostStatus { name: name.into(), status }),
+        4 => (name(), prop_oneof![2 => Just(None), 3 => select(HOSTS).prop_map(Some)])
+            .prop_map(|(instance, to)| Command::Migrate(MigrationCommand::Begin {
+                instance,
+                to: to.map(|h| HostName::parse(h).unwrap()),
+                at_ms: 1,
+            })),
+        4 => (0u64..4, select(&[
+                MigrationPhase::Copying,
+                MigrationPhase::Syncing,
+                MigrationPhase::Starting,
+                MigrationPhase::Cleaning,
+                MigrationPhase::Done,
+                MigrationPhase::RollingBack,
+                MigrationPhase::Failed,
+            ][..]))
+            .prop_map(|(id, phase)| Command::Migrate(MigrationCommand::Advance {
+                id,
+                phase,
+                note: String::new(),
+                at_ms: 2,
+                ssh: None,
+            })),
+        2 => (0u64..4).prop_map(|id| Command::Migrate(MigrationCommand::Switch { id, downtime_ms: 7, at_ms: 3 })),
+        2 => (0u64..4).prop_map(|id| Command::Migrate(MigrationCommand::Finish { id, at_ms: 4 })),
     ]
 }
 
@@ -904,6 +929,43 @@ fn check_invariants(s: &State) -> Result<(), TestCaseError> {
                 g
             );
         }
+    }
+    // What unfinished moves hold is nobody else's either, and a moving container's
+    // record places it on the side the phase says.
+    for m in s.migrations.values().filter(|m| !m.phase.finished()) {
+        let i = s.instances.get(&m.instance);
+        prop_assert!(i.is_some(), "migration {} of a gone container", m.id);
+        let i = i.unwrap();
+        let (on, held) = if m.phase.switched() {
+            (&m.to, &m.from)
+        } else {
+            (&m.from, &m.to)
+        };
+        prop_assert_eq!(&i.host, &on.host);
+        prop_assert_eq!(&i.gpus, &on.gpus);
+        prop_assert_ne!(&m.from.host, &m.to.host);
+        prop_assert!(
+            ports
+                .entry(held.host.as_str())
+                .or_default()
+                .insert(held.ssh_port),
+            "port {} held twice",
+            held.ssh_port
+        );
+        for g in &held.gpus {
+            prop_assert!(
+                gpus.entry(held.host.as_str()).or_default().insert(g),
+                "GPU {} held twice",
+                g
+            );
+        }
+        prop_assert_eq!(
+            s.migrations
+                .values()
+                .filter(|o| o.instance == m.instance && !o.phase.finished())
+                .count(),
+            1
+        );
     }
     for u in s.users.keys() {
         // A user goes with their last container (or at once when they have none).

@@ -38,8 +38,19 @@ fn an_evacuated_host_ends_empty_and_draining() -> Result<()> {
     let users = ["ann", "bob", "cat", "dan", "eve"];
     for u in users {
         p.ctl_ok(&[
-            "user", "add", u, "--ssh-key", &pubkey, "--gpus", "1", "--host", "ev1", "--image",
-            "busybox", "--wait", "running",
+            "user",
+            "add",
+            u,
+            "--ssh-key",
+            &pubkey,
+            "--gpus",
+            "1",
+            "--host",
+            "ev1",
+            "--image",
+            "busybox",
+            "--wait",
+            "running",
         ])?;
         h1.exec(u, &format!("echo {u} > /root/mine"))?;
     }
@@ -64,7 +75,11 @@ fn an_evacuated_host_ends_empty_and_draining() -> Result<()> {
     ensure!(to.get("ev3").map(Vec::len) == Some(3), "{to:?}");
     // ev1 is empty and draining; each container runs where its record says, with
     // its files and one GPU there.
-    ensure!(h1.instance_names()?.is_empty(), "{:?}", h1.instance_names()?);
+    ensure!(
+        h1.instance_names()?.is_empty(),
+        "{:?}",
+        h1.instance_names()?
+    );
     let hosts = p.ctl_json(&["hosts"])?;
     let ev1 = hosts
         .as_array()
@@ -72,13 +87,19 @@ fn an_evacuated_host_ends_empty_and_draining() -> Result<()> {
         .flatten()
         .find(|h| h["name"] == "ev1")
         .context("ev1 listed")?;
-    ensure!(ev1["status"] == "draining" && ev1["instances"] == 0, "{ev1}");
+    ensure!(
+        ev1["status"] == "draining" && ev1["instances"] == 0,
+        "{ev1}"
+    );
     ensure!(ev1["gpus_free"] == 5, "{ev1}");
     let gpus = p.ctl_json(&["gpus"])?;
     for (host, names) in &to {
         let h = if host == "ev2" { &h2 } else { &h3 };
         for n in names {
-            ensure!(h.exec(n, "cat /root/mine")?.trim() == n, "{n}'s files on {host}");
+            ensure!(
+                h.exec(n, "cat /root/mine")?.trim() == n,
+                "{n}'s files on {host}"
+            );
             let held: Vec<_> = gpus
                 .as_array()
                 .into_iter()

@@ -25,11 +25,7 @@ fn seed(default: u64) -> u64 {
 
 /// Two hosts, a platform of `coordinators`, and gdw's container on the first
 /// host with `DATA_MB` of random data; returns the data's checksum.
-fn rig(
-    tag: &str,
-    idx: u8,
-    coordinators: usize,
-) -> Result<(Host, Host, Platform, String)> {
+fn rig(tag: &str, idx: u8, coordinators: usize) -> Result<(Host, Host, Platform, String)> {
     let h1 = Host::start(&format!("{tag}1"), Kind::Incus, idx)?;
     let h2 = Host::start(&format!("{tag}2"), Kind::Incus, idx + 1)?;
     let mut p = Platform::start_coordinators(&format!("migrate-{tag}"), coordinators)?;
@@ -48,7 +44,12 @@ fn rig(
         "gdw",
         &format!("dd if=/dev/urandom of=/root/data bs=1M count={DATA_MB} 2>/dev/null && sync && sha256sum /root/data"),
     )?;
-    Ok((h1, h2, p, sum.split_whitespace().next().unwrap_or("").to_string()))
+    Ok((
+        h1,
+        h2,
+        p,
+        sum.split_whitespace().next().unwrap_or("").to_string(),
+    ))
 }
 
 /// The move's record from `sspctl migrations`.
@@ -79,31 +80,48 @@ fn one_running_copy(p: &Platform, hosts: &[&Host], sum: &str) -> Result<String> 
         }
     }
     let names: Vec<&str> = with.iter().map(|h| h.name.as_str()).collect();
-    ensure!(with.len() == 1, "gdw should be on exactly one host, is on {names:?}");
+    ensure!(
+        with.len() == 1,
+        "gdw should be on exactly one host, is on {names:?}"
+    );
     let h = with[0];
-    let ls = wait_for("sspctl ls to show gdw running", Duration::from_secs(30), || {
-        let ls = p.ctl_json(&["ls"]).ok()?;
-        (ls[0]["state"] == "Running").then_some(ls)
-    })?;
-    ensure!(ls[0]["host"] == h.name.as_str(), "sspctl ls: {ls}, daemons: {names:?}");
+    let ls = wait_for(
+        "sspctl ls to show gdw running",
+        Duration::from_secs(30),
+        || {
+            let ls = p.ctl_json(&["ls"]).ok()?;
+            (ls[0]["state"] == "Running").then_some(ls)
+        },
+    )?;
+    ensure!(
+        ls[0]["host"] == h.name.as_str(),
+        "sspctl ls: {ls}, daemons: {names:?}"
+    );
     let (_, status) = h.init_pid("gdw")?;
     ensure!(status == "Running", "gdw on {} is {status}", h.name);
     let now = h.exec("gdw", "sha256sum /root/data")?;
     ensure!(now.starts_with(sum), "data changed: {now} vs {sum}");
     let snaps = h.cli_run(&["query", "/1.0/instances/gdw/snapshots"])?;
-    ensure!(!snaps.contains("ssp-move-"), "a move's snapshot was left: {snaps}");
+    ensure!(
+        !snaps.contains("ssp-move-"),
+        "a move's snapshot was left: {snaps}"
+    );
     Ok(h.name.clone())
 }
 
 /// Waits until the move shows progress from the daemon (bytes flowing).
 fn wait_transferring(p: &Platform, id: u64) -> Result<()> {
-    wait_for("the transfer to show progress", Duration::from_secs(30), || {
-        let r = record(p, id).ok()?;
-        if matches!(r["phase"].as_str(), Some("done") | Some("failed")) {
-            return Some(Err(anyhow::anyhow!("the move ended before the fault: {r}")));
-        }
-        (r["bytes"].as_u64().unwrap_or(0) > 0).then_some(Ok(()))
-    })?
+    wait_for(
+        "the transfer to show progress",
+        Duration::from_secs(30),
+        || {
+            let r = record(p, id).ok()?;
+            if matches!(r["phase"].as_str(), Some("done") | Some("failed")) {
+                return Some(Err(anyhow::anyhow!("the move ended before the fault: {r}")));
+            }
+            (r["bytes"].as_u64().unwrap_or(0) > 0).then_some(Ok(()))
+        },
+    )?
 }
 
 #[test]
@@ -123,7 +141,10 @@ fn the_target_agent_killed_mid_transfer() -> Result<()> {
     let at = one_running_copy(&p, &[&h1, &h2], &sum)?;
     if r["phase"] == "failed" {
         ensure!(at == "fa1", "a rolled back move leaves it on the source");
-        ensure!(!r["note"].as_str().unwrap_or("").is_empty(), "the record says why: {r}");
+        ensure!(
+            !r["note"].as_str().unwrap_or("").is_empty(),
+            "the record says why: {r}"
+        );
         // And the next try goes through.
         let again = p.ctl_json(&["migrate", "gdw", "fa2"])?;
         ensure!(again[0]["phase"] == "done", "{again}");
@@ -224,16 +245,26 @@ fn the_source_host_down_before_the_source_copy_goes() -> Result<()> {
     h1.kill_daemon();
     println!("source host down in phase {}", record(&p, id)?["phase"]);
     // The move goes on to the target and waits to delete the source copy.
-    let r = wait_for("the container running on the target", Duration::from_secs(90), || {
-        let r = record(&p, id).ok()?;
-        (r["phase"] == "cleaning").then_some(r)
-    })?;
+    let r = wait_for(
+        "the container running on the target",
+        Duration::from_secs(90),
+        || {
+            let r = record(&p, id).ok()?;
+            (r["phase"] == "cleaning").then_some(r)
+        },
+    )?;
     std::thread::sleep(Duration::from_secs(3));
     let r2 = record(&p, id)?;
-    ensure!(r2["phase"] == "cleaning", "it waits for the source host: {r2}");
+    ensure!(
+        r2["phase"] == "cleaning",
+        "it waits for the source host: {r2}"
+    );
     println!("waiting: {}", r2["note"]);
     let ls = p.ctl_json(&["ls"])?;
-    ensure!(ls[0]["host"] == "fs2" && ls[0]["state"] == "Running", "{ls}");
+    ensure!(
+        ls[0]["host"] == "fs2" && ls[0]["state"] == "Running",
+        "{ls}"
+    );
     let now = h2.exec("gdw", "sha256sum /root/data")?;
     ensure!(now.starts_with(&sum), "{now}");
     // The host comes back: its daemon and agent (which keeps the copy stopped)
