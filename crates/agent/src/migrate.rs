@@ -14,6 +14,25 @@ use tokio::io::AsyncReadExt;
 use crate::ensure::EnsureError;
 use crate::render::{self, merge_config, merge_devices, HostContext, SshForward};
 
+/// Whether the daemon can migrate `name` live (with CRIU): it is asked to open a
+/// live migration operation, which is cancelled at once. `Err` carries the
+/// daemon's words when it cannot.
+pub async fn check_live(client: &Client, name: &str) -> Result<(), String> {
+    match client
+        .post_async(
+            &format!("/1.0/instances/{name}"),
+            json!({"migration": true, "live": true, "instance_only": false}),
+        )
+        .await
+    {
+        Ok((op, _)) => {
+            let _ = client.delete(&format!("/1.0/operations/{op}")).await;
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Opens the operation the target daemon pulls `name` from. Makes the daemon
 /// listen on `address` first when it listens nowhere yet.
 pub async fn migrate_out(
@@ -97,6 +116,7 @@ pub async fn migrate_out(
         devices_json: serde_json::to_string(&inst.devices).unwrap_or_default(),
         profiles: inst.profiles.clone(),
         running: inst.is_running(),
+        ..Default::default()
     })
 }
 

@@ -232,6 +232,18 @@ impl Agent for AgentService {
             })?;
         }
         let _guard = self.host.lock(&name).await;
+        if r.check_live {
+            let (live_available, live_reason) =
+                match crate::migrate::check_live(self.client(), &name).await {
+                    Ok(()) => (true, String::new()),
+                    Err(why) => (false, why),
+                };
+            return Ok(Response::new(MigrateOutReply {
+                live_available,
+                live_reason,
+                ..Default::default()
+            }));
+        }
         let reply = crate::migrate::migrate_out(
             self.client(),
             &self.migration_address,

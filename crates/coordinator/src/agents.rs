@@ -165,9 +165,34 @@ impl Agents {
             c.migrate_out(ssp_proto::MigrateOutRequest {
                 name: name.into(),
                 snapshot: snapshot.into(),
+                check_live: false,
             }),
         )
         .await
+    }
+
+    /// Whether `host`'s daemon can move `name` live: `Err` with its words when not.
+    pub async fn check_live(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+    ) -> Result<Result<(), String>, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        let r = call(
+            host,
+            QUICK_TIMEOUT,
+            c.migrate_out(ssp_proto::MigrateOutRequest {
+                name: name.into(),
+                snapshot: String::new(),
+                check_live: true,
+            }),
+        )
+        .await?;
+        Ok(match r.live_available {
+            true => Ok(()),
+            false => Err(r.live_reason),
+        })
     }
 
     /// Deletes snapshot `snapshot` of `name` on `host`.

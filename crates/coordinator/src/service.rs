@@ -554,6 +554,34 @@ impl Coordinator for CoordinatorService {
                 ))
             }
         };
+        if r.live {
+            let host = self
+                .core
+                .read(|s| {
+                    s.instances
+                        .get(name.as_str())
+                        .map(|i| s.hosts.get(i.host.as_str()).cloned())
+                })
+                .ok_or_else(|| Status::not_found(format!("container {name} does not exist")))?;
+            let host_name = host
+                .as_ref()
+                .map(|h| h.name.to_string())
+                .unwrap_or_default();
+            let check = self
+                .core
+                .agents
+                .check_live(host.as_ref(), &host_name, name.as_str())
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            return Err(Status::failed_precondition(match check {
+                Err(why) => format!(
+                    "live migration is not available on {host_name}: its daemon says: {why}; without --live ssp moves {name} with seconds of downtime"
+                ),
+                Ok(()) => format!(
+                    "{host_name}'s daemon can migrate {name} live, but ssp does not drive live moves; without --live it moves with seconds of downtime"
+                ),
+            }));
+        }
         let cmd = Command::Migrate(ssp_model::MigrationCommand::Begin {
             instance: name.to_string(),
             to,

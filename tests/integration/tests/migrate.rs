@@ -73,6 +73,32 @@ fn a_container_moves_with_its_files_snapshot_keys_and_gpus() -> Result<()> {
         "{gpus_before:?}"
     );
 
+    // Bad requests say what is wrong and change nothing.
+    for (args, says) in [
+        (&["migrate", "gdw"][..], "--auto"),
+        (&["migrate", "gdw", "mg1"][..], "already on mg1"),
+        (&["migrate", "gdw", "mg9"][..], "not registered"),
+        (&["migrate", "zed", "mg2"][..], "does not exist"),
+        (&["migrate", "gdw", "mg2", "--auto"][..], "not both"),
+        (&["migrate", "--abort", "77"][..], "no migration 77"),
+        // No CRIU here: the daemon's own words say why.
+        (
+            &["migrate", "gdw", "mg2", "--live"][..],
+            "live migration is not available on mg1",
+        ),
+    ] {
+        let err = p.ctl_err(args)?;
+        println!("sspctl {}: {}", args.join(" "), err.trim());
+        ensure!(err.contains(says), "sspctl {}: {err}", args.join(" "));
+    }
+    ensure!(
+        p.ctl_json(&["migrations"])?
+            .as_array()
+            .is_some_and(|l| l.is_empty()),
+        "no move was recorded"
+    );
+    ensure!(h1.instance_names()?.contains(&"gdw".to_string()));
+
     let out = p.ctl_json(&["migrate", "gdw", "mg2"])?;
     let m = &out[0];
     println!("migration record: {m}");

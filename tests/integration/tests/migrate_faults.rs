@@ -260,6 +260,10 @@ fn the_source_host_down_before_the_source_copy_goes() -> Result<()> {
         "it waits for the source host: {r2}"
     );
     println!("waiting: {}", r2["note"]);
+    // It may only go forward now: an abort is refused, a resume is fine.
+    let err = p.ctl_err(&["migrate", "--abort", &id.to_string()])?;
+    ensure!(err.contains("only goes forward"), "{err}");
+    p.ctl_ok(&["migrate", "--resume", &id.to_string(), "--no-wait"])?;
     let ls = p.ctl_json(&["ls"])?;
     ensure!(
         ls[0]["host"] == "fs2" && ls[0]["state"] == "Running",
@@ -278,5 +282,24 @@ fn the_source_host_down_before_the_source_copy_goes() -> Result<()> {
     if h1.instance_names()?.iter().any(|n| n == "gdw") {
         bail!("the source copy should be gone");
     }
+    Ok(())
+}
+
+#[test]
+fn an_aborted_move_rolls_back() -> Result<()> {
+    let (h1, h2, p, sum) = rig("fb", 113, 1)?;
+    let id = begin(&p, "fb2")?;
+    let r = p.ctl_json(&["migrate", "--abort", &id.to_string(), "--no-wait"])?;
+    ensure!(r[0]["phase"] == "rolling-back", "{r}");
+    let r = wait_finished(&p, id, Duration::from_secs(120))?;
+    ensure!(r["phase"] == "failed", "{r}");
+    ensure!(
+        r["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("aborted by admin"),
+        "{r}"
+    );
+    ensure!(one_running_copy(&p, &[&h1, &h2], &sum)? == "fb1");
     Ok(())
 }

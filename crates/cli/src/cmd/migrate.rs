@@ -33,6 +33,10 @@ pub struct Args {
     /// Answer once the move has begun, without following it.
     #[arg(long)]
     no_wait: bool,
+    /// Keep it running throughout (CRIU): only where the source's daemon can;
+    /// otherwise sspctl says why and moves nothing.
+    #[arg(long)]
+    live: bool,
 }
 
 /// `sspctl migrations [ID]`.
@@ -85,6 +89,7 @@ pub async fn migrate(cli: &Cli, a: &Args) -> anyhow::Result<()> {
                 name: user.clone(),
                 host: a.host.clone().unwrap_or_default(),
                 auto: a.auto,
+                live: a.live,
             },
             |ch, r| async move { CoordinatorClient::new(ch).migrate(r).await },
         )
