@@ -383,6 +383,36 @@ mod tests {
     }
 
     #[test]
+    fn a_moving_container_is_left_to_its_move_and_neither_copy_is_stray() {
+        let mut s = state_with(&["ann"]);
+        let mut h2 = s.hosts["h1"].clone();
+        h2.name = HostName::parse("h2").unwrap();
+        h2.agent_address = ssp_model::Endpoint::parse("http://h2:7401").unwrap();
+        s.apply(&Command::RegisterHost(h2)).unwrap();
+        s.apply(&Command::Migrate(ssp_model::MigrationCommand::Begin {
+            instance: "ann".into(),
+            to: Some(HostName::parse("h2").unwrap()),
+            at_ms: 1,
+        }))
+        .unwrap();
+        // Stopped on the source (the move stopped it), a copy on the target: no
+        // step would start or delete either, and neither is stray.
+        let reports = BTreeMap::from([
+            (
+                "h1".to_string(),
+                listed(&s, vec![report(&s, "ann", "Stopped")]),
+            ),
+            (
+                "h2".to_string(),
+                listed(&s, vec![report(&s, "ann", "Stopped")]),
+            ),
+        ]);
+        let p = plan(&s, &reports);
+        assert!(p.steps.is_empty(), "{:?}", p.steps);
+        assert!(p.stray.is_empty(), "{:?}", p.stray);
+    }
+
+    #[test]
     fn a_name_held_by_a_foreign_container_is_left_alone() {
         let s = state_with(&["ann"]);
         let reports = BTreeMap::from([(
