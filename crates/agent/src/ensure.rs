@@ -195,9 +195,16 @@ pub async fn ensure(
     }
     let want = account::hash(spec);
     let account_done = inst.config.get(account::CONFIG_KEY) == Some(&want);
+    // A move froze it, then went back: it thaws (its processes go on where they were).
+    let frozen = inst.status.eq_ignore_ascii_case("frozen");
     let to_start = spec.running && !inst.is_running();
     let held_back = to_start && !starts.may_start(&spec.name);
-    if to_start && !held_back {
+    if to_start && frozen {
+        client.set_state(&spec.name, "unfreeze", false).await?;
+        changed.push("unfrozen".into());
+        inst.status = "Running".into();
+        inst.status_code = 103;
+    } else if to_start && !held_back {
         // Images that carry ssp's boot unit create the account before sshd from
         // the script in the instance config: nothing has to run inside afterwards.
         let at_boot = !account_done && account::created_at_boot(&inst);
@@ -351,7 +358,7 @@ pub async fn delete(client: &Client, name: &str) -> Result<bool, EnsureError> {
     if inst.config.get("user.ssp.managed").map(String::as_str) != Some("true") {
         return Err(EnsureError::Foreign(name.into()));
     }
-    if inst.is_running() {
+    if inst.is_running() || inst.status.eq_ignore_ascii_case("frozen") {
         client.set_state(name, "stop", true).await?;
     }
     client.delete(&format!("/1.0/instances/{name}")).await?;

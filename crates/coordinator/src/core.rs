@@ -271,7 +271,7 @@ impl Core {
 
     /// Whether a quorum confirms this node as leader now; the replica has then
     /// applied everything committed up to the confirmation.
-    async fn confirm_leader(&self) -> bool {
+    pub(crate) async fn confirm_leader(&self) -> bool {
         match tokio::time::timeout(
             Duration::from_secs(5),
             self.replica.raft.ensure_linearizable(),

@@ -21,8 +21,10 @@ use crate::agents::AgentError;
 use crate::convert;
 use crate::core::{Applied, Core};
 
-/// Moves that transfer data at the same time; others wait their turn.
-const PARALLEL_TRANSFERS: usize = 2;
+/// Moves between their first pass and the switch at the same time; others wait
+/// their turn. One: a move's downtime (its last pass and the start on the target)
+/// never competes with another move's copy for the disks and CPUs.
+const PARALLEL_TRANSFERS: usize = 1;
 /// How long the target's SSH server may take to greet after the start.
 const SSH_WAIT: Duration = Duration::from_secs(60);
 
@@ -128,7 +130,10 @@ impl Core {
         let mut slot = None;
         let mut failures = 0u32;
         loop {
-            if !self.is_leader() {
+            // A leader cut off from the others may not know it yet, and its state
+            // may be behind: a quorum confirms the leadership (and brings the state
+            // up to date) before each step, as before a reconcile pass.
+            if !self.is_leader() || !self.confirm_leader().await {
                 tracing::info!(
                     migration = id,
                     "no longer the leader: the next one goes on with the move"
@@ -138,10 +143,11 @@ impl Core {
             let Some(m) = self.read(|s| s.migrations.get(&id).cloned()) else {
                 return;
             };
-            if m.phase.may_roll_back() && slot.is_none() {
+            let busy = matches!(m.phase, Phase::Copying | Phase::Syncing | Phase::Starting);
+            if busy && slot.is_none() {
                 slot = self.driving.slots.clone().acquire_owned().await.ok();
             }
-            if !m.phase.may_roll_back() {
+            if !busy {
                 slot = None;
             }
             let step = match m.phase {
@@ -286,7 +292,8 @@ impl Core {
     }
 
     /// Syncing: stop the source (it stays stopped: the agent's spec says so), send
-    /// what changed since the first pass.
+    /// what changed since the first pass. (A freeze instead of the stop was tried:
+    /// the daemon took a second to freeze a container here, three times a stop.)
     async fn sync(&self, m: &Migration) -> Result<(), StepError> {
         let from = m.from.host.as_str();
         let t0 = std::time::Instant::now();
