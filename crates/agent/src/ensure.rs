@@ -65,34 +65,14 @@ pub async fn ensure(
 ) -> Result<InstanceStatus, EnsureError> {
     let current = client.instance(&spec.name).await?;
     // Held until the instance has its address, so no other ensure picks it.
-    let mut _reserved = None;
-    let addr = match &host.ssh {
-        SshForward::Nat {
-            nic_name,
-            nic,
-            subnet,
-            ..
-        } => match current
-            .as_ref()
-            .and_then(|(i, _)| forward::current(i, nic_name, subnet))
-        {
-            Some(a) => Some(a),
-            None => {
-                let network = nic.get("network").map(String::as_str).unwrap_or_default();
-                let r = addrs
-                    .reserve(client, network, subnet)
-                    .await
-                    .map_err(|reason| EnsureError::Address {
-                        name: spec.name.clone(),
-                        reason,
-                    })?;
-                let a = r.addr;
-                _reserved = Some(r);
-                Some(a)
-            }
-        },
-        SshForward::Proxy { .. } => None,
-    };
+    let (addr, _reserved) = nat_address(
+        client,
+        host,
+        addrs,
+        current.as_ref().map(|(i, _)| i),
+        &spec.name,
+    )
+    .await?;
     let r = render::render(spec, host, addr).map_err(|reason| EnsureError::Render {
         name: spec.name.clone(),
         reason,
@@ -244,6 +224,39 @@ pub async fn ensure(
     let mut st = status_of(&inst);
     st.changed = changed;
     Ok(st)
+}
+
+/// The bridge address `name` gets for NAT-forwarded SSH: the one `current` holds,
+/// or a free one, kept from other ensures until the returned guard is dropped
+/// (once the instance holds it). `None` with the forwarding process.
+pub async fn nat_address(
+    client: &Client,
+    host: &HostContext,
+    addrs: &Addrs,
+    current: Option<&Instance>,
+    name: &str,
+) -> Result<(Option<std::net::Ipv4Addr>, Option<forward::Reserved>), EnsureError> {
+    let SshForward::Nat {
+        nic_name,
+        nic,
+        subnet,
+        ..
+    } = &host.ssh
+    else {
+        return Ok((None, None));
+    };
+    if let Some(a) = current.and_then(|i| forward::current(i, nic_name, subnet)) {
+        return Ok((Some(a), None));
+    }
+    let network = nic.get("network").map(String::as_str).unwrap_or_default();
+    let r = addrs
+        .reserve(client, network, subnet)
+        .await
+        .map_err(|reason| EnsureError::Address {
+            name: name.to_string(),
+            reason,
+        })?;
+    Ok((Some(r.addr), Some(r)))
 }
 
 /// True when `inst` already matches `spec`, judged from a listing alone: what a

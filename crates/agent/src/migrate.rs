@@ -12,7 +12,7 @@ use ssp_proto::{InstanceSpec, MigrateOutReply, MigrateProgress};
 use tokio::io::AsyncReadExt;
 
 use crate::ensure::EnsureError;
-use crate::render::{self, merge_config, merge_devices, HostContext, SshForward};
+use crate::render::{self, merge_config, merge_devices, HostContext};
 
 /// Whether the daemon can migrate `name` live (with CRIU): it is asked to open a
 /// live migration operation, which is cancelled at once. `Err` carries the
@@ -179,34 +179,14 @@ pub async fn migrate_in(
         }
     }
     let refresh = current.is_some();
-    let mut _reserved = None;
-    let addr = match &host.ssh {
-        SshForward::Nat {
-            nic_name,
-            nic,
-            subnet,
-            ..
-        } => match current
-            .as_ref()
-            .and_then(|(i, _)| crate::forward::current(i, nic_name, subnet))
-        {
-            Some(a) => Some(a),
-            None => {
-                let network = nic.get("network").map(String::as_str).unwrap_or_default();
-                let r = addrs
-                    .reserve(client, network, subnet)
-                    .await
-                    .map_err(|reason| EnsureError::Address {
-                        name: spec.name.clone(),
-                        reason,
-                    })?;
-                let a = r.addr;
-                _reserved = Some(r);
-                Some(a)
-            }
-        },
-        SshForward::Proxy { .. } => None,
-    };
+    let (addr, _reserved) = crate::ensure::nat_address(
+        client,
+        host,
+        addrs,
+        current.as_ref().map(|(i, _)| i),
+        &spec.name,
+    )
+    .await?;
     let r = render::render(spec, host, addr).map_err(|reason| EnsureError::Render {
         name: spec.name.clone(),
         reason,

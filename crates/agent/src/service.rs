@@ -46,6 +46,35 @@ impl AgentService {
     fn client(&self) -> &Client {
         &self.host.client
     }
+
+    /// The host policy's verdict on `spec` against the host's GPUs and the other
+    /// stored specs; the caller holds `admit` until it has stored or used it.
+    fn check_spec(
+        &self,
+        spec: &InstanceSpec,
+        inventory: &HostInventory,
+        what: &str,
+    ) -> Result<(), Status> {
+        let gpus: Vec<String> = inventory
+            .gpus
+            .iter()
+            .map(|g| g.pci_address.clone())
+            .collect();
+        let others: Vec<InstanceSpec> = self
+            .host
+            .specs
+            .names()
+            .iter()
+            .filter_map(|n| self.host.specs.get(n))
+            .collect();
+        crate::policy::check(spec, &self.policy, &gpus, &others).map_err(|why| {
+            tracing::warn!(instance = %spec.name, "refused {what}: {why}");
+            Status::invalid_argument(format!(
+                "this host refuses the spec of {}: {why}",
+                spec.name
+            ))
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -95,26 +124,7 @@ impl Agent for AgentService {
         let _guard = self.host.lock(&spec.name).await;
         // Refused specs are never stored, so the agent never heals them either.
         let admitting = self.admit.lock().await;
-        let gpus: Vec<String> = facts
-            .inventory
-            .gpus
-            .iter()
-            .map(|g| g.pci_address.clone())
-            .collect();
-        let others: Vec<InstanceSpec> = self
-            .host
-            .specs
-            .names()
-            .iter()
-            .filter_map(|n| self.host.specs.get(n))
-            .collect();
-        crate::policy::check(&spec, &self.policy, &gpus, &others).map_err(|why| {
-            tracing::warn!(instance = %spec.name, "refused a spec: {why}");
-            Status::invalid_argument(format!(
-                "this host refuses the spec of {}: {why}",
-                spec.name
-            ))
-        })?;
+        self.check_spec(&spec, &facts.inventory, "a spec")?;
         // Kept before acting, so the agent can enforce it on its own from now on.
         self.host
             .specs
@@ -284,27 +294,7 @@ impl Agent for AgentService {
             .map_err(|e| Status::unavailable(format!("cannot read host facts: {e:#}")))?;
         {
             let _admitting = self.admit.lock().await;
-            let gpus: Vec<String> = facts
-                .inventory
-                .gpus
-                .iter()
-                .map(|g| g.pci_address.clone())
-                .collect();
-            let others: Vec<InstanceSpec> = self
-                .host
-                .specs
-                .names()
-                .iter()
-                .filter(|n| **n != spec.name)
-                .filter_map(|n| self.host.specs.get(n))
-                .collect();
-            crate::policy::check(&spec, &self.policy, &gpus, &others).map_err(|why| {
-                tracing::warn!(instance = %spec.name, "refused a move in: {why}");
-                Status::invalid_argument(format!(
-                    "this host refuses the spec of {}: {why}",
-                    spec.name
-                ))
-            })?;
+            self.check_spec(&spec, &facts.inventory, "a move in")?;
         }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<MigrateProgress, Status>>(64);
         let host = Arc::clone(&self.host);
