@@ -80,12 +80,7 @@ pub async fn ensure(
     if !spec.uid_range.is_empty() {
         crate::subid::check(&spec.uid_range).map_err(EnsureError::Host)?;
     }
-    for s in &spec.shares {
-        crate::share::ensure(s, spec.lab_gid).map_err(|source| EnsureError::Share {
-            path: s.host_path.clone(),
-            source,
-        })?;
-    }
+    ensure_shares(spec)?;
     let mut changed = Vec::new();
     // The driver files of a running container changed (a driver upgrade, or
     // bind mode newly on): its loader must learn of them.
@@ -224,6 +219,17 @@ pub async fn ensure(
     let mut st = status_of(&inst);
     st.changed = changed;
     Ok(st)
+}
+
+/// Makes `spec`'s shared folders on the host (owner, group, mode).
+pub fn ensure_shares(spec: &InstanceSpec) -> Result<(), EnsureError> {
+    for s in &spec.shares {
+        crate::share::ensure(s, spec.lab_gid).map_err(|source| EnsureError::Share {
+            path: s.host_path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The bridge address `name` gets for NAT-forwarded SSH: the one `current` holds,

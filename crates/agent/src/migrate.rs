@@ -191,12 +191,7 @@ pub async fn migrate_in(
         name: spec.name.clone(),
         reason,
     })?;
-    for s in &spec.shares {
-        crate::share::ensure(s, spec.lab_gid).map_err(|source| EnsureError::Share {
-            path: s.host_path.clone(),
-            source,
-        })?;
-    }
+    crate::ensure::ensure_shares(spec)?;
     let bad = |what: &str, e: serde_json::Error| EnsureError::Render {
         name: spec.name.clone(),
         reason: format!("the source's {what}: {e}"),

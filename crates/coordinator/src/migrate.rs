@@ -359,58 +359,42 @@ impl Core {
 
     /// Cleaning: delete the source copy (waits for its host if it is down).
     async fn clean(&self, m: &Migration) -> Result<(), StepError> {
-        let (from, to) = (m.from.host.as_str(), m.to.host.as_str());
-        self.agents
-            .delete(self.host_record(from).as_ref(), from, &m.instance)
-            .await?;
-        // The common base is of no use any more; a failure here is only logged.
-        if let Err(e) = self
-            .agents
-            .delete_snapshot(
-                self.host_record(to).as_ref(),
-                to,
-                &m.instance,
-                &base_snapshot(m.id),
-            )
-            .await
-        {
-            tracing::warn!(
-                migration = m.id,
-                "deleting the move's snapshot on {to}: {e}"
-            );
-        }
-        self.migration_write(Command::Migrate(MigrationCommand::Finish {
-            id: m.id,
-            at_ms: now_ms(),
-        }))
-        .await?;
-        Ok(())
+        self.finish(m, &m.from, &m.to).await
     }
 
     /// Rolling back: the source runs again (first: the user waits for it), then the
     /// target's copy goes (waits for the target if it is down).
     async fn roll_back(&self, m: &Migration) -> Result<(), StepError> {
-        let (from, to) = (m.from.host.as_str(), m.to.host.as_str());
+        let from = m.from.host.as_str();
         let spec = self.spec_on(m, &m.from, true)?;
         self.agents
             .ensure(self.host_record(from).as_ref(), from, spec)
             .await?;
+        self.finish(m, &m.to, &m.from).await
+    }
+
+    /// The last of a move either way: the copy on `gone` is deleted, the move's
+    /// snapshot on `kept` too (only logged when that fails: it is of no use any
+    /// more), and the record finishes.
+    async fn finish(&self, m: &Migration, gone: &Side, kept: &Side) -> Result<(), StepError> {
+        let (gone, kept) = (gone.host.as_str(), kept.host.as_str());
         self.agents
-            .delete(self.host_record(to).as_ref(), to, &m.instance)
+            .delete(self.host_record(gone).as_ref(), gone, &m.instance)
             .await?;
+        let snapshot = base_snapshot(m.id);
         if let Err(e) = self
             .agents
             .delete_snapshot(
-                self.host_record(from).as_ref(),
-                from,
+                self.host_record(kept).as_ref(),
+                kept,
                 &m.instance,
-                &base_snapshot(m.id),
+                &snapshot,
             )
             .await
         {
             tracing::warn!(
                 migration = m.id,
-                "deleting the move's snapshot on {from}: {e}"
+                "deleting the move's snapshot on {kept}: {e}"
             );
         }
         self.migration_write(Command::Migrate(MigrationCommand::Finish {

@@ -264,10 +264,6 @@ pub fn choose_by_scan(
     image: &str,
     c: &Constraints,
 ) -> Result<Placement, NoFit> {
-    let mut best: Option<(usize, Placement)> = None;
-    let mut reasons = Vec::new();
-    let mut only_gpus_short = true;
-    let mut gpus_free = 0u32;
     if let Some(h) = &c.host {
         if !state.hosts.contains_key(h.as_str()) {
             return Err(NoFit {
@@ -311,10 +307,27 @@ pub fn choose_by_scan(
             reasons: vec![format!("no host has image {image} ({})", have.join("; "))],
         });
     }
-    for host in considered() {
+    best_of(state, considered(), limits, gpus, Some(image), c)
+}
+
+/// The host of `hosts` placement prefers (pack: fewest free GPUs that fit;
+/// spread: most; ties to the first), or every host's reason.
+fn best_of<'a>(
+    state: &State,
+    hosts: impl Iterator<Item = &'a Host>,
+    limits: &Limits,
+    gpus: u32,
+    image: Option<&str>,
+    c: &Constraints,
+) -> Result<Placement, NoFit> {
+    let mut best: Option<(usize, Placement)> = None;
+    let mut reasons = Vec::new();
+    let mut only_gpus_short = true;
+    let mut gpus_free = 0u32;
+    for host in hosts {
         let free = eligible_gpus(state, host, c).len();
         gpus_free += free as u32;
-        match why_not(state, host, limits, gpus, Some(image), c) {
+        match why_not(state, host, limits, gpus, image, c) {
             Ok(p) => {
                 let better = match &best {
                     None => true,
@@ -351,44 +364,23 @@ pub fn choose_for_move(
     inst: &crate::types::Instance,
     to: Option<&HostName>,
 ) -> Result<Placement, NoFit> {
-    let gpus = inst.gpus.len() as u32;
-    let c = &inst.placement;
-    let mut best: Option<(usize, Placement)> = None;
-    let mut reasons = Vec::new();
-    let mut only_gpus_short = true;
-    let mut gpus_free = 0u32;
-    for host in state
+    let hosts = state
         .hosts
         .values()
-        .filter(|h| h.name != inst.host && to.is_none_or(|t| *t == h.name))
-    {
-        let free = eligible_gpus(state, host, c).len();
-        gpus_free += free as u32;
-        match why_not(state, host, &inst.limits, gpus, None, c) {
-            Ok(p) => {
-                if best.as_ref().is_none_or(|(f, _)| free < *f) {
-                    best = Some((free, p));
-                }
-            }
-            Err((reason, gpu_short)) => {
-                only_gpus_short &= gpu_short;
-                reasons.push(reason);
-            }
+        .filter(|h| h.name != inst.host && to.is_none_or(|t| *t == h.name));
+    best_of(
+        state,
+        hosts,
+        &inst.limits,
+        inst.gpus.len() as u32,
+        None,
+        &inst.placement,
+    )
+    .map_err(|mut e| {
+        if e.reasons.is_empty() {
+            e.reasons
+                .push(format!("no host other than {} is registered", inst.host));
         }
-    }
-    match best {
-        Some((_, p)) => Ok(p),
-        None if reasons.is_empty() => Err(NoFit {
-            gpus_asked: gpus,
-            gpus_free: 0,
-            only_gpus_short: false,
-            reasons: vec![format!("no host other than {} is registered", inst.host)],
-        }),
-        None => Err(NoFit {
-            gpus_asked: gpus,
-            gpus_free,
-            only_gpus_short,
-            reasons,
-        }),
-    }
+        e
+    })
 }
