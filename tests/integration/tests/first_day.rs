@@ -128,7 +128,7 @@ fn ssh_ok(words: &[String], known_hosts: &Path, remote: &str) -> Result<String> 
 fn snapshot(setup: &Setup, host: &Host) -> Result<BTreeMap<String, String>> {
     let mut s = BTreeMap::new();
     for (what, args) in [
-        ("instances", &["list", "-f", "csv", "-c", "nsu"][..]),
+        ("instances", &["list", "-f", "csv", "-c", "nst"][..]),
         ("demo", &["config", "show", "demo"][..]),
         ("profile", &["profile", "show", "default"][..]),
         ("networks", &["network", "list", "-f", "csv"][..]),
