@@ -20,6 +20,7 @@ pub mod register;
 pub mod render;
 pub mod service;
 pub mod share;
+pub mod snapshot;
 pub mod subid;
 pub mod trust;
 pub mod uvm;
@@ -102,6 +103,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         host.clone()
             .resync_loop(std::time::Duration::from_secs(cfg.resync_secs.max(1))),
     );
+    tokio::spawn(snapshot::schedule_loop(host.clone()));
     tokio::spawn(register::register_loop(
         cfg.clone(),
         host.clone(),

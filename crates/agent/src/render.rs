@@ -377,6 +377,7 @@ mod tests {
             running: true,
             uid_range: "10000-19999".into(),
             lab_gid: 19999,
+            ..Default::default()
         }
     }
 

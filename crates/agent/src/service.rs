@@ -368,6 +368,74 @@ impl Agent for AgentService {
         Ok(Response::new(DeleteSnapshotReply { existed }))
     }
 
+    async fn snapshots(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        use crate::snapshot;
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let op = SnapshotOp::try_from(r.op)
+            .map_err(|_| Status::invalid_argument("op must be list, create, restore or delete"))?;
+        let input = |e: ssp_model::InputError| Status::invalid_argument(e.to_string());
+        let _guard = self.host.lock(&r.name).await;
+        let client = self.client();
+        let done = match op {
+            SnapshotOp::List => String::new(),
+            SnapshotOp::Create => {
+                let snap = if r.snapshot.is_empty() {
+                    snapshot::stamped("snap-")
+                } else {
+                    ssp_model::parse_snapshot_name(&r.snapshot, true).map_err(input)?
+                };
+                snapshot::create(client, &r.name, &snap)
+                    .await
+                    .map_err(to_status)?;
+                tracing::info!(instance = %r.name, snapshot = %snap, "snapshot taken");
+                format!("took snapshot {snap} of {}", r.name)
+            }
+            SnapshotOp::Restore => {
+                let snap = ssp_model::parse_snapshot_name(&r.snapshot, false).map_err(input)?;
+                let have = snapshot::list(client, &r.name).await.map_err(to_status)?;
+                if !have.iter().any(|s| s.name == snap) {
+                    return Err(Status::not_found(format!(
+                        "{} has no snapshot {snap}",
+                        r.name
+                    )));
+                }
+                snapshot::restore(&self.host, &r.name, &snap)
+                    .await
+                    .map_err(to_status)?;
+                tracing::info!(instance = %r.name, snapshot = %snap, "restored");
+                format!("restored {} to snapshot {snap}", r.name)
+            }
+            SnapshotOp::Delete => {
+                let snap = ssp_model::parse_snapshot_name(&r.snapshot, false).map_err(input)?;
+                if !snapshot::delete(client, &r.name, &snap)
+                    .await
+                    .map_err(to_status)?
+                {
+                    return Err(Status::not_found(format!(
+                        "{} has no snapshot {snap}",
+                        r.name
+                    )));
+                }
+                tracing::info!(instance = %r.name, snapshot = %snap, "snapshot deleted");
+                format!("deleted snapshot {snap} of {}", r.name)
+            }
+        };
+        let snapshots = snapshot::list(client, &r.name).await.map_err(to_status)?;
+        let spec = self.host.specs.get(&r.name).unwrap_or_default();
+        Ok(Response::new(SnapshotList {
+            instance: r.name,
+            host: String::new(),
+            snapshots,
+            done,
+            every_secs: spec.snapshot_every_secs,
+            keep: spec.snapshot_keep,
+        }))
+    }
+
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<InstanceEvent, Status>> + Send>>;
 
     async fn watch_events(

@@ -63,6 +63,10 @@ enum Commands {
     Migrate(cmd::migrate::Args),
     /// Moves in progress and recent ones, with phase and outcome.
     Migrations(cmd::migrate::ListArgs),
+    /// Snapshots of a user's container: create, list, restore, delete, and the
+    /// schedule an admin sets.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::SnapshotCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -85,6 +89,7 @@ async fn main() {
         Commands::Audit(ref a) => cmd::trust::audit(&cli, a).await,
         Commands::Migrate(ref a) => cmd::migrate::migrate(&cli, a).await,
         Commands::Migrations(ref a) => cmd::migrate::list(&cli, a).await,
+        Commands::Snapshot(ref c) => cmd::snapshot::run(&cli, c).await,
     };
     if let Err(e) = res {
         eprintln!("sspctl: {}", cmd::one_line(&e));

@@ -216,6 +216,39 @@ impl Agents {
         .existed)
     }
 
+    /// A snapshot operation on `host`; the agent's own status (its code and words)
+    /// comes back, with the host named.
+    pub async fn snapshots(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        req: ssp_proto::SnapshotRequest,
+    ) -> Result<ssp_proto::SnapshotList, tonic::Status> {
+        let unavailable = |e: AgentError| tonic::Status::unavailable(e.to_string());
+        let mut c = self.for_host(record, host).await.map_err(unavailable)?;
+        match tokio::time::timeout(ENSURE_TIMEOUT, c.snapshots(req)).await {
+            Err(_) => Err(unavailable(AgentError::Timeout {
+                host: host.into(),
+                secs: ENSURE_TIMEOUT.as_secs(),
+            })),
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                Err(unavailable(AgentError::Unreachable {
+                    host: host.into(),
+                    message: s.message().to_string(),
+                }))
+            }
+            Ok(Err(s)) => Err(tonic::Status::new(
+                s.code(),
+                format!("host {host}: {}", s.message()),
+            )),
+            Ok(Ok(r)) => {
+                let mut list = r.into_inner();
+                list.host = host.into();
+                Ok(list)
+            }
+        }
+    }
+
     /// Has `host` pull `spec`'s container from `source`; `progress` sees the
     /// daemon's progress. Returns whether only what changed was sent.
     pub async fn migrate_in(

@@ -44,6 +44,8 @@ pub fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::Insta
         running: true,
         uid_range: format!("{}-{}", settings.uid_first, settings.uid_last),
         lab_gid: settings.lab_gid(),
+        snapshot_every_secs: owner.snapshots.every_secs,
+        snapshot_keep: owner.snapshots.keep,
     }
 }
 

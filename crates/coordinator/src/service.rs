@@ -768,6 +768,167 @@ impl Coordinator for CoordinatorService {
         Ok(from_leader(Response::new(reply), &self.core))
     }
 
+    async fn snapshots(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        let op = SnapshotOp::try_from(req.get_ref().op)
+            .map_err(|_| Status::invalid_argument("op must be list, create, restore or delete"))?;
+        let action = format!(
+            "snapshot-{}",
+            op.as_str_name()["SNAPSHOT_OP_".len()..].to_lowercase()
+        );
+        let caller = self
+            .admit_self(&req, &action, &req.get_ref().name.clone())
+            .await?;
+        // The leader knows where a container is while it moves.
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .snapshots(forwarded(req))
+                .await;
+        }
+        let r = req.into_inner();
+        let name = ssp_model::Username::parse(&r.name).map_err(input_status)?;
+        match op {
+            SnapshotOp::List => {}
+            SnapshotOp::Create if r.snapshot.is_empty() => {}
+            SnapshotOp::Create => {
+                ssp_model::parse_snapshot_name(&r.snapshot, true).map_err(input_status)?;
+            }
+            SnapshotOp::Restore | SnapshotOp::Delete => {
+                if r.snapshot.is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "name the snapshot to {} (see `sspctl snapshot list {name}`)",
+                        if op == SnapshotOp::Restore {
+                            "restore"
+                        } else {
+                            "delete"
+                        }
+                    )));
+                }
+                ssp_model::parse_snapshot_name(&r.snapshot, false).map_err(input_status)?;
+            }
+        }
+        let (host, record) = self
+            .core
+            .read(|s| -> Result<_, Status> {
+                let inst = s.instances.get(name.as_str()).ok_or_else(|| {
+                    Status::not_found(format!("{name} has no container"))
+                })?;
+                if inst.deleting {
+                    return Err(Status::failed_precondition(format!(
+                        "{name}'s container is being removed"
+                    )));
+                }
+                if let Some(m) = s.moving(&inst.name) {
+                    return Err(Status::failed_precondition(format!(
+                        "{name}'s container is moving to {} (migration {}, {}); snapshots wait until the move is done",
+                        m.to.host, m.id, m.phase
+                    )));
+                }
+                Ok((inst.host.to_string(), s.hosts.get(inst.host.as_str()).cloned()))
+            })?;
+        let snapshot = r.snapshot.clone();
+        let list = self
+            .core
+            .agents
+            .snapshots(
+                record.as_ref(),
+                &host,
+                SnapshotRequest {
+                    name: name.to_string(),
+                    op: op as i32,
+                    snapshot: r.snapshot,
+                },
+            )
+            .await?;
+        if op != SnapshotOp::List {
+            // Who restored or deleted what stays in the audit log.
+            let cmd = Command::Audit {
+                action: format!("{action} {snapshot}").trim().to_string(),
+                target: name.to_string(),
+                outcome: list.done.clone(),
+            };
+            if let Err(e) = self.core.apply_for(&caller, cmd, None).await {
+                tracing::warn!(user = %name, "audit of {action}: {}", e.message());
+            }
+        }
+        Ok(from_leader(Response::new(list), &self.core))
+    }
+
+    async fn set_snapshot_schedule(
+        &self,
+        req: Request<SetSnapshotScheduleRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "snapshot-schedule", &req.get_ref().name)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .set_snapshot_schedule(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let name = ssp_model::Username::parse(&r.name).map_err(input_status)?;
+        let schedule =
+            ssp_model::SnapshotSchedule::new(r.every_secs, r.keep).map_err(input_status)?;
+        let cmd = Command::SetSnapshotSchedule {
+            name: name.to_string(),
+            schedule,
+        };
+        self.core.apply_for(&caller, cmd, id).await?;
+        let instances: Vec<String> = self.core.read(|s| {
+            s.instances
+                .values()
+                .filter(|i| i.owner.as_str() == name.as_str())
+                .map(|i| i.name.clone())
+                .collect()
+        });
+        tracing::info!(user = %name, every_secs = schedule.every_secs, keep = schedule.keep, "snapshot schedule set");
+        // The agents get the schedule with the spec; where a host cannot be
+        // reached now, the reconciler brings it later.
+        let mut late = Vec::new();
+        for inst in &instances {
+            match self.core.converge(inst).await {
+                Ok(Converged::Ensured(_)) => {}
+                Ok(other) => late.push(format!("{inst}: {other:?}")),
+                Err(e) => late.push(format!("{inst}: {e}")),
+            }
+        }
+        Ok(Response::new(SnapshotList {
+            instance: instances.join(","),
+            host: String::new(),
+            snapshots: vec![],
+            done: if late.is_empty() {
+                format!(
+                    "{name}: {}",
+                    if schedule.every_secs == 0 {
+                        "no scheduled snapshots".to_string()
+                    } else {
+                        format!(
+                            "a snapshot every {}s, the newest {} kept",
+                            schedule.every_secs, schedule.keep
+                        )
+                    }
+                )
+            } else {
+                format!(
+                    "the schedule is recorded, but not every host has it yet ({}); ssp keeps retrying",
+                    late.join("; ")
+                )
+            },
+            every_secs: schedule.every_secs,
+            keep: schedule.keep,
+        }))
+    }
+
     async fn ssh_config(
         &self,
         req: Request<SshConfigRequest>,

@@ -1072,6 +1072,8 @@ fn instance_spec() -> impl Strategy<Value = pb::InstanceSpec> {
                     running,
                     uid_range: "10000-19999".into(),
                     lab_gid: 19999,
+                    snapshot_every_secs: u64::from(uid % 3) * 3600,
+                    snapshot_keep: uid % 8,
                 }
             },
         )

@@ -277,6 +277,11 @@ impl Client {
         Ok(self.call(Method::PATCH, path, Some(body), &[]).await?.body)
     }
 
+    /// `PUT path` with a JSON body (no ETag); async replies are waited for.
+    pub async fn put(&self, path: &str, body: Value) -> Result<Value, Error> {
+        Ok(self.call(Method::PUT, path, Some(body), &[]).await?.body)
+    }
+
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> Result<Value, Error> {
         Ok(self.call(Method::DELETE, path, None, &[]).await?.body)

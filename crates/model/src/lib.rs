@@ -10,11 +10,12 @@ pub mod types;
 
 pub use migration::{Migration, MigrationCommand, Phase as MigrationPhase, Side};
 pub use names::{
-    parse_image, parse_label, ByteSize, Endpoint, HostName, InputError, NetAddress, PciAddress,
-    ShareMode, SharedFolder, SshKey, Username,
+    parse_image, parse_label, parse_snapshot_name, ByteSize, Endpoint, HostName, InputError,
+    NetAddress, PciAddress, ShareMode, SharedFolder, SshKey, Username, MOVE_SNAPSHOT_PREFIX,
+    SCHEDULED_SNAPSHOT_PREFIX,
 };
 pub use state::{Command, Outcome, Rejection, Settings, State};
 pub use types::{
     CertRole, Constraints, Gpu, Host, HostStatus, Image, Instance, Inventory, Limits, NewUser,
-    Pool, Role, User,
+    Pool, Role, SnapshotSchedule, User,
 };

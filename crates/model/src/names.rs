@@ -602,9 +602,61 @@ pub fn parse_label(s: &str) -> Result<String, InputError> {
     }
 }
 
+/// Prefix of the snapshots a schedule takes (and prunes).
+pub const SCHEDULED_SNAPSHOT_PREFIX: &str = "auto-";
+/// Prefix of the snapshots a move takes as its common base (removed afterwards).
+pub const MOVE_SNAPSHOT_PREFIX: &str = "ssp-";
+
+/// A snapshot's name: 1-63 letters, digits, `-`, `_` and `.`, starting with a
+/// letter or digit. With `for_create`, the prefixes ssp keeps for its own
+/// snapshots (`auto-`, `ssp-`) are refused; any other name may be restored or
+/// deleted except a move's.
+pub fn parse_snapshot_name(s: &str, for_create: bool) -> Result<String, InputError> {
+    let ok = (1..=63).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        return Err(bad(
+            "snapshot name",
+            s,
+            "use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit, e.g. before-upgrade",
+        ));
+    }
+    if s.starts_with(MOVE_SNAPSHOT_PREFIX) {
+        return Err(bad(
+            "snapshot name",
+            s,
+            "names starting with 'ssp-' belong to moves between hosts",
+        ));
+    }
+    if for_create && s.starts_with(SCHEDULED_SNAPSHOT_PREFIX) {
+        return Err(bad(
+            "snapshot name",
+            s,
+            "names starting with 'auto-' belong to the snapshot schedule; pick another",
+        ));
+    }
+    Ok(s.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_names() {
+        for ok in ["before-upgrade", "snap-20261201-104500", "v1.2", "A_b"] {
+            assert_eq!(parse_snapshot_name(ok, true).as_deref(), Ok(ok));
+        }
+        assert!(parse_snapshot_name("auto-20261201-000000", false).is_ok());
+        for no in ["", "-x", ".x", "a/b", "a b", "ssp-move-3", &"x".repeat(64)] {
+            let e = parse_snapshot_name(no, false).unwrap_err();
+            assert_eq!(e.what, "snapshot name", "{no:?}");
+        }
+        let e = parse_snapshot_name("auto-1", true).unwrap_err();
+        assert!(e.reason.contains("schedule"), "{e}");
+    }
 
     #[test]
     fn addresses_and_endpoints() {

@@ -315,6 +315,11 @@ pub enum Command {
     ForgetInstance { name: String },
     /// Replaces a user's SSH public keys (their containers get the new set).
     SetSshKeys { name: String, keys: Vec<SshKey> },
+    /// Sets a user's snapshot schedule (their containers' agents take them).
+    SetSnapshotSchedule {
+        name: String,
+        schedule: crate::types::SnapshotSchedule,
+    },
     /// Marks a host ready, draining or down.
     SetHostStatus {
         name: String,
@@ -344,6 +349,15 @@ impl Command {
             Command::RemoveUser { name } => ("remove-user", name.clone()),
             Command::ForgetInstance { name } => ("forget-instance", name.clone()),
             Command::SetSshKeys { name, .. } => ("set-ssh-keys", name.clone()),
+            Command::SetSnapshotSchedule { name, schedule } => {
+                return (
+                    format!(
+                        "snapshot-schedule every {}s keep {}",
+                        schedule.every_secs, schedule.keep
+                    ),
+                    name.clone(),
+                )
+            }
             Command::SetHostStatus { name, status } => {
                 return (format!("set-host-status {}", status.as_str()), name.clone())
             }
@@ -400,6 +414,10 @@ pub enum Outcome {
     HostStatusSet,
     /// The user's keys are replaced; these containers carry them.
     SshKeysSet {
+        instances: Vec<String>,
+    },
+    /// The user's schedule is set; these containers follow it.
+    SnapshotScheduleSet {
         instances: Vec<String>,
     },
     Trust(crate::trust::TrustOutcome),
@@ -501,6 +519,21 @@ impl State {
                     .ok_or_else(|| Rejection::UnknownHost(name.clone()))?;
                 h.status = *status;
                 Ok(Outcome::HostStatusSet)
+            }
+            Command::SetSnapshotSchedule { name, schedule } => {
+                let mut instances = Vec::new();
+                for i in self.instances.values().filter(|i| i.owner.as_str() == name) {
+                    if i.deleting {
+                        return Err(Rejection::UserRemoving(name.clone()));
+                    }
+                    instances.push(i.name.clone());
+                }
+                let user = self
+                    .users
+                    .get_mut(name)
+                    .ok_or_else(|| Rejection::UnknownUser(name.clone()))?;
+                user.snapshots = *schedule;
+                Ok(Outcome::SnapshotScheduleSet { instances })
             }
             Command::SetSshKeys { name, keys } => {
                 if keys.is_empty() {
@@ -610,6 +643,7 @@ impl State {
             ssh_keys: req.ssh_keys.clone(),
             limits: req.limits,
             gpus: req.gpus,
+            snapshots: Default::default(),
         };
         let instance = Instance {
             name: name.to_string(),

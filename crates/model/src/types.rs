@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::names::{
-    ByteSize, Endpoint, HostName, NetAddress, PciAddress, SharedFolder, SshKey, Username,
+    ByteSize, Endpoint, HostName, InputError, NetAddress, PciAddress, SharedFolder, SshKey,
+    Username,
 };
 
 /// One GPU of a host.
@@ -250,9 +251,48 @@ pub struct User {
     pub ssh_keys: Vec<SshKey>,
     pub limits: Limits,
     pub gpus: u32,
+    /// Scheduled snapshots of their containers (absent from older records: none).
+    #[serde(default)]
+    pub snapshots: SnapshotSchedule,
 }
 
-/// A user's container and what it was given.
+/// A snapshot schedule: one snapshot every `every_secs`, the newest `keep` kept.
+/// The agents take and prune them (also while no coordinator answers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSchedule {
+    /// 0: no scheduled snapshots.
+    pub every_secs: u64,
+    pub keep: u32,
+}
+
+impl SnapshotSchedule {
+    /// The shortest interval allowed.
+    pub const MIN_EVERY_SECS: u64 = 5;
+    /// The most scheduled snapshots kept.
+    pub const MAX_KEEP: u32 = 1000;
+
+    /// A schedule, checked: `every_secs` 0 turns it off (then `keep` is ignored).
+    pub fn new(every_secs: u64, keep: u32) -> Result<Self, InputError> {
+        if every_secs == 0 {
+            return Ok(Self::default());
+        }
+        if every_secs < Self::MIN_EVERY_SECS {
+            return Err(InputError::new(
+                "snapshot interval",
+                &format!("{every_secs}s"),
+                format!("at least {}s, or 0 for no schedule", Self::MIN_EVERY_SECS),
+            ));
+        }
+        if keep == 0 || keep > Self::MAX_KEEP {
+            return Err(InputError::new(
+                "snapshots to keep",
+                &keep.to_string(),
+                format!("1 to {}", Self::MAX_KEEP),
+            ));
+        }
+        Ok(Self { every_secs, keep })
+    }
+}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub name: String,

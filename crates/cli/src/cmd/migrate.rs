@@ -246,7 +246,7 @@ fn fail_unless_done(end: &[MigrationView]) -> anyhow::Result<()> {
     anyhow::bail!("{}", failed.join("; "))
 }
 
-fn when(ms: i64) -> String {
+pub(crate) fn when(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let t = std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
     let ago = std::time::SystemTime::now()

@@ -5,6 +5,7 @@ pub mod gpus;
 pub mod hosts;
 pub mod ls;
 pub mod migrate;
+pub mod snapshot;
 pub mod ssh_config;
 pub mod trust;
 pub mod user;
