@@ -341,6 +341,7 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
             .unwrap_or_default(),
         changed: vec![],
         failing: String::new(),
+        disk_used_bytes: 0,
     }
 }
 

@@ -126,7 +126,7 @@ impl HostState {
         {
             return Ok(f.clone());
         }
-        let (inv, daemon_gpus) = inventory::collect(&self.client, &self.gpus).await?;
+        let (inv, daemon_gpus) = inventory::collect(&self.client, &self.gpus, &self.pool).await?;
         let (ssh, why) = crate::forward::discover(
             &self.client,
             self.ssh_forward,
@@ -166,6 +166,12 @@ impl HostState {
     pub async fn inventory(&self) -> anyhow::Result<HostInventory> {
         let mut inv = self.facts().await?.inventory;
         inv.images = self.images().await?;
+        // Pool use too: placement refuses a new container the pool cannot hold.
+        inv.pools = crate::inventory::pools(&self.client, &self.pool)
+            .await?
+            .iter()
+            .map(ssp_wire::pool_to_wire)
+            .collect();
         inv.images_reported = true;
         Ok(inv)
     }

@@ -160,28 +160,13 @@ fn read_nvml() -> Result<GpuReport, String> {
 pub async fn collect(
     client: &Client,
     gpus: &GpuSource,
+    ssp_pool: &str,
 ) -> anyhow::Result<(Inventory, Vec<String>)> {
     let res = client.get("/1.0/resources").await?;
     let daemon_gpus = daemon_gpus(&res);
     let cpus = res["cpu"]["total"].as_u64().unwrap_or(0) as u32;
     let memory_bytes = res["memory"]["total"].as_u64().unwrap_or(0);
-    let mut pools = Vec::new();
-    let list = client.get("/1.0/storage-pools?recursion=1").await?;
-    for p in list.as_array().cloned().unwrap_or_default() {
-        let name = p["name"].as_str().unwrap_or_default().to_string();
-        let space = client
-            .get(&format!("/1.0/storage-pools/{name}/resources"))
-            .await
-            .ok()
-            .map(|r| r["space"].clone())
-            .unwrap_or_default();
-        pools.push(Pool {
-            driver: p["driver"].as_str().unwrap_or_default().to_string(),
-            total_bytes: space["total"].as_u64().unwrap_or(0),
-            used_bytes: space["used"].as_u64().unwrap_or(0),
-            name,
-        });
-    }
+    let pools = pools(client, ssp_pool).await?;
     let report = gpus.read().await?;
     let inv = Inventory {
         cpus,
@@ -196,6 +181,32 @@ pub async fn collect(
         images: None,
     };
     Ok((inv, daemon_gpus))
+}
+
+/// The daemon's storage pools with their size and use; `ssp_pool` is the one
+/// containers are made in.
+pub async fn pools(client: &Client, ssp_pool: &str) -> anyhow::Result<Vec<Pool>> {
+    let mut pools = Vec::new();
+    let list = client.get("/1.0/storage-pools?recursion=1").await?;
+    for p in list.as_array().cloned().unwrap_or_default() {
+        let name = p["name"].as_str().unwrap_or_default().to_string();
+        let space = client
+            .get(&format!("/1.0/storage-pools/{name}/resources"))
+            .await
+            .ok()
+            .map(|r| r["space"].clone())
+            .unwrap_or_default();
+        let total_bytes = space["total"].as_u64().unwrap_or(0);
+        let used_bytes = space["used"].as_u64().unwrap_or(0);
+        pools.push(Pool {
+            driver: p["driver"].as_str().unwrap_or_default().to_string(),
+            total_bytes,
+            used_bytes,
+            ssp: name == ssp_pool,
+            name,
+        });
+    }
+    Ok(pools)
 }
 
 /// PCI addresses of GPUs the daemon itself detects (from `/1.0/resources`), normalised.

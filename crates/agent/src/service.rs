@@ -103,6 +103,22 @@ impl Agent for AgentService {
                 i.failing = f;
             }
         }
+        if req.get_ref().with_usage {
+            let client = self.client();
+            let usage = futures::future::join_all(instances.iter().map(|i| async move {
+                client
+                    .get(&format!("/1.0/instances/{}/state", i.name))
+                    .await
+            }))
+            .await;
+            for (i, u) in instances.iter_mut().zip(usage) {
+                // Not known (a stopped container on some drivers): 0.
+                i.disk_used_bytes = u
+                    .ok()
+                    .and_then(|s| s["disk"]["root"]["usage"].as_u64())
+                    .unwrap_or(0);
+            }
+        }
         Ok(Response::new(InstanceList {
             instances,
             members_hash: self.host.members.hash(),

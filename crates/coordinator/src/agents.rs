@@ -105,14 +105,25 @@ impl Agents {
         Ok(r.existed)
     }
 
-    /// What `host` reports about its instances (only ssp's with `managed_only`).
+    /// What `host` reports about its instances (only ssp's with `managed_only`),
+    /// with each one's disk use (for people: `sspctl ls`).
     pub async fn observe(
         &self,
         record: Option<&Host>,
         host: &str,
         managed_only: bool,
     ) -> Result<Vec<InstanceStatus>, AgentError> {
-        Ok(self.report(record, host, managed_only).await?.instances)
+        let mut c = self.for_host(record, host).await?;
+        Ok(call(
+            host,
+            QUICK_TIMEOUT,
+            c.list_instances(ListInstancesRequest {
+                managed_only,
+                with_usage: true,
+            }),
+        )
+        .await?
+        .instances)
     }
 
     /// `host`'s whole report: its instances and the hash of its members files.
@@ -126,7 +137,10 @@ impl Agents {
         call(
             host,
             QUICK_TIMEOUT,
-            c.list_instances(ListInstancesRequest { managed_only }),
+            c.list_instances(ListInstancesRequest {
+                managed_only,
+                with_usage: false,
+            }),
         )
         .await
     }

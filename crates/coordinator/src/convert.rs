@@ -89,5 +89,6 @@ pub fn instance_view(
         disk_bytes: inst.limits.disk.0,
         image: inst.image.clone(),
         uuid: uuid.into(),
+        disk_used_bytes: 0,
     }
 }

@@ -91,7 +91,8 @@ pub fn rejection_status(r: Rejection) -> Status {
         Rejection::NotDeleting(_)
         | Rejection::UserRemoving(_)
         | Rejection::Trust(_)
-        | Rejection::Migration(_) => Status::failed_precondition(r.to_string()),
+        | Rejection::Migration(_)
+        | Rejection::Resize(_) => Status::failed_precondition(r.to_string()),
         Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
             Status::invalid_argument(r.to_string())
         }

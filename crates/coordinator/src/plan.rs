@@ -210,6 +210,7 @@ mod tests {
                     driver: "btrfs".into(),
                     total_bytes: 1 << 40,
                     used_bytes: 0,
+                    ssp: true,
                 }],
                 ..Default::default()
             },

@@ -46,6 +46,38 @@ pub fn set_ssh_keys(req: &pb::SetSshKeysRequest) -> Result<Command, InputError> 
     })
 }
 
+/// Builds the `Resize` command (0: unchanged), within the per-user quota.
+pub fn resize(req: &pb::ResizeUserRequest, cfg: &CoordinatorConfig) -> Result<Command, InputError> {
+    let name = Username::parse(&req.name)?;
+    if req.cpus == 0 && req.memory_bytes == 0 && req.disk_bytes == 0 {
+        return Err(InputError {
+            what: "resize",
+            value: name.to_string(),
+            reason: "give at least one of --cpus, --memory, --disk".into(),
+        });
+    }
+    let memory = (req.memory_bytes > 0)
+        .then(|| at_least("memory", req.memory_bytes, 64 << 20))
+        .transpose()?;
+    let disk = (req.disk_bytes > 0)
+        .then(|| at_least("disk", req.disk_bytes, 256 << 20))
+        .transpose()?;
+    // Only what is asked is checked against the quota (0 is never over it).
+    let asked = Limits {
+        cpus: req.cpus,
+        memory: memory.unwrap_or(ByteSize(0)),
+        disk: disk.unwrap_or(ByteSize(0)),
+        processes: 0,
+    };
+    check_quota(&asked, 0, cfg)?;
+    Ok(Command::Resize {
+        name: name.to_string(),
+        cpus: (req.cpus > 0).then_some(req.cpus),
+        memory,
+        disk,
+    })
+}
+
 /// Builds the `AddUser` command, filling defaults from the config.
 pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Command, InputError> {
     let name = Username::parse(&req.name)?;
@@ -266,10 +298,12 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
             .as_ref()
             .unwrap_or(&pb::HostInventory::default()),
     )?;
-    // Live usage changes every heartbeat; the replicated record keeps capacity only.
-    for p in &mut inventory.pools {
-        p.used_bytes = 0;
-    }
+    // Live use changes at every heartbeat; the replicated record keeps it in
+    // steps, enough for placement to refuse a container the pool cannot hold.
+    inventory.pools = std::mem::take(&mut inventory.pools)
+        .into_iter()
+        .map(ssp_model::Pool::with_rounded_use)
+        .collect();
     if let Some(images) = &mut inventory.images {
         for i in images.iter_mut() {
             i.fingerprint.make_ascii_lowercase();

@@ -400,7 +400,9 @@ impl Coordinator for CoordinatorService {
                     (None, Some(_)) => ("unknown (host unreachable)".to_string(), String::new()),
                     (None, None) => ("missing".to_string(), String::new()),
                 };
-                convert::instance_view(i, state.hosts.get(i.host.as_str()), &st, &uuid)
+                let mut v = convert::instance_view(i, state.hosts.get(i.host.as_str()), &st, &uuid);
+                v.disk_used_bytes = seen.get(&key).map(|s| s.disk_used_bytes).unwrap_or(0);
+                v
             })
             .collect();
         Ok(annotate(
@@ -766,6 +768,95 @@ impl Coordinator for CoordinatorService {
         reply.migrations.extend(earlier);
         tracing::info!(host = %host, moving = reply.migrations.len(), refused = reply.refused.len(), "evacuating");
         Ok(from_leader(Response::new(reply), &self.core))
+    }
+
+    async fn resize_user(
+        &self,
+        req: Request<ResizeUserRequest>,
+    ) -> Result<Response<ResizeUserReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "resize", &req.get_ref().name)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .resize_user(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let name = ssp_model::Username::parse(&r.name).map_err(input_status)?;
+        let cmd = request::resize(&r, &self.core.cfg).map_err(input_status)?;
+        // A disk cannot shrink below what the container holds: asked of its host
+        // before anything is recorded.
+        if r.disk_bytes > 0 {
+            let placed: Vec<(String, Option<ssp_model::Host>)> = self.core.read(|s| {
+                s.instances
+                    .values()
+                    .filter(|i| i.owner.as_str() == name.as_str() && r.disk_bytes < i.limits.disk.0)
+                    .map(|i| (i.host.to_string(), s.hosts.get(i.host.as_str()).cloned()))
+                    .collect()
+            });
+            for (host, record) in placed {
+                let seen = self
+                    .core
+                    .agents
+                    .observe(record.as_ref(), &host, true)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "a smaller disk needs {name}'s current use, and {e}"
+                        ))
+                    })?;
+                if let Some(s) = seen
+                    .iter()
+                    .find(|s| s.owner == name.as_str() && s.disk_used_bytes > r.disk_bytes)
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "cannot resize: {} uses {} of its disk, more than the {} asked; free space in it first",
+                        s.name,
+                        ssp_model::ByteSize(s.disk_used_bytes),
+                        ssp_model::ByteSize(r.disk_bytes)
+                    )));
+                }
+            }
+        }
+        let instances = match self.core.apply_for(&caller, cmd, id).await? {
+            Applied::Now(Outcome::Resized { instances }) => instances,
+            _ => self.core.read(|s| {
+                s.instances
+                    .values()
+                    .filter(|i| i.owner.as_str() == name.as_str())
+                    .map(|i| i.name.clone())
+                    .collect()
+            }),
+        };
+        tracing::info!(user = %name, "resized");
+        let mut late = Vec::new();
+        for inst in &instances {
+            match self.core.converge(inst).await {
+                Ok(Converged::Ensured(_)) => {}
+                Ok(other) => late.push(format!("{inst}: {other:?}")),
+                Err(e) => late.push(format!("{inst}: {e}")),
+            }
+        }
+        let user = self
+            .core
+            .read(|s| s.users.get(name.as_str()).map(convert::user_to_wire));
+        Ok(Response::new(ResizeUserReply {
+            user,
+            instances,
+            warning: if late.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "the new limits are recorded, but not every container has them yet ({}); ssp keeps retrying",
+                    late.join("; ")
+                )
+            },
+        }))
     }
 
     async fn snapshots(

@@ -304,6 +304,7 @@ fn inventory() -> impl Strategy<Value = pb::HostInventory> {
                             driver,
                             total_bytes,
                             used_bytes,
+                            ssp: used_bytes % 2 == 0,
                         })
                         .collect(),
                     gpus: gpus
@@ -498,7 +499,15 @@ proptest! {
                 let fp = &h.foreign_ports;
                 prop_assert!(fp.windows(2).all(|w| w[0] < w[1]));
                 prop_assert!(fp.iter().all(|p| (first..=last).contains(p)));
-                prop_assert!(h.inventory.pools.iter().all(|p| p.used_bytes == 0));
+                // Use is kept in steps: a few writes in a container change no record.
+                let wire = req.inventory.as_ref().map(|i| i.pools.clone()).unwrap_or_default();
+                prop_assert_eq!(h.inventory.pools.len(), wire.len());
+                for (p, w) in h.inventory.pools.iter().zip(&wire) {
+                    let step = ssp_model::Pool::USE_STEP.max(p.total_bytes / 256);
+                    prop_assert!(p.used_bytes >= w.used_bytes);
+                    prop_assert!(p.used_bytes % step == 0 || p.used_bytes == p.total_bytes || p.used_bytes == w.used_bytes);
+                    prop_assert!(p.used_bytes - w.used_bytes < step);
+                }
                 if let Some(images) = &h.inventory.images {
                     prop_assert!(images.windows(2).all(|w| w[0] < w[1]));
                     for i in images {

@@ -44,6 +44,7 @@ fn host(i: u32) -> Host {
                 driver: "btrfs".into(),
                 total_bytes: 20 << 40,
                 used_bytes: 0,
+                ssp: true,
             }],
             gpus: (0..8)
                 .map(|g| Gpu {

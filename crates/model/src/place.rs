@@ -180,16 +180,33 @@ fn why_not(
             false,
         ));
     }
-    let biggest_pool = inv.pools.iter().map(|p| p.total_bytes).max().unwrap_or(0);
-    if biggest_pool > 0 && limits.disk.0 > biggest_pool {
-        return Err((
-            format!(
-                "{name}: {} disk asked, largest storage pool is {}",
-                limits.disk,
-                ByteSize(biggest_pool)
-            ),
-            false,
-        ));
+    if let Some(pool) = inv.ssp_pool().filter(|p| p.total_bytes > 0) {
+        if limits.disk.0 > pool.total_bytes {
+            return Err((
+                format!(
+                    "{name}: {} disk asked, storage pool {} is {}",
+                    limits.disk,
+                    pool.name,
+                    ByteSize(pool.total_bytes)
+                ),
+                false,
+            ));
+        }
+        // A new container (it comes from an image) must fit in what the pool has
+        // free now; a move is refused by the target's daemon itself, and rolls back.
+        let free = pool.total_bytes.saturating_sub(pool.used_bytes);
+        if image.is_some() && limits.disk.0 > free {
+            return Err((
+                format!(
+                    "{name}: {} disk asked, storage pool {} has {} free of {}",
+                    limits.disk,
+                    pool.name,
+                    ByteSize(free),
+                    ByteSize(pool.total_bytes)
+                ),
+                false,
+            ));
+        }
     }
     let Some(port) = free_port(state, host) else {
         return Err((

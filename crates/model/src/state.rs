@@ -315,6 +315,13 @@ pub enum Command {
     ForgetInstance { name: String },
     /// Replaces a user's SSH public keys (their containers get the new set).
     SetSshKeys { name: String, keys: Vec<SshKey> },
+    /// Changes a user's limits (`None`: unchanged); their containers get them.
+    Resize {
+        name: String,
+        cpus: Option<u32>,
+        memory: Option<crate::names::ByteSize>,
+        disk: Option<crate::names::ByteSize>,
+    },
     /// Sets a user's snapshot schedule (their containers' agents take them).
     SetSnapshotSchedule {
         name: String,
@@ -349,6 +356,7 @@ impl Command {
             Command::RemoveUser { name } => ("remove-user", name.clone()),
             Command::ForgetInstance { name } => ("forget-instance", name.clone()),
             Command::SetSshKeys { name, .. } => ("set-ssh-keys", name.clone()),
+            Command::Resize { name, .. } => ("resize", name.clone()),
             Command::SetSnapshotSchedule { name, schedule } => {
                 return (
                     format!(
@@ -416,6 +424,10 @@ pub enum Outcome {
     SshKeysSet {
         instances: Vec<String>,
     },
+    /// The user's limits are changed; these containers get them.
+    Resized {
+        instances: Vec<String>,
+    },
     /// The user's schedule is set; these containers follow it.
     SnapshotScheduleSet {
         instances: Vec<String>,
@@ -435,6 +447,8 @@ pub enum Rejection {
     InstanceExists(String),
     #[error("user {0} does not exist")]
     UnknownUser(String),
+    #[error("cannot resize: {0}")]
+    Resize(String),
     #[error("container {0} does not exist")]
     UnknownInstance(String),
     #[error("user {0} is being removed")]
@@ -519,6 +533,80 @@ impl State {
                     .ok_or_else(|| Rejection::UnknownHost(name.clone()))?;
                 h.status = *status;
                 Ok(Outcome::HostStatusSet)
+            }
+            Command::Resize {
+                name,
+                cpus,
+                memory,
+                disk,
+            } => {
+                let user = self
+                    .users
+                    .get(name)
+                    .ok_or_else(|| Rejection::UnknownUser(name.clone()))?;
+                let mut limits = user.limits;
+                limits.cpus = cpus.unwrap_or(limits.cpus);
+                limits.memory = memory.unwrap_or(limits.memory);
+                limits.disk = disk.unwrap_or(limits.disk);
+                let mut instances = Vec::new();
+                for i in self.instances.values().filter(|i| i.owner.as_str() == name) {
+                    if i.deleting {
+                        return Err(Rejection::UserRemoving(name.clone()));
+                    }
+                    if let Some(m) = self.moving(&i.name) {
+                        return Err(Rejection::Migration(format!(
+                            "{}'s container is moving to {} (migration {}, {}); resize it when the move is done",
+                            name, m.to.host, m.id, m.phase
+                        )));
+                    }
+                    if let Some(inv) = self.hosts.get(i.host.as_str()).map(|h| &h.inventory) {
+                        let fits = |what: &str, asked: u64, has: u64| {
+                            if has > 0 && asked > has {
+                                Err(Rejection::Resize(format!(
+                                    "{what} of {} asked, host {} has {}",
+                                    crate::names::ByteSize(asked),
+                                    i.host,
+                                    crate::names::ByteSize(has)
+                                )))
+                            } else {
+                                Ok(())
+                            }
+                        };
+                        if inv.cpus > 0 && limits.cpus > inv.cpus {
+                            return Err(Rejection::Resize(format!(
+                                "{} CPUs asked, host {} has {}",
+                                limits.cpus, i.host, inv.cpus
+                            )));
+                        }
+                        fits("memory", limits.memory.0, inv.memory_bytes)?;
+                        if let Some(pool) = inv.ssp_pool() {
+                            // Growing takes free space from the pool; what it has now is the bound.
+                            let grow = limits.disk.0.saturating_sub(i.limits.disk.0);
+                            let free = pool.total_bytes.saturating_sub(pool.used_bytes);
+                            if pool.total_bytes > 0 && grow > free {
+                                return Err(Rejection::Resize(format!(
+                                    "a disk of {} asked ({} more), pool {} on {} has {} free of {}",
+                                    limits.disk,
+                                    crate::names::ByteSize(grow),
+                                    pool.name,
+                                    i.host,
+                                    crate::names::ByteSize(free),
+                                    crate::names::ByteSize(pool.total_bytes)
+                                )));
+                            }
+                        }
+                    }
+                    instances.push(i.name.clone());
+                }
+                if let Some(u) = self.users.get_mut(name) {
+                    u.limits = limits;
+                }
+                for n in &instances {
+                    if let Some(i) = self.instances.get_mut(n) {
+                        i.limits = limits;
+                    }
+                }
+                Ok(Outcome::Resized { instances })
             }
             Command::SetSnapshotSchedule { name, schedule } => {
                 let mut instances = Vec::new();

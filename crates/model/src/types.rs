@@ -27,6 +27,38 @@ pub struct Pool {
     pub driver: String,
     pub total_bytes: u64,
     pub used_bytes: u64,
+    /// The pool the host's agent makes containers in (absent from older records).
+    #[serde(default)]
+    pub ssp: bool,
+}
+
+impl Pool {
+    /// Use is recorded in steps of this much (or 1/256 of the pool, if more), so a
+    /// container writing does not change its host's record at every heartbeat.
+    pub const USE_STEP: u64 = 64 << 20;
+
+    /// `used_bytes` rounded up to a step (never past the pool's size, never below
+    /// the use itself): what the replicated record keeps.
+    pub fn with_rounded_use(mut self) -> Self {
+        let step = Self::USE_STEP.max(self.total_bytes / 256);
+        let raw = self.used_bytes;
+        self.used_bytes = raw
+            .div_ceil(step)
+            .saturating_mul(step)
+            .min(self.total_bytes)
+            .max(raw);
+        self
+    }
+}
+
+impl Inventory {
+    /// The pool containers are made in: the agent's, else (older agents) the largest.
+    pub fn ssp_pool(&self) -> Option<&Pool> {
+        self.pools
+            .iter()
+            .find(|p| p.ssp)
+            .or_else(|| self.pools.iter().max_by_key(|p| p.total_bytes))
+    }
 }
 
 /// An image in a host's daemon.
@@ -343,4 +375,40 @@ pub struct Constraints {
     /// Only hosts that carry every one of these labels.
     #[serde(default)]
     pub labels: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_use_is_kept_in_steps_within_the_pool() {
+        let pool = |total_bytes, used_bytes| Pool {
+            name: "default".into(),
+            driver: "btrfs".into(),
+            total_bytes,
+            used_bytes,
+            ssp: true,
+        };
+        const MIB: u64 = 1 << 20;
+        // 12 GiB: steps of 64 MiB (1/256 is 48 MiB).
+        assert_eq!(pool(12 << 30, 0).with_rounded_use().used_bytes, 0);
+        assert_eq!(pool(12 << 30, 1).with_rounded_use().used_bytes, 64 * MIB);
+        assert_eq!(
+            pool(12 << 30, 64 * MIB).with_rounded_use().used_bytes,
+            64 * MIB
+        );
+        assert_eq!(
+            pool(12 << 30, 65 * MIB).with_rounded_use().used_bytes,
+            128 * MIB
+        );
+        // 1 TiB: steps of 4 GiB.
+        assert_eq!(pool(1 << 40, 1).with_rounded_use().used_bytes, 4 << 30);
+        // Never past the size, never below the use.
+        assert_eq!(
+            pool(100 * MIB, 99 * MIB).with_rounded_use().used_bytes,
+            100 * MIB
+        );
+        assert_eq!(pool(0, 5).with_rounded_use().used_bytes, 5);
+    }
 }

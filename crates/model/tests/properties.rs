@@ -770,6 +770,7 @@ fn host() -> impl Strategy<Value = Host> {
                                 driver: "dir".into(),
                                 total_bytes,
                                 used_bytes: 0,
+                            ssp: true,
                             })
                             .collect(),
                         gpus,

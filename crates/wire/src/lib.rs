@@ -32,6 +32,7 @@ pub fn inventory_from_wire(w: &pb::HostInventory) -> Result<Inventory, ssp_model
                 driver: p.driver.clone(),
                 total_bytes: p.total_bytes,
                 used_bytes: p.used_bytes,
+                ssp: p.ssp,
             })
             .collect(),
         gpus,
@@ -57,16 +58,7 @@ pub fn inventory_to_wire(hostname: &str, inv: &Inventory) -> pb::HostInventory {
         hostname: hostname.to_string(),
         cpus: inv.cpus,
         memory_bytes: inv.memory_bytes,
-        pools: inv
-            .pools
-            .iter()
-            .map(|p| pb::StoragePool {
-                name: p.name.clone(),
-                driver: p.driver.clone(),
-                total_bytes: p.total_bytes,
-                used_bytes: p.used_bytes,
-            })
-            .collect(),
+        pools: inv.pools.iter().map(pool_to_wire).collect(),
         gpus: inv.gpus.iter().map(gpu_to_wire).collect(),
         gpu_source: inv.gpu_source.clone(),
         daemon: inv.daemon.clone(),
@@ -86,6 +78,17 @@ pub fn inventory_to_wire(hostname: &str, inv: &Inventory) -> pb::HostInventory {
 }
 
 /// A GPU as the wire type.
+/// A storage pool as the wire type.
+pub fn pool_to_wire(p: &Pool) -> pb::StoragePool {
+    pb::StoragePool {
+        name: p.name.clone(),
+        driver: p.driver.clone(),
+        total_bytes: p.total_bytes,
+        used_bytes: p.used_bytes,
+        ssp: p.ssp,
+    }
+}
+
 pub fn gpu_to_wire(g: &Gpu) -> pb::Gpu {
     pb::Gpu {
         index: g.index,

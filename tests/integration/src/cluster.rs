@@ -648,6 +648,7 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
                 driver: "btrfs".into(),
                 total_bytes: 100 << 40,
                 used_bytes: 0,
+                ssp: true,
             }],
             gpus: (0..gpus)
                 .map(|g| Gpu {

@@ -416,7 +416,10 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
     rt.block_on(async {
         let ch = ssp_net::connect(&agent, &admin_tls, ssp_net::AGENT_NAME).await?;
         let r = ssp_proto::agent_client::AgentClient::new(ch)
-            .list_instances(ssp_proto::ListInstancesRequest { managed_only: true })
+            .list_instances(ssp_proto::ListInstancesRequest {
+                managed_only: true,
+                with_usage: false,
+            })
             .await;
         ensure!(
             r.as_ref().err().map(|s| s.code()) == Some(tonic::Code::PermissionDenied),

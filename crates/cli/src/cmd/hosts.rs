@@ -37,6 +37,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 inv.cpus.to_string(),
                 size(inv.memory_bytes),
                 format!("{}/{}", h.gpus_free, h.gpus_total),
+                pool_free(&inv),
                 h.instances.to_string(),
                 if h.unmanaged.is_empty() && h.stray.is_empty() {
                     "-".into()
@@ -68,7 +69,10 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago,
                    "unmanaged": h.unmanaged, "stray": h.stray, "labels": h.labels,
                    "images": inv.images.iter().map(|i| json!({"fingerprint": i.fingerprint, "aliases": i.aliases})).collect::<Vec<_>>(),
-                   "foreign_ports": h.foreign_ports})
+                   "foreign_ports": h.foreign_ports,
+                   "pools": inv.pools.iter().map(|p| json!({"name": p.name, "driver": p.driver, "total_bytes": p.total_bytes,
+                                                             "used_bytes": p.used_bytes, "free_bytes": p.total_bytes.saturating_sub(p.used_bytes),
+                                                             "ssp": p.ssp})).collect::<Vec<_>>()})
         })
         .collect::<Vec<_>>());
     output::print(
@@ -82,6 +86,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             "CPUS",
             "MEMORY",
             "GPUS FREE",
+            "POOL",
             "CONTAINERS",
             "LEFT ALONE",
             "DRIVER",
@@ -126,4 +131,23 @@ pub async fn set(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<()> {
         output::Format::Table => crate::outln!("{name}: {status}"),
     }
     Ok(())
+}
+
+/// The pool containers are made in, with its free space: `default 9.1GiB free of 12GiB`.
+fn pool_free(inv: &ssp_proto::HostInventory) -> String {
+    let p = inv
+        .pools
+        .iter()
+        .find(|p| p.ssp)
+        .or_else(|| inv.pools.iter().max_by_key(|p| p.total_bytes));
+    match p {
+        Some(p) if p.total_bytes > 0 => format!(
+            "{} {} free of {}",
+            p.name,
+            size(p.total_bytes.saturating_sub(p.used_bytes)),
+            size(p.total_bytes)
+        ),
+        Some(p) => p.name.clone(),
+        None => "-".into(),
+    }
 }

@@ -27,6 +27,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 format!("{}:{}", i.ssh_host, i.ssh_port),
                 i.cpus.to_string(),
                 size(i.memory_bytes),
+                if i.disk_used_bytes == 0 {
+                    format!("?/{}", size(i.disk_bytes))
+                } else {
+                    format!("{}/{}", size(i.disk_used_bytes), size(i.disk_bytes))
+                },
             ]
         })
         .collect();
@@ -34,11 +39,20 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         .iter()
         .map(|i| json!({"name": i.name, "owner": i.owner, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
                         "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "cpus": i.cpus,
-                        "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "image": i.image, "uuid": i.uuid}))
+                        "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "disk_used_bytes": i.disk_used_bytes, "image": i.image, "uuid": i.uuid}))
         .collect::<Vec<_>>());
     output::print(
         cli.output,
-        &["NAME", "HOST", "STATE", "GPUS", "SSH", "CPUS", "MEMORY"],
+        &[
+            "NAME",
+            "HOST",
+            "STATE",
+            "GPUS",
+            "SSH",
+            "CPUS",
+            "MEMORY",
+            "DISK USED/SIZE",
+        ],
         rows,
         js,
     );

@@ -7,7 +7,8 @@ use clap::Subcommand;
 use serde_json::json;
 use ssp_model::ByteSize;
 use ssp_proto::{
-    AddUserRequest, ListUsersRequest, RemoveUserRequest, SetSshKeysRequest, SharedFolder,
+    AddUserRequest, ListUsersRequest, RemoveUserRequest, ResizeUserRequest, SetSshKeysRequest,
+    SharedFolder,
 };
 
 use crate::output::{self, size};
@@ -34,6 +35,21 @@ pub enum UserCmd {
         /// File with the user's SSH public key(s), one per line; may repeat.
         #[arg(long = "ssh-key", required = true)]
         ssh_key: Vec<PathBuf>,
+    },
+    /// Admin: change a user's limits; their containers get them at once (a
+    /// bigger disk without a restart where the storage driver allows it).
+    Resize {
+        /// The user's name.
+        name: String,
+        /// Root disk size, e.g. 200GiB (not below what the container uses).
+        #[arg(long, value_parser = parse_size)]
+        disk: Option<ByteSize>,
+        /// CPU limit.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory limit, e.g. 32GiB.
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<ByteSize>,
     },
 }
 
@@ -338,6 +354,44 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                     } else {
                         reply.instances.join(", ")
                     }
+                ),
+            }
+        }
+        UserCmd::Resize {
+            name,
+            disk,
+            cpus,
+            memory,
+        } => {
+            let body = ResizeUserRequest {
+                name: name.clone(),
+                cpus: cpus.unwrap_or(0),
+                memory_bytes: memory.map(|m| m.0).unwrap_or(0),
+                disk_bytes: disk.map(|d| d.0).unwrap_or(0),
+            };
+            let reply = c
+                .call(body, |ch, r| async move {
+                    ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                        .resize_user(r)
+                        .await
+                })
+                .await?
+                .into_inner();
+            if !reply.warning.is_empty() {
+                eprintln!("sspctl: warning: {}", reply.warning);
+            }
+            let u = reply.user.unwrap_or_default();
+            match cli.output {
+                output::Format::Json => crate::outln!(
+                    "{}",
+                    json!({"user": name, "cpus": u.cpus, "memory_bytes": u.memory_bytes,
+                           "disk_bytes": u.disk_bytes, "instances": reply.instances, "warning": reply.warning})
+                ),
+                output::Format::Table => crate::outln!(
+                    "{name}: {} CPUs, {} memory, {} disk",
+                    u.cpus,
+                    output::size(u.memory_bytes),
+                    output::size(u.disk_bytes)
                 ),
             }
         }

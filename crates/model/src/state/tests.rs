@@ -29,6 +29,7 @@ fn host(name: &str, gpus: u32) -> Host {
                 driver: "btrfs".into(),
                 total_bytes: 100 << 30,
                 used_bytes: 0,
+                ssp: true,
             }],
             gpus: (0..gpus)
                 .map(|i| Gpu {
