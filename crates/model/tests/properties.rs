@@ -869,6 +869,19 @@ fn command() -> impl Strategy<Value = Command> {
         3 => name().prop_map(|name| Command::RemoveUser { name }),
         3 => name().prop_map(|name| Command::ForgetInstance { name }),
         1 => (name(), keys()).prop_map(|(name, keys)| Command::SetSshKeys { name, keys }),
+        2 => (name(), proptest::option::of(1u32..16), proptest::option::of(1u64..64), proptest::option::of(1u64..2048))
+            .prop_map(|(name, cpus, memory, disk)| Command::Resize {
+                name,
+                cpus,
+                memory: memory.map(|g| ByteSize(g << 30)),
+                disk: disk.map(|g| ByteSize(g << 30)),
+            }),
+        1 => (name(), 0u64..100_000, 1u32..10).prop_map(|(name, every_secs, keep)| {
+            Command::SetSnapshotSchedule {
+                name,
+                schedule: ssp_model::SnapshotSchedule::new(every_secs, keep).unwrap_or_default(),
+            }
+        }),
         2 => (
             prop_oneof![select(HOSTS), Just("nohost")],
             mostly(HostStatus::Ready, &[HostStatus::Draining, HostStatus::Down]),

@@ -866,3 +866,65 @@ fn a_move_is_refused_with_reasons() {
     assert!(e.contains("h3: draining"), "{e}");
     assert!(s.migrations.is_empty());
 }
+
+#[test]
+fn resize_changes_user_and_containers_or_nothing() {
+    // host1's pool: 100 GiB, 70 GiB used (30 GiB free).
+    let mut s = State::default();
+    s.apply(&Command::Init(Settings::default())).unwrap();
+    let mut h = host("host1", 2);
+    h.inventory.pools[0].used_bytes = 70 << 30;
+    s.apply(&Command::RegisterHost(h)).unwrap();
+    s.apply(&user("alice", 1)).unwrap();
+    let resize = |cpus, memory: Option<u64>, disk: Option<u64>| Command::Resize {
+        name: "alice".into(),
+        cpus,
+        memory: memory.map(ByteSize),
+        disk: disk.map(ByteSize),
+    };
+    let before = s.clone();
+    for (cmd, says) in [
+        (
+            resize(Some(9), None, None),
+            "9 CPUs asked, host host1 has 8",
+        ),
+        (
+            resize(None, Some(64 << 30), None),
+            "memory of 64GiB asked, host host1 has 32GiB",
+        ),
+        (
+            resize(None, None, Some(50 << 30)),
+            "a disk of 50GiB asked (40GiB more), pool default on host1 has 30GiB free of 100GiB",
+        ),
+    ] {
+        let err = s.apply(&cmd).unwrap_err().to_string();
+        assert!(err.contains(says), "{err}");
+        assert_eq!(s, before, "a refused resize changes nothing");
+    }
+    let unknown = Command::Resize {
+        name: "zed".into(),
+        cpus: Some(1),
+        memory: None,
+        disk: None,
+    };
+    assert_eq!(s.apply(&unknown), Err(Rejection::UnknownUser("zed".into())));
+    // 40 GiB (30 more) fits; what is not asked stays.
+    let out = s.apply(&resize(Some(4), None, Some(40 << 30))).unwrap();
+    assert_eq!(
+        out,
+        Outcome::Resized {
+            instances: vec!["alice".into()]
+        }
+    );
+    let want = Limits {
+        cpus: 4,
+        memory: ByteSize(4 << 30),
+        disk: ByteSize(40 << 30),
+        processes: 1000,
+    };
+    assert_eq!(s.users["alice"].limits, want);
+    assert_eq!(s.instances["alice"].limits, want);
+    // Shrinking needs no free space.
+    s.apply(&resize(None, None, Some(5 << 30))).unwrap();
+    assert_eq!(s.instances["alice"].limits.disk, ByteSize(5 << 30));
+}
