@@ -126,7 +126,14 @@ ssp_deluser() { # NAME
   elif has deluser; then deluser "$1"
   else sed -i "/^$1:/d" /etc/passwd; sed -i "/^$1:x:[0-9]*:\$/d" /etc/group; fi
 }
-if ! id -u "$u" >/dev/null 2>&1; then
+# Made in /etc/passwd unless it is there. In a container whose image came from a
+# member's container the lab's members files (extrausers) already know the owner,
+# and useradd would refuse: they are left out of nsswitch.conf until the account
+# is made (ssp_nsswitch below puts them back).
+if ! grep -q "^$u:" /etc/passwd 2>/dev/null; then
+  if [ -f /etc/nsswitch.conf ] && grep -q extrausers /etc/nsswitch.conf; then
+    sed -i -e 's/ \[SUCCESS=merge\]//g' -e 's/[[:space:]]extrausers//g' /etc/nsswitch.conf
+  fi
   if has useradd; then sh=/bin/bash; else sh=/bin/sh; fi
   ssp_group "$u" "$uid"
   ssp_user "$u" "$uid" "" "$sh" "/home/$u"

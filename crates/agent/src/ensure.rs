@@ -19,6 +19,8 @@ pub enum EnsureError {
     Render { name: String, reason: String },
     #[error("this host is not set up for ssp: {0}")]
     Host(String),
+    #[error("{0}")]
+    Refused(String),
     #[error("cannot forward SSH to {name}: {reason}")]
     Address { name: String, reason: String },
     #[error("shared folder {path}: {source}")]

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod heal;
 pub mod host;
 pub mod hostcheck;
+pub mod image;
 pub mod inventory;
 pub mod lxcfs;
 pub mod members;

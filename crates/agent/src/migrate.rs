@@ -33,6 +33,29 @@ pub async fn check_live(client: &Client, name: &str) -> Result<(), String> {
     }
 }
 
+/// Where the daemon listens on the hosts' network, and its certificate (PEM).
+/// Makes it listen on `address` first when it listens nowhere yet; other daemons
+/// pull containers and images from there.
+pub async fn listen(client: &Client, address: &str) -> Result<(String, String), EnsureError> {
+    let server = client.get("/1.0").await?;
+    let mut listening = server["config"]["core.https_address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if listening.is_empty() {
+        client
+            .patch("/1.0", json!({"config": {"core.https_address": address}}))
+            .await?;
+        tracing::info!(%address, "the daemon now listens for moves between hosts");
+        listening = address.to_string();
+    }
+    let certificate = server["environment"]["certificate"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Ok((listening, certificate))
+}
+
 /// Opens the operation the target daemon pulls `name` from. Makes the daemon
 /// listen on `address` first when it listens nowhere yet.
 pub async fn migrate_out(
@@ -67,22 +90,7 @@ pub async fn migrate_out(
                 .await?;
         }
     }
-    let server = client.get("/1.0").await?;
-    let mut listening = server["config"]["core.https_address"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if listening.is_empty() {
-        client
-            .patch("/1.0", json!({"config": {"core.https_address": address}}))
-            .await?;
-        tracing::info!(%address, "the daemon now listens for moves between hosts");
-        listening = address.to_string();
-    }
-    let certificate = server["environment"]["certificate"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (listening, certificate) = listen(client, address).await?;
     let (op, md) = client
         .post_async(
             &format!("/1.0/instances/{name}"),

@@ -27,7 +27,7 @@ pub struct AgentService {
 
 fn to_status(e: EnsureError) -> Status {
     match &e {
-        EnsureError::Foreign(_) | EnsureError::Host(_) => {
+        EnsureError::Foreign(_) | EnsureError::Host(_) | EnsureError::Refused(_) => {
             Status::failed_precondition(e.to_string())
         }
         EnsureError::Render { .. } => Status::invalid_argument(e.to_string()),
@@ -450,6 +450,88 @@ impl Agent for AgentService {
             every_secs: spec.snapshot_every_secs,
             keep: spec.snapshot_keep,
         }))
+    }
+
+    async fn publish_image(
+        &self,
+        req: Request<PublishImageRequest>,
+    ) -> Result<Response<ImageReply>, Status> {
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let alias = ssp_model::parse_image(&r.alias)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !r.snapshot.is_empty() {
+            ssp_model::parse_snapshot_name(&r.snapshot, false)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        // The container's lock: a move or restore waits, and this waits for them.
+        let _guard = self.host.lock(&r.name).await;
+        let stamp = crate::snapshot::stamped("");
+        let fingerprint =
+            crate::image::publish(self.client(), &r.name, &r.snapshot, &alias, &stamp)
+                .await
+                .map_err(to_status)?;
+        Ok(Response::new(ImageReply {
+            done: format!("published {} as {alias}", r.name),
+            fingerprint,
+        }))
+    }
+
+    async fn share_image(
+        &self,
+        req: Request<ShareImageRequest>,
+    ) -> Result<Response<ShareImageReply>, Status> {
+        let r = req.into_inner();
+        let image = ssp_model::parse_image(&r.image)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let reply = crate::image::share(
+            self.client(),
+            &self.migration_address,
+            &self.host.ssh_host,
+            &image,
+        )
+        .await
+        .map_err(to_status)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn fetch_image(
+        &self,
+        req: Request<FetchImageRequest>,
+    ) -> Result<Response<ImageReply>, Status> {
+        let r = req.into_inner();
+        for a in &r.aliases {
+            ssp_model::parse_image(a).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        if !r.server.starts_with("https://")
+            || r.fingerprint.len() != 64
+            || !r.fingerprint.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(Status::invalid_argument(
+                "fetch needs an https:// server and a full sha256 fingerprint",
+            ));
+        }
+        let reply = crate::image::fetch(self.client(), &r)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(fingerprint = %r.fingerprint, aliases = ?r.aliases, from = %r.server, "image copied here");
+        Ok(Response::new(reply))
+    }
+
+    async fn delete_image(
+        &self,
+        req: Request<DeleteImageRequest>,
+    ) -> Result<Response<DeleteImageReply>, Status> {
+        let r = req.into_inner();
+        let image = ssp_model::parse_image(&r.image)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let existed = crate::image::delete(self.client(), &image)
+            .await
+            .map_err(to_status)?;
+        if existed {
+            tracing::info!(%image, "image deleted");
+        }
+        Ok(Response::new(DeleteImageReply { existed }))
     }
 
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<InstanceEvent, Status>> + Send>>;

@@ -67,6 +67,9 @@ enum Commands {
     /// schedule an admin sets.
     #[command(subcommand)]
     Snapshot(cmd::snapshot::SnapshotCmd),
+    /// Images made from users' containers: publish, list, delete (on every host).
+    #[command(subcommand)]
+    Image(cmd::image::ImageCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -90,6 +93,7 @@ async fn main() {
         Commands::Migrate(ref a) => cmd::migrate::migrate(&cli, a).await,
         Commands::Migrations(ref a) => cmd::migrate::list(&cli, a).await,
         Commands::Snapshot(ref c) => cmd::snapshot::run(&cli, c).await,
+        Commands::Image(ref c) => cmd::image::run(&cli, c).await,
     };
     if let Err(e) = res {
         eprintln!("sspctl: {}", cmd::one_line(&e));

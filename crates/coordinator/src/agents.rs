@@ -230,6 +230,69 @@ impl Agents {
         .existed)
     }
 
+    /// Publishes `req.name`'s container on `host` as an image.
+    pub async fn publish_image(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        req: ssp_proto::PublishImageRequest,
+    ) -> Result<ssp_proto::ImageReply, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        call(host, ENSURE_TIMEOUT, c.publish_image(req)).await
+    }
+
+    /// Copies image `fingerprint` (named `aliases`) from `from` to `to`, daemon to daemon.
+    pub async fn copy_image(
+        &self,
+        from: (Option<&Host>, &str),
+        to: (Option<&Host>, &str),
+        fingerprint: &str,
+        aliases: Vec<String>,
+    ) -> Result<(), AgentError> {
+        let mut src = self.for_host(from.0, from.1).await?;
+        let share = call(
+            from.1,
+            QUICK_TIMEOUT,
+            src.share_image(ssp_proto::ShareImageRequest {
+                image: fingerprint.into(),
+            }),
+        )
+        .await?;
+        let mut dst = self.for_host(to.0, to.1).await?;
+        call(
+            to.1,
+            ENSURE_TIMEOUT,
+            dst.fetch_image(ssp_proto::FetchImageRequest {
+                server: share.server,
+                certificate: share.certificate,
+                secret: share.secret,
+                fingerprint: share.fingerprint,
+                aliases,
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes image `image` on `host`; false when it had none.
+    pub async fn delete_image(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        image: &str,
+    ) -> Result<bool, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        Ok(call(
+            host,
+            ENSURE_TIMEOUT,
+            c.delete_image(ssp_proto::DeleteImageRequest {
+                image: image.into(),
+            }),
+        )
+        .await?
+        .existed)
+    }
+
     /// A snapshot operation on `host`; the agent's own status (its code and words)
     /// comes back, with the host named.
     pub async fn snapshots(

@@ -770,6 +770,156 @@ impl Coordinator for CoordinatorService {
         Ok(from_leader(Response::new(reply), &self.core))
     }
 
+    async fn publish_image(
+        &self,
+        req: Request<PublishImageRequest>,
+    ) -> Result<Response<ImageHosts>, Status> {
+        let caller = self
+            .admit_self(&req, "image-publish", &req.get_ref().name.clone())
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .publish_image(forwarded(req))
+                .await;
+        }
+        let r = req.into_inner();
+        let name = ssp_model::Username::parse(&r.name).map_err(input_status)?;
+        let alias = ssp_model::parse_image(&r.alias).map_err(input_status)?;
+        if !r.snapshot.is_empty() {
+            ssp_model::parse_snapshot_name(&r.snapshot, false).map_err(input_status)?;
+        }
+        let state = self.core.snapshot();
+        let inst = state
+            .instances
+            .get(name.as_str())
+            .ok_or_else(|| Status::not_found(format!("{name} has no container")))?;
+        if let Some(m) = state.moving(&inst.name) {
+            return Err(Status::failed_precondition(format!(
+                "{name}'s container is moving to {} (migration {}); publish it when the move is done",
+                m.to.host, m.id
+            )));
+        }
+        if let Some(h) = state.hosts.values().find(|h| h.inventory.has_image(&alias)) {
+            return Err(Status::already_exists(format!(
+                "host {} already has an image {alias}; pick another alias, or `sspctl image delete {alias}` first",
+                h.name
+            )));
+        }
+        let source = inst.host.to_string();
+        let published = self
+            .core
+            .agents
+            .publish_image(
+                state.hosts.get(&source),
+                &source,
+                PublishImageRequest {
+                    name: name.to_string(),
+                    alias: alias.clone(),
+                    snapshot: r.snapshot.clone(),
+                },
+            )
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        tracing::info!(user = %name, %alias, fingerprint = %published.fingerprint, host = %source, "image published");
+        // Every other ready host pulls it from the source's daemon, so a container
+        // from it may go anywhere.
+        let mut hosts = vec![source.clone()];
+        let mut warnings = Vec::new();
+        let others: Vec<_> = state
+            .hosts
+            .values()
+            .filter(|h| h.name.as_str() != source && h.status == ssp_model::HostStatus::Ready)
+            .collect();
+        let copies = futures::future::join_all(others.iter().map(|h| {
+            self.core.agents.copy_image(
+                (state.hosts.get(&source), &source),
+                (Some(*h), h.name.as_str()),
+                &published.fingerprint,
+                vec![alias.clone()],
+            )
+        }))
+        .await;
+        for (h, c) in others.iter().zip(copies) {
+            match c {
+                Ok(()) => hosts.push(h.name.to_string()),
+                Err(e) => warnings.push(format!("{}: {e}", h.name)),
+            }
+        }
+        let cmd = Command::Audit {
+            action: format!("image-publish {alias}"),
+            target: name.to_string(),
+            outcome: format!("{} on {}", published.fingerprint, hosts.join(", ")),
+        };
+        if let Err(e) = self.core.apply_for(&caller, cmd, None).await {
+            tracing::warn!(%alias, "audit of image-publish: {}", e.message());
+        }
+        Ok(Response::new(ImageHosts {
+            image: alias,
+            fingerprint: published.fingerprint,
+            hosts,
+            warnings,
+        }))
+    }
+
+    async fn delete_image(
+        &self,
+        req: Request<DeleteImageRequest>,
+    ) -> Result<Response<ImageHosts>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "image-delete", &req.get_ref().image)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .delete_image(forwarded(req))
+                .await;
+        }
+        let image = ssp_model::parse_image(&req.get_ref().image).map_err(input_status)?;
+        let state = self.core.snapshot();
+        let having: Vec<_> = state
+            .hosts
+            .values()
+            .filter(|h| h.inventory.has_image(&image))
+            .collect();
+        if having.is_empty() {
+            return Err(Status::not_found(format!(
+                "no host has image {image} (see `sspctl image list`)"
+            )));
+        }
+        let mut hosts = Vec::new();
+        let mut warnings = Vec::new();
+        for h in having {
+            match self
+                .core
+                .agents
+                .delete_image(Some(h), h.name.as_str(), &image)
+                .await
+            {
+                Ok(_) => hosts.push(h.name.to_string()),
+                Err(e) => warnings.push(format!("{}: {e}", h.name)),
+            }
+        }
+        let cmd = Command::Audit {
+            action: format!("image-delete {image}"),
+            target: image.clone(),
+            outcome: format!("deleted on {}", hosts.join(", ")),
+        };
+        if let Err(e) = self.core.apply_for(&caller, cmd, None).await {
+            tracing::warn!(%image, "audit of image-delete: {}", e.message());
+        }
+        Ok(Response::new(ImageHosts {
+            image,
+            fingerprint: String::new(),
+            hosts,
+            warnings,
+        }))
+    }
+
     async fn resize_user(
         &self,
         req: Request<ResizeUserRequest>,

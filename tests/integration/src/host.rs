@@ -117,11 +117,15 @@ impl Host {
         ip(&format!("-n {ns} addr add {}/24 dev eth0", self.addr))?;
         ip(&format!("-n {ns} link set eth0 up"))?;
         ip(&format!("-n {ns} link set lo up"))?;
-        // The other simulated hosts (moves between daemons) and nothing else.
+        // The other simulated hosts (moves between daemons) and nothing else. The
+        // root namespace routes between their veths (the namespaces have no other
+        // route, so nothing goes further).
         ip(&format!(
             "-n {ns} route add 10.231.0.0/16 via {}",
             self.gateway
         ))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .context("enabling forwarding between the simulated hosts")?;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod gpus;
 pub mod hosts;
+pub mod image;
 pub mod ls;
 pub mod migrate;
 pub mod snapshot;
