@@ -54,6 +54,8 @@ else
   if systemd_pid1 && [ -z "${INCUS_DIR:-}" ]; then
     systemctl enable --now incus.socket incus.service
   else
+    # incusd makes its own dir, but not the folders above it.
+    mkdir -p "${INCUS_DIR:-/var/lib/incus}"
     setsid /usr/libexec/incus/incusd --group root --logfile "$LOG/incusd.log" \
       </dev/null >>"$LOG/incusd.out" 2>&1 &
     echo $! > "$RUN/incusd.pid"

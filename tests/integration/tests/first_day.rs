@@ -32,6 +32,9 @@ impl Setup {
         c.arg("bash")
             .arg(repo.join("scripts/ssp-up.sh"))
             .envs(self.env(host))
+            // ssp-up, and the daemon it starts, see this run's own /etc/subuid
+            // and /etc/subgid (bound over the machine's in their mount namespace).
+            .env("SSP_TESTBED_SUBID", self.path("subid"))
             .stdin(Stdio::null());
         let out = c.output().context("running scripts/ssp-up.sh")?;
         if !out.status.success() {
@@ -141,12 +144,23 @@ fn snapshot(setup: &Setup, host: &Host) -> Result<BTreeMap<String, String>> {
         "users".into(),
         setup.ctl(host, &["-o", "json", "user", "list"])?,
     );
-    s.insert("containers".into(), setup.ctl(host, &["-o", "json", "ls"])?);
+    // Disk use grows while the demo container runs (its journal); the rest stays.
+    let mut containers: serde_json::Value =
+        serde_json::from_str(&setup.ctl(host, &["-o", "json", "ls"])?)?;
+    for c in containers.as_array_mut().into_iter().flatten() {
+        if let Some(c) = c.as_object_mut() {
+            c.remove("disk_used_bytes");
+        }
+    }
+    s.insert("containers".into(), containers.to_string());
     for f in ["etc/coordinator.toml", "etc/agent.toml"] {
         s.insert(f.into(), std::fs::read_to_string(setup.path(f))?);
     }
-    for f in ["/etc/subuid", "/etc/subgid"] {
-        s.insert(f.into(), std::fs::read_to_string(f)?);
+    for f in ["subuid", "subgid"] {
+        s.insert(
+            format!("/etc/{f}"),
+            std::fs::read_to_string(setup.path("subid").join(f))?,
+        );
     }
     for p in ["ssp-coordinator", "ssp-agent", "incusd"] {
         s.insert(format!("pid {p}"), setup.pid(p));
@@ -162,6 +176,15 @@ fn ssp_up_from_nothing_then_a_lab_first_day() -> Result<()> {
         root: scratch.path().to_path_buf(),
     };
     std::fs::create_dir_all(setup.path("home"))?;
+    // /etc/subuid and /etc/subgid as a fresh Debian 12 machine has them once the
+    // Incus package is installed: one large range of root's (incus-base's). This
+    // machine's own files also hold the range Debian's lxd package (which only the
+    // test suite installs) gives root at install; with two large ranges every plain
+    // container fails to start (the daemon maps both at id 0), ssp or not.
+    std::fs::create_dir_all(setup.path("subid"))?;
+    for f in ["subuid", "subgid"] {
+        std::fs::write(setup.path("subid").join(f), "root:1000000:1000000000\n")?;
+    }
     let known_hosts = setup.path("known_hosts");
 
     // 1. The first run: from a daemon that does not exist yet to a login.
