@@ -41,8 +41,11 @@ fn quote(s: &str) -> String {
 /// members are not in it: they come from the host's members files
 /// ([`crate::members`]), so a new member changes no container's script.
 pub fn script(spec: &InstanceSpec) -> String {
+    if spec.common {
+        return common_script(spec);
+    }
     format!(
-        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nname={}\nlabgid={}\n{NSSWITCH}{BODY}",
+        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nname={}\nlabgid={}\n{NSSWITCH}{HEAD}{OWNER}{TAIL}",
         quote(&spec.owner),
         spec.owner_uid,
         quote(&spec.ssh_keys.join("\n")),
@@ -50,6 +53,87 @@ pub fn script(spec: &InstanceSpec) -> String {
         spec.lab_gid,
     )
 }
+
+/// GECOS of the accounts ssp makes in a Common-Server; the ones no longer listed go.
+pub const COMMON_GECOS: &str = "ssp common account";
+/// Where a Common-Server keeps the homes of accounts that were removed.
+pub const ARCHIVE_DIR: &str = "/var/lib/ssp-archive";
+
+/// A Common-Server's script: one account per person of `spec.accounts` (uid from the
+/// lab range, own group, home readable by them only, their keys, the lab group, no
+/// sudo); accounts ssp made that are no longer listed are removed, their homes kept
+/// under [`ARCHIVE_DIR`].
+fn common_script(spec: &InstanceSpec) -> String {
+    let mut calls = String::new();
+    for a in &spec.accounts {
+        calls.push_str(&format!(
+            "ssp_account {} {} {}\n",
+            quote(&a.name),
+            a.uid,
+            quote(&a.ssh_keys.join("\n"))
+        ));
+    }
+    let keep: Vec<&str> = spec.accounts.iter().map(|a| a.name.as_str()).collect();
+    format!(
+        "#!/bin/sh\n# Written by ssp: the accounts of this Common-Server.\nname={}\nlabgid={}\ngecos={}\narchive={}\nkeep={}\n{NSSWITCH}{HEAD}{COMMON}{calls}{COMMON_CLEANUP}{TAIL}",
+        quote(&spec.name),
+        spec.lab_gid,
+        quote(COMMON_GECOS),
+        quote(ARCHIVE_DIR),
+        quote(&format!(" {} ", keep.join(" "))),
+    )
+}
+
+/// `ssp_account NAME UID KEYS`: a person's account in a Common-Server.
+const COMMON: &str = r#"if has useradd; then sh=/bin/bash; else sh=/bin/sh; fi
+if [ "$labgid" -gt 0 ]; then
+  getent group "$labgid" >/dev/null 2>&1 || ssp_group lab "$labgid" 2>/dev/null || ssp_group ssp-lab "$labgid"
+  lab=$(getent group "$labgid" | cut -d: -f1)
+fi
+ssp_account() {
+  a=$1; auid=$2
+  # The members files (extrausers) already know every person; useradd would
+  # refuse, so they are left out of nsswitch.conf until the accounts are made.
+  if ! grep -q "^$a:" /etc/passwd 2>/dev/null; then
+    if [ -f /etc/nsswitch.conf ] && grep -q extrausers /etc/nsswitch.conf; then
+      sed -i -e 's/ \[SUCCESS=merge\]//g' -e 's/[[:space:]]extrausers//g' /etc/nsswitch.conf
+    fi
+    ssp_group "$a" "$auid"
+    ssp_user "$a" "$auid" "$gecos" "$sh" "/home/$a"
+  fi
+  if [ -n "${lab:-}" ] && ! id -nG "$a" | tr ' ' '
+' | grep -qx "$lab"; then
+    ssp_join "$a" "$lab"
+  fi
+  if has usermod; then usermod -p '*' "$a"; fi
+  rm -f "/etc/sudoers.d/ssp-$a"
+  h=$(getent passwd "$a" 2>/dev/null | cut -d: -f6)
+  [ -n "$h" ] || h="/home/$a"
+  mkdir -p "$h/.ssh"
+  chown "$auid:$auid" "$h"
+  chmod 0700 "$h"
+  printf '%s
+' "$3" > "$h/.ssh/authorized_keys.new"
+  mv "$h/.ssh/authorized_keys.new" "$h/.ssh/authorized_keys"
+  chmod 700 "$h/.ssh"; chmod 600 "$h/.ssh/authorized_keys"
+  chown -R "$auid:$auid" "$h/.ssh"
+}
+"#;
+
+/// Accounts ssp made that are no longer listed: their processes end, the account
+/// goes, the home is kept (root only) under the archive folder.
+const COMMON_CLEANUP: &str = r#"awk -F: -v g="$gecos" '$5 == g {print $1}' /etc/passwd | while read -r a; do
+  case "$keep" in *" $a "*) continue ;; esac
+  h=$(awk -F: -v a="$a" '$1 == a {print $6}' /etc/passwd)
+  pkill -KILL -u "$a" 2>/dev/null || true
+  ssp_deluser "$a" || { sleep 1; pkill -KILL -u "$a" 2>/dev/null || true; ssp_deluser "$a"; }
+  rm -f "/etc/sudoers.d/ssp-$a"
+  if [ -n "$h" ] && [ -d "$h" ] && [ "$h" != / ]; then
+    mkdir -p "$archive"; chmod 0700 "$archive"
+    mv "$h" "$archive/$a-$(date +%Y%m%d-%H%M%S)"
+  fi
+done
+"#;
 
 /// `ssp_nsswitch FILE`: adds `extrausers` to the `passwd:` and `group:` lines of an
 /// nsswitch.conf (a line is added when missing). In `group:` every service before
@@ -77,8 +161,16 @@ const NSSWITCH: &str = r#"ssp_nsswitch() {
 }
 "#;
 
-const BODY: &str = r#"set -e
+/// Helpers every account script starts with: the hostname, and accounts through the
+/// distribution's tools, busybox's or the files themselves.
+const HEAD: &str = r#"set -e
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# One run at a time: the image's boot unit and the agent's exec can overlap (a
+# change right after a start), and two runs would both make the same account.
+if [ -d /run ] && [ -w /run ] && command -v flock >/dev/null 2>&1; then
+  exec 9>/run/ssp-account.lock
+  flock 9
+fi
 # The container's name is its hostname, and it resolves (sudo looks it up).
 if [ -n "$name" ]; then
   [ "$(cat /etc/hostname 2>/dev/null)" = "$name" ] || echo "$name" > /etc/hostname
@@ -126,7 +218,10 @@ ssp_deluser() { # NAME
   elif has deluser; then deluser "$1"
   else sed -i "/^$1:/d" /etc/passwd; sed -i "/^$1:x:[0-9]*:\$/d" /etc/group; fi
 }
-# Made in /etc/passwd unless it is there. In a container whose image came from a
+"#;
+
+/// The owner of a personal container: account, lab group, sudo, keys.
+const OWNER: &str = r#"# Made in /etc/passwd unless it is there. In a container whose image came from a
 # member's container the lab's members files (extrausers) already know the owner,
 # and useradd would refuse: they are left out of nsswitch.conf until the account
 # is made (ssp_nsswitch below puts them back).
@@ -159,7 +254,11 @@ printf '%s\n' "$keys" > "$home/.ssh/authorized_keys.new"
 mv "$home/.ssh/authorized_keys.new" "$home/.ssh/authorized_keys"
 chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
 chown -R "$uid:$(id -g "$u")" "$home/.ssh"
-# The lab's members resolve through the host's members files, mounted read-only at
+"#;
+
+/// What every container gets last: the members files through nsswitch and the
+/// NVIDIA driver files.
+const TAIL: &str = r#"# The lab's members resolve through the host's members files, mounted read-only at
 # /var/lib/extrausers, where the image has libnss-extrausers (busybox images do
 # without). Entries earlier versions of ssp wrote into /etc/passwd for them go.
 for f in /lib/libnss_extrausers.so.2 /usr/lib/libnss_extrausers.so.2 \
@@ -239,6 +338,48 @@ mod tests {
                 ..spec.clone()
             })
         );
+    }
+
+    #[test]
+    fn a_common_server_gets_one_call_per_account_and_no_owner() {
+        let spec = InstanceSpec {
+            name: "cs".into(),
+            owner: "cs".into(),
+            owner_uid: 10000,
+            lab_gid: 19999,
+            common: true,
+            accounts: vec![
+                ssp_proto::Account {
+                    name: "alice".into(),
+                    uid: 10001,
+                    ssh_keys: vec!["ssh-ed25519 AAAA it's alice".into()],
+                },
+                ssp_proto::Account {
+                    name: "bob".into(),
+                    uid: 10002,
+                    ssh_keys: vec!["ssh-ed25519 BBBB".into(), "ssh-ed25519 CCCC".into()],
+                },
+            ],
+            ..Default::default()
+        };
+        let s = script(&spec);
+        assert!(
+            s.contains("ssp_account 'alice' 10001 'ssh-ed25519 AAAA it'\\''s alice'\n"),
+            "{s}"
+        );
+        assert!(s.contains("ssp_account 'bob' 10002 'ssh-ed25519 BBBB\nssh-ed25519 CCCC'\n"));
+        assert!(s.contains("keep=' alice bob '\n"));
+        // No owner account, no sudo for anyone.
+        assert!(!s.contains("u='cs'") && !s.contains("ALL=(ALL)"), "{s}");
+        let mut fewer = spec.clone();
+        fewer.accounts.pop();
+        assert_ne!(hash(&spec), hash(&fewer));
+        // The script parses.
+        let out = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
     }
 
     #[test]

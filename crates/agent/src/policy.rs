@@ -108,6 +108,25 @@ pub fn check<'a>(
             spec.owner_uid
         ));
     }
+    if !spec.accounts.is_empty() && !spec.common {
+        return Err("accounts are only for a Common-Server".into());
+    }
+    let (mut names, mut uids) = (BTreeSet::new(), BTreeSet::new());
+    for a in &spec.accounts {
+        ssp_model::Username::parse(&a.name).map_err(|e| format!("account: {e}"))?;
+        if !(ufirst..=ulast).contains(&a.uid) || a.uid == spec.lab_gid {
+            return Err(format!(
+                "account {} has uid {}, not one of this host's uid range {ufirst}-{ulast} (less the lab gid)",
+                a.name, a.uid
+            ));
+        }
+        if !names.insert(a.name.as_str()) || !uids.insert(a.uid) {
+            return Err(format!(
+                "account {} or uid {} is given twice",
+                a.name, a.uid
+            ));
+        }
+    }
     for s in &spec.shares {
         ShareMode::parse(&s.mode).map_err(|e| e.to_string())?;
         for (p, which) in [(&s.host_path, "host"), (&s.container_path, "container")] {
@@ -212,6 +231,14 @@ mod tests {
         }
     }
 
+    fn account(name: &str, uid: u32) -> ssp_proto::Account {
+        ssp_proto::Account {
+            name: name.into(),
+            uid,
+            ssh_keys: vec![],
+        }
+    }
+
     #[test]
     fn a_spec_that_keeps_to_the_policy_passes_and_each_breach_is_named() {
         let t = tempfile::tempdir().unwrap();
@@ -309,7 +336,57 @@ mod tests {
                 vec![],
                 "invalid image alias",
             ),
+            (
+                InstanceSpec {
+                    accounts: vec![account("alice", 10001)],
+                    ..good.clone()
+                },
+                vec![],
+                "only for a Common-Server",
+            ),
+            (
+                InstanceSpec {
+                    common: true,
+                    accounts: vec![account("carol", 0)],
+                    ..good.clone()
+                },
+                vec![],
+                "has uid 0, not one of this host's uid range",
+            ),
+            (
+                InstanceSpec {
+                    common: true,
+                    accounts: vec![account("alice", 19999)],
+                    ..good.clone()
+                },
+                vec![],
+                "less the lab gid",
+            ),
+            (
+                InstanceSpec {
+                    common: true,
+                    accounts: vec![account("alice", 10001), account("bob", 10001)],
+                    ..good.clone()
+                },
+                vec![],
+                "given twice",
+            ),
+            (
+                InstanceSpec {
+                    common: true,
+                    accounts: vec![account("a;b", 10001)],
+                    ..good.clone()
+                },
+                vec![],
+                "account: ",
+            ),
         ];
+        let common = InstanceSpec {
+            common: true,
+            accounts: vec![account("alice", 10001), account("bob", 10002)],
+            ..good.clone()
+        };
+        assert_eq!(check(&common, &p, &gpus, []), Ok(()));
         for (s, others, want) in &cases {
             let e = check(s, &p, &gpus, others).unwrap_err();
             assert!(e.contains(want), "{want}: {e}");

@@ -142,9 +142,16 @@ fn dev(pairs: &[(&str, &str)]) -> Device {
 /// map, so root in this container can never act as them on a shared folder (their
 /// files show as `nobody` here). Only ids inside the spec's `uid_range` (which the
 /// agent's policy has checked against its own) are mapped; no range, no map.
+///
+/// A Common-Server maps the whole range: its accounts come and go without a restart
+/// (a new raw.idmap takes effect only at one), and no one but the admin is root there.
 pub fn idmap(spec: &InstanceSpec) -> Option<String> {
     let (first, last) = spec.uid_range.split_once('-')?;
     let range = first.parse::<u32>().ok()?..=last.parse::<u32>().ok()?;
+    if spec.common {
+        let (first, last) = (range.start(), range.end());
+        return (first <= last).then(|| format!("both {first}-{last} {first}-{last}"));
+    }
     let mut lines = Vec::new();
     if range.contains(&spec.owner_uid) {
         lines.push(format!("both {0} {0}", spec.owner_uid));
@@ -586,6 +593,23 @@ mod tests {
                 .unwrap()
                 .config
                 .contains_key("raw.idmap"));
+        }
+    }
+
+    #[test]
+    fn a_common_server_maps_the_whole_lab_range() {
+        let s = InstanceSpec {
+            common: true,
+            owner_uid: 10007,
+            ..spec()
+        };
+        assert_eq!(idmap(&s).as_deref(), Some("both 10000-19999 10000-19999"));
+        for range in ["", "junk", "19999-10000"] {
+            let s = InstanceSpec {
+                uid_range: range.into(),
+                ..s.clone()
+            };
+            assert_eq!(idmap(&s), None, "{range:?}");
         }
     }
 

@@ -70,6 +70,10 @@ enum Commands {
     /// Images made from users' containers: publish, list, delete (on every host).
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
+    /// Common-Servers: shared containers whose GPUs their accounts share (people
+    /// get an account with `sspctl user add NAME --common SERVER`).
+    #[command(subcommand)]
+    Common(cmd::common::CommonCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -94,6 +98,7 @@ async fn main() {
         Commands::Migrations(ref a) => cmd::migrate::list(&cli, a).await,
         Commands::Snapshot(ref c) => cmd::snapshot::run(&cli, c).await,
         Commands::Image(ref c) => cmd::image::run(&cli, c).await,
+        Commands::Common(ref c) => cmd::common::run(&cli, c).await,
     };
     if let Err(e) = res {
         eprintln!("sspctl: {}", cmd::one_line(&e));

@@ -14,12 +14,36 @@ pub fn user_to_wire(u: &User) -> pb::User {
         memory_bytes: u.limits.memory.0,
         disk_bytes: u.limits.disk.0,
         gpus: u.gpus,
+        kind: u.kind.as_str().into(),
+        common: u.server().map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 
+/// The spec of `inst` in `state` (with its owner, and a Common-Server's accounts),
+/// or `None` when its owner is not recorded.
+pub fn spec_of(state: &ssp_model::State, inst: &Instance) -> Option<pb::InstanceSpec> {
+    let owner = state.users.get(inst.owner.as_str())?;
+    let mut spec = spec_for(inst, owner, &state.settings());
+    if owner.kind == ssp_model::UserKind::Common {
+        spec.common = true;
+        // A Common-Server has no owner account: no keys, and its uid is no one's login.
+        spec.ssh_keys.clear();
+        spec.accounts = state
+            .accounts_of(owner.name.as_str())
+            .map(|u| pb::Account {
+                name: u.name.to_string(),
+                uid: u.uid,
+                ssh_keys: u.ssh_keys.iter().map(|k| k.to_string()).collect(),
+            })
+            .collect();
+    }
+    Some(spec)
+}
+
 /// The spec an agent needs to run `inst`. It names no other member, so adding or
-/// removing a user changes no other container's spec (see [`lab_members`]).
-pub fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceSpec {
+/// removing a user changes no other container's spec (see [`lab_members`]); only a
+/// Common-Server's names its accounts ([`spec_of`]).
+fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceSpec {
     pb::InstanceSpec {
         name: inst.name.clone(),
         owner: owner.name.to_string(),
@@ -46,6 +70,8 @@ pub fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::Insta
         lab_gid: settings.lab_gid(),
         snapshot_every_secs: owner.snapshots.every_secs,
         snapshot_keep: owner.snapshots.keep,
+        common: false,
+        accounts: vec![],
     }
 }
 

@@ -92,7 +92,8 @@ pub fn rejection_status(r: Rejection) -> Status {
         | Rejection::UserRemoving(_)
         | Rejection::Trust(_)
         | Rejection::Migration(_)
-        | Rejection::Resize(_) => Status::failed_precondition(r.to_string()),
+        | Rejection::Resize(_)
+        | Rejection::Common(_) => Status::failed_precondition(r.to_string()),
         Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
             Status::invalid_argument(r.to_string())
         }
@@ -235,10 +236,9 @@ impl Core {
             if inst.deleting {
                 return (Plan::Delete(inst.host.to_string()), host);
             }
-            let Some(owner) = state.users.get(inst.owner.as_str()) else {
+            let Some(spec) = convert::spec_of(state, inst) else {
                 return (Plan::Gone, None);
             };
-            let spec = convert::spec_for(inst, owner, &state.settings());
             (Plan::Ensure(inst.host.to_string(), Box::new(spec)), host)
         });
         match plan {

@@ -223,15 +223,12 @@ impl Core {
                 .instances
                 .get(&m.instance)
                 .ok_or_else(|| StepError(format!("container {} is gone", m.instance)))?;
-            let owner = s
-                .users
-                .get(inst.owner.as_str())
-                .ok_or_else(|| StepError(format!("user {} is gone", inst.owner)))?;
             let mut placed = inst.clone();
             placed.host = side.host.clone();
             placed.gpus = side.gpus.clone();
             placed.ssh_port = side.ssh_port;
-            let mut spec = convert::spec_for(&placed, owner, &s.settings());
+            let mut spec = convert::spec_of(s, &placed)
+                .ok_or_else(|| StepError(format!("user {} is gone", inst.owner)))?;
             spec.running = running;
             Ok(spec)
         })

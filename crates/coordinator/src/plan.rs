@@ -86,7 +86,7 @@ pub fn plan(state: &State, reports: &BTreeMap<String, InstanceList>) -> Plan {
             });
             continue;
         }
-        let Some(owner) = state.users.get(inst.owner.as_str()) else {
+        let Some(spec) = convert::spec_of(state, inst) else {
             continue;
         };
         let seen = report.iter().find(|r| r.name == inst.name);
@@ -99,7 +99,6 @@ pub fn plan(state: &State, reports: &BTreeMap<String, InstanceList>) -> Plan {
                 None
             }
             Some(r) => {
-                let spec = convert::spec_for(inst, owner, &settings);
                 if r.spec_hash != ssp_wire::spec_hash(&spec) {
                     Some("spec changed")
                 } else if r.state() != ssp_proto::RunState::Running {
@@ -232,6 +231,7 @@ mod tests {
                     image: "debian-ssh".into(),
                     shares: vec![],
                     placement: Constraints::default(),
+                    kind: Default::default(),
                 }))
                 .unwrap();
             assert!(matches!(out, Outcome::UserAdded { .. }), "{out:?}");
@@ -242,7 +242,7 @@ mod tests {
     fn report(s: &State, name: &str, status: &str) -> InstanceStatus {
         let inst = &s.instances[name];
         let owner = &s.users[inst.owner.as_str()];
-        let spec = convert::spec_for(inst, owner, &s.settings());
+        let spec = convert::spec_of(s, inst).unwrap();
         InstanceStatus {
             name: name.into(),
             owner: owner.name.to_string(),
@@ -355,6 +355,68 @@ mod tests {
             plan(&s, &BTreeMap::from([("h1".to_string(), none)])),
             Plan::default()
         );
+    }
+
+    /// Adds `name` of `kind` (a Common-Server without keys).
+    fn add(s: &mut State, name: &str, kind: ssp_model::UserKind) {
+        let keys = if kind == ssp_model::UserKind::Common {
+            vec![]
+        } else {
+            vec![SshKey::parse(KEY).unwrap()]
+        };
+        let out = s
+            .apply(&Command::AddUser(NewUser {
+                name: Username::parse(name).unwrap(),
+                role: Role::User,
+                ssh_keys: keys,
+                limits: Limits {
+                    cpus: 1,
+                    memory: ByteSize(1 << 30),
+                    disk: ByteSize(1 << 30),
+                    processes: 100,
+                },
+                gpus: 0,
+                image: "debian-ssh".into(),
+                shares: vec![],
+                placement: Constraints::default(),
+                kind,
+            }))
+            .unwrap();
+        assert!(matches!(out, Outcome::UserAdded { .. }), "{out:?}");
+    }
+
+    #[test]
+    fn a_new_account_changes_only_its_common_servers_spec() {
+        use ssp_model::UserKind;
+        let account = || UserKind::Account {
+            server: Username::parse("cs").unwrap(),
+        };
+        let mut s = state_with(&["ann"]);
+        add(&mut s, "cs", UserKind::Common);
+        add(&mut s, "bob", account());
+        let spec = convert::spec_of(&s, &s.instances["cs"]).unwrap();
+        assert!(spec.common && spec.ssh_keys.is_empty());
+        assert_eq!(
+            spec.accounts
+                .iter()
+                .map(|a| (a.name.as_str(), a.uid))
+                .collect::<Vec<_>>(),
+            [("bob", 10002)]
+        );
+        let before = listed(
+            &s,
+            vec![report(&s, "ann", "Running"), report(&s, "cs", "Running")],
+        );
+        add(&mut s, "cat", account());
+        let p = plan(&s, &BTreeMap::from([("h1".to_string(), before)]));
+        assert_eq!(
+            p.steps,
+            vec![Step::Ensure {
+                name: "cs".into(),
+                why: "spec changed"
+            }]
+        );
+        assert_eq!(p.members, vec!["h1".to_string()]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use ssp_model::{
     ByteSize, Command, Constraints, Endpoint, Host, HostName, InputError, Limits, NetAddress,
-    NewUser, Role, ShareMode, SharedFolder, SshKey, Username,
+    NewUser, Role, ShareMode, SharedFolder, SshKey, UserKind, Username,
 };
 use ssp_proto as pb;
 
@@ -81,7 +81,12 @@ pub fn resize(req: &pb::ResizeUserRequest, cfg: &CoordinatorConfig) -> Result<Co
 /// Builds the `AddUser` command, filling defaults from the config.
 pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Command, InputError> {
     let name = Username::parse(&req.name)?;
-    let ssh_keys = ssh_keys(&req.ssh_keys)?;
+    let kind = user_kind(req)?;
+    let ssh_keys = if kind == UserKind::Common {
+        vec![]
+    } else {
+        ssh_keys(&req.ssh_keys)?
+    };
     let d = cfg.default_limits()?;
     let limits = Limits {
         cpus: match req.cpus {
@@ -107,7 +112,10 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
         },
         processes: d.processes,
     };
-    check_quota(&limits, req.gpus, cfg)?;
+    // The per-user quota is for people; a Common-Server is the admin's to size.
+    if kind != UserKind::Common {
+        check_quota(&limits, req.gpus, cfg)?;
+    }
     if req.gpus > MAX_GPUS {
         return Err(InputError {
             what: "GPU count",
@@ -193,7 +201,61 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             spread: req.spread,
             labels: labels(&req.labels)?,
         },
+        kind,
     }))
+}
+
+/// A person with a container, a Common-Server, or an account in one; what does not
+/// fit the kind is refused (an account has what its Common-Server has).
+fn user_kind(req: &pb::AddUserRequest) -> Result<UserKind, InputError> {
+    if req.common_server {
+        if !req.common.is_empty() {
+            return Err(InputError::new(
+                "Common-Server",
+                &req.common,
+                "a Common-Server cannot have an account in another one",
+            ));
+        }
+        if !req.ssh_keys.is_empty() {
+            return Err(InputError::new(
+                "ssh keys",
+                &format!("{} keys", req.ssh_keys.len()),
+                "a Common-Server has no keys of its own; give people accounts in it with `sspctl user add NAME --common SERVER --ssh-key FILE`",
+            ));
+        }
+        return Ok(UserKind::Common);
+    }
+    if req.common.is_empty() {
+        return Ok(UserKind::Personal);
+    }
+    let server = Username::parse(&req.common)?;
+    let given: Vec<&str> = [
+        (req.gpus > 0, "--gpus"),
+        (req.cpus.is_some(), "--cpus"),
+        (req.memory_bytes > 0, "--memory"),
+        (req.disk_bytes > 0, "--disk"),
+        (!req.image.is_empty(), "--image"),
+        (!req.shares.is_empty() || req.no_default_shares, "--share"),
+        (
+            !req.gpu_model.is_empty() || req.gpu_memory_bytes > 0,
+            "--gpu-model/--gpu-memory",
+        ),
+        (
+            !req.host.is_empty() || req.spread || !req.labels.is_empty(),
+            "--host/--spread/--label",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(set, flag)| set.then_some(flag))
+    .collect();
+    if !given.is_empty() {
+        return Err(InputError::new(
+            "account in a Common-Server",
+            &given.join(" "),
+            format!("an account uses what the Common-Server {server} has (its GPUs, limits, image, shared folders and host); leave these out"),
+        ));
+    }
+    Ok(UserKind::Account { server })
 }
 
 /// Refuses what is over the per-user quota of the coordinator config.

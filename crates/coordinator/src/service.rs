@@ -155,7 +155,7 @@ impl Coordinator for CoordinatorService {
             Applied::Earlier { index } => self
                 .core
                 .read(|s| {
-                    Some((s.users.get(&r.name)?.clone(), s.instances.get(&r.name)?.clone()))
+                    Some((s.users.get(&r.name)?.clone(), s.homes_of(&r.name).next()?.clone()))
                 })
                 .ok_or_else(|| {
                     Status::failed_precondition(format!(
@@ -280,13 +280,9 @@ impl Coordinator for CoordinatorService {
         let cmd = request::set_ssh_keys(&r).map_err(input_status)?;
         let instances = match self.core.apply_for(&caller, cmd, id).await? {
             Applied::Now(Outcome::SshKeysSet { instances }) => instances,
-            Applied::Earlier { .. } => self.core.read(|s| {
-                s.instances
-                    .values()
-                    .filter(|i| i.owner.as_str() == r.name)
-                    .map(|i| i.name.clone())
-                    .collect()
-            }),
+            Applied::Earlier { .. } => self
+                .core
+                .read(|s| s.homes_of(&r.name).map(|i| i.name.clone()).collect()),
             Applied::Now(other) => {
                 return Err(Status::internal(format!(
                     "unexpected outcome of SetSshKeys: {other:?}"
@@ -1180,10 +1176,11 @@ impl Coordinator for CoordinatorService {
         let kind = self.core.prepare_read(req.metadata()).await?;
         let r = req.into_inner();
         let state = self.core.snapshot();
+        // A person's own container, or the Common-Server they have an account in.
         let inst = state
-            .instances
-            .get(&r.name)
-            .filter(|i| caller.role == Admin || i.owner.as_str() == caller.name);
+            .homes_of(&r.name)
+            .find(|i| !i.deleting)
+            .filter(|_| caller.role == Admin || r.name == caller.name);
         let Some(inst) = inst else {
             if caller.role != Admin {
                 // The same answer whether bob exists or not.
@@ -1197,7 +1194,7 @@ impl Coordinator for CoordinatorService {
                 inst.host, r.name
             ))
         })?;
-        let config = crate::sshconfig::render(inst, host, &r.identity_file);
+        let config = crate::sshconfig::render(inst, &r.name, host, &r.identity_file);
         Ok(annotate(
             Response::new(SshConfigReply { config }),
             &self.core,

@@ -2,14 +2,13 @@
 
 use ssp_model::{Host, Instance};
 
-/// An ssh_config `Host` block for `inst`, named `ssp-NAME`.
-pub fn render(inst: &Instance, host: &Host, identity_file: &str) -> String {
+/// An ssh_config `Host` block named `ssp-USER` for `user`'s login to `inst`: their
+/// own container, or the Common-Server they have an account in.
+pub fn render(inst: &Instance, user: &str, host: &Host, identity_file: &str) -> String {
     let mut out = format!(
-        "Host ssp-{name}\n    HostName {addr}\n    Port {port}\n    User {user}\n",
-        name = inst.name,
+        "Host ssp-{user}\n    HostName {addr}\n    Port {port}\n    User {user}\n",
         addr = host.ssh_host,
         port = inst.ssh_port,
-        user = inst.owner,
     );
     if !identity_file.is_empty() {
         out.push_str(&format!(

@@ -236,12 +236,14 @@ fn add_user_request() -> impl Strategy<Value = pb::AddUserRequest> {
             any::<bool>(),
             vec(field(&["ib", " ib ", "rack=a3"], &["IB!", ""]), 0..3),
         ),
+        (field(&["", "", "", "cs"], &["a;b", "Root"]), any::<bool>()),
     )
         .prop_map(
             |(
                 (name, ssh_keys, gpus, cpus, memory_bytes, disk_bytes),
                 (image, shares, no_default_shares, role, no_wait),
                 (gpu_model, gpu_memory_bytes, host, spread, labels),
+                (common, common_server),
             )| pb::AddUserRequest {
                 name,
                 ssh_keys,
@@ -259,6 +261,8 @@ fn add_user_request() -> impl Strategy<Value = pb::AddUserRequest> {
                 host,
                 spread,
                 labels,
+                common,
+                common_server,
             },
         )
 }
@@ -447,7 +451,22 @@ proptest! {
                     return Err(TestCaseError::fail(format!("not AddUser: {cmd:?}")));
                 };
                 prop_assert_eq!(u.name.as_str(), req.name.as_str());
-                prop_assert!(!u.ssh_keys.is_empty() && u.ssh_keys.len() == req.ssh_keys.len());
+                match &u.kind {
+                    // A Common-Server has no keys; an account names its server and
+                    // asks for nothing of its own.
+                    ssp_model::UserKind::Common => {
+                        prop_assert!(req.common_server && req.common.is_empty() && u.ssh_keys.is_empty());
+                    }
+                    ssp_model::UserKind::Account { server } => {
+                        prop_assert!(!req.common_server && server.as_str() == req.common);
+                        prop_assert!(req.gpus == 0 && req.cpus.is_none() && req.image.is_empty());
+                        prop_assert!(!u.ssh_keys.is_empty());
+                    }
+                    ssp_model::UserKind::Personal => {
+                        prop_assert!(!req.common_server && req.common.is_empty());
+                        prop_assert!(!u.ssh_keys.is_empty() && u.ssh_keys.len() == req.ssh_keys.len());
+                    }
+                }
                 prop_assert_eq!(u.limits.cpus, req.cpus.unwrap_or(2));
                 prop_assert!(u.limits.cpus >= 1);
                 let (mem, disk) = (u.limits.memory.0, u.limits.disk.0);
@@ -455,7 +474,7 @@ proptest! {
                 prop_assert_eq!(disk, if req.disk_bytes == 0 { 20 << 30 } else { req.disk_bytes });
                 prop_assert!(mem >= 64 << 20 && disk >= 256 << 20);
                 prop_assert!(u.gpus == req.gpus && u.gpus <= 64);
-                if quota {
+                if quota && u.kind != ssp_model::UserKind::Common {
                     prop_assert!(u.gpus <= 4 && u.limits.cpus <= 16 && mem <= 64 << 30 && disk <= 1 << 40);
                 }
                 let paths: BTreeSet<&str> = u.shares.iter().map(|s| s.container_path.as_str()).collect();
@@ -1083,6 +1102,14 @@ fn instance_spec() -> impl Strategy<Value = pb::InstanceSpec> {
                     lab_gid: 19999,
                     snapshot_every_secs: u64::from(uid % 3) * 3600,
                     snapshot_keep: uid % 8,
+                    common: uid % 4 == 0,
+                    accounts: (0..uid % 3)
+                        .map(|i| pb::Account {
+                            name: format!("a{i}"),
+                            uid: 10000 + i,
+                            ssh_keys: vec![],
+                        })
+                        .collect(),
                 }
             },
         )

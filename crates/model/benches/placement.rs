@@ -97,6 +97,7 @@ fn main() {
                 spread: i % 3 == 0,
                 ..Default::default()
             },
+            kind: Default::default(),
         });
         s.apply(&cmd).expect("add");
     }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::migration::{Migration, MigrationCommand, Phase, Side};
 use crate::names::{PciAddress, SshKey};
 use crate::place::{self, NoFit};
-use crate::types::{Host, Instance, NewUser, User};
+use crate::types::{Host, Instance, NewUser, User, UserKind};
 
 /// Cluster-wide settings fixed when the state is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -469,6 +469,9 @@ pub enum Rejection {
     Trust(String),
     #[error("{0}")]
     Migration(String),
+    /// A request that does not fit a Common-Server or an account in one.
+    #[error("{0}")]
+    Common(String),
 }
 
 impl State {
@@ -544,6 +547,7 @@ impl State {
                     .users
                     .get(name)
                     .ok_or_else(|| Rejection::UnknownUser(name.clone()))?;
+                self.not_an_account(name, "resize")?;
                 let mut limits = user.limits;
                 limits.cpus = cpus.unwrap_or(limits.cpus);
                 limits.memory = memory.unwrap_or(limits.memory);
@@ -609,6 +613,7 @@ impl State {
                 Ok(Outcome::Resized { instances })
             }
             Command::SetSnapshotSchedule { name, schedule } => {
+                self.not_an_account(name, "set the snapshot schedule of")?;
                 let mut instances = Vec::new();
                 for i in self.instances.values().filter(|i| i.owner.as_str() == name) {
                     if i.deleting {
@@ -627,10 +632,19 @@ impl State {
                 if keys.is_empty() {
                     return Err(Rejection::NoSshKey(name.clone()));
                 }
+                if self
+                    .users
+                    .get(name)
+                    .is_some_and(|u| u.kind == UserKind::Common)
+                {
+                    return Err(Rejection::Common(format!(
+                        "{name} is a Common-Server: it has no keys of its own, its accounts do"
+                    )));
+                }
                 let mut instances = Vec::new();
-                for i in self.instances.values().filter(|i| i.owner.as_str() == name) {
+                for i in self.homes_of(name) {
                     if i.deleting {
-                        return Err(Rejection::UserRemoving(name.clone()));
+                        return Err(Rejection::UserRemoving(i.owner.to_string()));
                     }
                     instances.push(i.name.clone());
                 }
@@ -642,8 +656,25 @@ impl State {
                 Ok(Outcome::SshKeysSet { instances })
             }
             Command::RemoveUser { name } => {
-                if !self.users.contains_key(name) {
+                let Some(user) = self.users.get(name) else {
                     return Err(Rejection::UnknownUser(name.clone()));
+                };
+                if user.server().is_some() {
+                    // The account goes from the Common-Server's container (its home
+                    // is archived there); the person goes now.
+                    let instances = self.homes_of(name).map(|i| i.name.clone()).collect();
+                    if let Some(u) = self.users.remove(name) {
+                        self.usage.uids.remove(u.uid);
+                    }
+                    return Ok(Outcome::UserRemoving { instances });
+                }
+                let accounts: Vec<String> =
+                    self.accounts_of(name).map(|u| u.name.to_string()).collect();
+                if !accounts.is_empty() {
+                    return Err(Rejection::Common(format!(
+                        "the Common-Server {name} still has accounts ({}); remove them first",
+                        accounts.join(", ")
+                    )));
                 }
                 if let Some(m) = self
                     .instances
@@ -706,8 +737,11 @@ impl State {
         if self.instances.contains_key(name) {
             return Err(Rejection::InstanceExists(name.into()));
         }
-        if req.ssh_keys.is_empty() {
+        if req.ssh_keys.is_empty() && req.kind != UserKind::Common {
             return Err(Rejection::NoSshKey(name.into()));
+        }
+        if let UserKind::Account { server } = &req.kind {
+            return self.add_account(req, server);
         }
         let place = place::choose(self, &req.limits, req.gpus, &req.image, &req.placement)
             .map_err(|e: NoFit| Rejection::NoFit {
@@ -732,6 +766,7 @@ impl State {
             limits: req.limits,
             gpus: req.gpus,
             snapshots: Default::default(),
+            kind: req.kind.clone(),
         };
         let instance = Instance {
             name: name.to_string(),
@@ -759,6 +794,89 @@ impl State {
         self.users.insert(name.into(), user.clone());
         self.instances.insert(name.into(), instance.clone());
         Ok(Outcome::UserAdded { user, instance })
+    }
+
+    /// A person with an account in Common-Server `server`: a uid and a record, no
+    /// container; the outcome names the Common-Server's container, which gets the
+    /// account.
+    fn add_account(
+        &mut self,
+        req: &NewUser,
+        server: &crate::Username,
+    ) -> Result<Outcome, Rejection> {
+        let name = req.name.as_str();
+        let common = self
+            .users
+            .get(server.as_str())
+            .filter(|u| u.kind == UserKind::Common)
+            .ok_or_else(|| {
+                Rejection::Common(format!(
+                    "{server} is not a Common-Server; make one with `sspctl common create {server}`"
+                ))
+            })?;
+        let instance = self
+            .instances
+            .get(server.as_str())
+            .filter(|i| i.owner == common.name)
+            .ok_or_else(|| {
+                Rejection::Common(format!("the Common-Server {server} has no container"))
+            })?
+            .clone();
+        if instance.deleting {
+            return Err(Rejection::UserRemoving(server.to_string()));
+        }
+        let s = self.settings();
+        let uid = self
+            .usage
+            .uids
+            .lowest_free(s.uid_first, s.lab_gid().saturating_sub(1))
+            .ok_or(Rejection::NoFreeUid {
+                first: s.uid_first,
+                last: s.uid_last,
+            })?;
+        let user = User {
+            name: req.name.clone(),
+            uid,
+            role: req.role,
+            ssh_keys: req.ssh_keys.clone(),
+            limits: instance.limits,
+            gpus: 0,
+            snapshots: Default::default(),
+            kind: req.kind.clone(),
+        };
+        self.usage.uids.insert(uid);
+        self.users.insert(name.into(), user.clone());
+        Ok(Outcome::UserAdded { user, instance })
+    }
+
+    /// The containers a user's account is in: their own, or (an account in a
+    /// Common-Server) the Common-Server's.
+    pub fn homes_of<'a>(&'a self, user: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
+        let owner = match self.users.get(user).and_then(User::server) {
+            Some(server) => server.as_str(),
+            None => user,
+        };
+        self.instances
+            .values()
+            .filter(move |i| i.owner.as_str() == owner)
+    }
+
+    /// The accounts of Common-Server `server`, by name.
+    pub fn accounts_of<'a>(&'a self, server: &'a str) -> impl Iterator<Item = &'a User> + 'a {
+        self.users
+            .values()
+            .filter(move |u| u.server().is_some_and(|s| s.as_str() == server))
+    }
+
+    /// Refuses a change of limits or schedule on an account in a Common-Server:
+    /// those belong to the Common-Server.
+    fn not_an_account(&self, name: &str, what: &str) -> Result<(), Rejection> {
+        match self.users.get(name).and_then(User::server) {
+            Some(server) => Err(Rejection::Common(format!(
+                "{name} has an account in the Common-Server {server}, not a container of their own; {what} {server} instead"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The move of `instance` in progress, if any.

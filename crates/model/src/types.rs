@@ -286,6 +286,45 @@ pub struct User {
     /// Scheduled snapshots of their containers (absent from older records: none).
     #[serde(default)]
     pub snapshots: SnapshotSchedule,
+    /// A person with a container, a Common-Server, or a person with an account in
+    /// one (absent from older records: a person with a container).
+    #[serde(default)]
+    pub kind: UserKind,
+}
+
+impl User {
+    /// The Common-Server this person has an account in, if that is what they have.
+    pub fn server(&self) -> Option<&Username> {
+        match &self.kind {
+            UserKind::Account { server } => Some(server),
+            _ => None,
+        }
+    }
+}
+
+/// What a user record stands for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserKind {
+    /// A person with a container of their own, named after them.
+    #[default]
+    Personal,
+    /// A Common-Server: a shared container (named after the record) whose GPUs its
+    /// accounts share. It has no owner account and no keys of its own.
+    Common,
+    /// A person with a Unix account in a Common-Server instead of a container.
+    Account { server: Username },
+}
+
+impl UserKind {
+    /// "personal", "common" or "account".
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UserKind::Personal => "personal",
+            UserKind::Common => "common",
+            UserKind::Account { .. } => "account",
+        }
+    }
 }
 
 /// A snapshot schedule: one snapshot every `every_secs`, the newest `keep` kept.
@@ -359,6 +398,10 @@ pub struct NewUser {
     /// Where the container may go, beyond capacity.
     #[serde(default)]
     pub placement: Constraints,
+    /// A person with a container, a Common-Server, or an account in one (then no
+    /// container is placed and limits, GPUs, image and shares are not used).
+    #[serde(default)]
+    pub kind: UserKind,
 }
 
 /// Placement constraints of one request.

@@ -17,7 +17,7 @@ use ssp_model::{
     parse_image, parse_label, ByteSize, Command, Constraints, Endpoint, Gpu, Host, HostName,
     HostStatus, Image, InputError, Inventory, Limits, MigrationCommand, MigrationPhase, NetAddress,
     NewUser, Outcome, PciAddress, Pool, Role, Settings, ShareMode, SharedFolder, SshKey, State,
-    Username,
+    UserKind, Username,
 };
 
 fn config(cases: u32) -> Config {
@@ -818,9 +818,16 @@ fn new_user() -> impl Strategy<Value = NewUser> {
             any::<bool>(),
             prop_oneof![4 => Just(vec![]), 1 => vec(select(&["ib", "nvlink"][..]), 0..2)],
         ),
+        prop_oneof![
+            8 => Just(UserKind::Personal),
+            1 => Just(UserKind::Common),
+            2 => select(USERS).prop_map(|s| UserKind::Account {
+                server: Username::parse(s).unwrap()
+            }),
+        ],
     )
         .prop_map(
-            |(name, role, ssh_keys, (cpus, memory, disk), gpus, image, c)| NewUser {
+            |(name, role, ssh_keys, (cpus, memory, disk), gpus, image, c, kind)| NewUser {
                 name: Username::parse(name).unwrap(),
                 role,
                 ssh_keys,
@@ -840,6 +847,7 @@ fn new_user() -> impl Strategy<Value = NewUser> {
                     spread: c.3,
                     labels: c.4.into_iter().map(String::from).collect(),
                 },
+                kind,
             },
         )
 }
@@ -981,13 +989,37 @@ fn check_invariants(s: &State) -> Result<(), TestCaseError> {
             1
         );
     }
-    for u in s.users.keys() {
-        // A user goes with their last container (or at once when they have none).
-        prop_assert!(
-            s.instances.contains_key(u),
-            "user {} without a container",
-            u
-        );
+    for (name, u) in &s.users {
+        match u.server() {
+            // An account's Common-Server is there, is one, and keeps its container
+            // while it has accounts.
+            Some(server) => {
+                let common = s.users.get(server.as_str());
+                prop_assert!(
+                    common.is_some_and(|c| c.kind == UserKind::Common),
+                    "account {} in {}, which is no Common-Server",
+                    name,
+                    server
+                );
+                prop_assert!(
+                    s.instances.contains_key(server.as_str()),
+                    "account {} in {}, which has no container",
+                    name,
+                    server
+                );
+                prop_assert!(
+                    !s.instances.contains_key(name),
+                    "account {} has a container",
+                    name
+                );
+            }
+            // A user goes with their last container (or at once when they have none).
+            None => prop_assert!(
+                s.instances.contains_key(name),
+                "user {} without a container",
+                name
+            ),
+        }
     }
     prop_assert!(s.usage().is_some(), "the usage index is stale after apply");
     Ok(())
@@ -1085,6 +1117,7 @@ fn plain_user(name: &str) -> Command {
         image: "debian-ssh".into(),
         shares: vec![],
         placement: Constraints::default(),
+        kind: UserKind::Personal,
     })
 }
 

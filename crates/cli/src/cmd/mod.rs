@@ -1,6 +1,7 @@
 //! One module per subcommand, and the connection to the coordinators they share.
 
 pub mod cluster;
+pub mod common;
 pub mod gpus;
 pub mod hosts;
 pub mod image;

@@ -65,6 +65,11 @@ pub enum Wait {
 pub struct AddArgs {
     /// Login name (also the container's name).
     name: String,
+    /// Give the person a Unix account in this Common-Server (`sspctl common create`)
+    /// instead of a container of their own; GPUs, limits, image, shared folders and
+    /// host are the Common-Server's.
+    #[arg(long, value_name = "SERVER")]
+    common: Option<String>,
     /// File with the user's SSH public key(s), one per line.
     #[arg(long = "ssh-key", required = true)]
     ssh_key: Vec<PathBuf>,
@@ -129,7 +134,16 @@ pub struct AddArgs {
     no_credentials: bool,
 }
 
-fn parse_size(s: &str) -> Result<ByteSize, String> {
+/// "personal", "common" (a Common-Server), or "account in SERVER".
+fn kind_label(u: &ssp_proto::User) -> String {
+    match u.kind.as_str() {
+        "account" => format!("account in {}", u.common),
+        "" => "personal".into(),
+        k => k.into(),
+    }
+}
+
+pub(crate) fn parse_size(s: &str) -> Result<ByteSize, String> {
     ByteSize::parse(s).map_err(|e| e.to_string())
 }
 
@@ -183,6 +197,8 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 host: a.host.clone().unwrap_or_default(),
                 spread: a.spread,
                 labels: a.labels.clone(),
+                common: a.common.clone().unwrap_or_default(),
+                common_server: false,
             };
             let reply = c
                 .call(body, |ch, r| async move {
@@ -254,9 +270,20 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
             match cli.output {
                 output::Format::Json => crate::outln!(
                     "{}",
-                    json!({"user": a.name, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
+                    json!({"user": a.name, "container": i.name, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
                            "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "warning": reply.warning,
                            "credentials": bundle.as_ref().map(|p| p.display().to_string())})
+                ),
+                output::Format::Table if a.common.is_some() => crate::outln!(
+                    "added {} with an account in the Common-Server {} on {} ({}), its GPUs [{}], ssh -p {} {}@{}",
+                    a.name,
+                    i.name,
+                    i.host,
+                    i.state,
+                    i.gpu_pci.join(", "),
+                    i.ssh_port,
+                    a.name,
+                    i.ssh_host
                 ),
                 output::Format::Table => crate::outln!(
                     "added {} on {} ({}), GPUs [{}], ssh -p {} {}@{}",
@@ -287,6 +314,7 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                         u.name.clone(),
                         u.uid.to_string(),
                         u.role.clone(),
+                        kind_label(u),
                         u.gpus.to_string(),
                         u.cpus.to_string(),
                         size(u.memory_bytes),
@@ -297,13 +325,14 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 .collect();
             let js = json!(users
                 .iter()
-                .map(|u| json!({"name": u.name, "uid": u.uid, "role": u.role, "gpus": u.gpus, "cpus": u.cpus,
+                .map(|u| json!({"name": u.name, "uid": u.uid, "role": u.role, "kind": u.kind,
+                                "common": (!u.common.is_empty()).then_some(&u.common), "gpus": u.gpus, "cpus": u.cpus,
                                 "memory_bytes": u.memory_bytes, "disk_bytes": u.disk_bytes, "ssh_keys": u.ssh_keys}))
                 .collect::<Vec<_>>());
             output::print(
                 cli.output,
                 &[
-                    "NAME", "UID", "ROLE", "GPUS", "CPUS", "MEMORY", "DISK", "KEYS",
+                    "NAME", "UID", "ROLE", "KIND", "GPUS", "CPUS", "MEMORY", "DISK", "KEYS",
                 ],
                 rows,
                 js,

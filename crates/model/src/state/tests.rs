@@ -69,6 +69,7 @@ fn user(name: &str, gpus: u32) -> Command {
         image: "debian-ssh".into(),
         shares: vec![],
         placement: Constraints::default(),
+        kind: crate::types::UserKind::Personal,
     })
 }
 
@@ -927,4 +928,129 @@ fn resize_changes_user_and_containers_or_nothing() {
     // Shrinking needs no free space.
     s.apply(&resize(None, None, Some(5 << 30))).unwrap();
     assert_eq!(s.instances["alice"].limits.disk, ByteSize(5 << 30));
+}
+
+fn with_kind(cmd: Command, kind: crate::types::UserKind) -> Command {
+    let Command::AddUser(mut u) = cmd else {
+        unreachable!()
+    };
+    u.kind = kind;
+    Command::AddUser(u)
+}
+
+fn account(name: &str, server: &str) -> Command {
+    with_kind(
+        user(name, 0),
+        crate::types::UserKind::Account {
+            server: Username::parse(server).unwrap(),
+        },
+    )
+}
+
+#[test]
+fn a_common_server_holds_gpus_and_its_accounts_hold_only_a_uid() {
+    use crate::types::UserKind;
+    let mut s = state_with(&[("host1", 4)]);
+    let mut common = with_kind(user("cs", 2), UserKind::Common);
+    if let Command::AddUser(u) = &mut common {
+        u.ssh_keys.clear(); // a Common-Server has no keys of its own
+    }
+    let Outcome::UserAdded { instance: cs, .. } = s.apply(&common).unwrap() else {
+        panic!()
+    };
+    assert_eq!(cs.gpus.len(), 2);
+    let Outcome::UserAdded { user, instance } = s.apply(&account("alice", "cs")).unwrap() else {
+        panic!()
+    };
+    // The account's outcome names the Common-Server's container; no container of its own.
+    assert_eq!((user.uid, instance.name.as_str()), (10001, "cs"));
+    assert!(!s.instances.contains_key("alice"));
+    s.apply(&account("bob", "cs")).unwrap();
+    assert_eq!(
+        s.accounts_of("cs")
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>(),
+        ["alice", "bob"]
+    );
+    assert_eq!(
+        s.homes_of("alice")
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        ["cs"]
+    );
+    // New keys of an account reach the Common-Server's container.
+    let keys = vec![SshKey::parse(KEY).unwrap()];
+    assert_eq!(
+        s.apply(&Command::SetSshKeys {
+            name: "alice".into(),
+            keys: keys.clone()
+        })
+        .unwrap(),
+        Outcome::SshKeysSet {
+            instances: vec!["cs".into()]
+        }
+    );
+
+    let before = s.clone();
+    let refused: Vec<(Command, &str)> = vec![
+        (
+            account("carol", "alice"),
+            "alice is not a Common-Server; make one with `sspctl common create alice`",
+        ),
+        (
+            Command::RemoveUser { name: "cs".into() },
+            "the Common-Server cs still has accounts (alice, bob); remove them first",
+        ),
+        (
+            Command::Resize {
+                name: "alice".into(),
+                cpus: Some(4),
+                memory: None,
+                disk: None,
+            },
+            "alice has an account in the Common-Server cs, not a container of their own; resize cs instead",
+        ),
+        (
+            Command::SetSshKeys {
+                name: "cs".into(),
+                keys,
+            },
+            "cs is a Common-Server: it has no keys of its own, its accounts do",
+        ),
+    ];
+    for (cmd, msg) in refused {
+        assert_eq!(s.apply(&cmd).unwrap_err().to_string(), msg);
+        assert_eq!(s, before);
+    }
+
+    // Removing an account is immediate: its uid is free again, and the outcome names
+    // the container its account (and home) goes from.
+    assert_eq!(
+        s.apply(&Command::RemoveUser {
+            name: "alice".into()
+        })
+        .unwrap(),
+        Outcome::UserRemoving {
+            instances: vec!["cs".into()]
+        }
+    );
+    assert!(!s.users.contains_key("alice"));
+    let Outcome::UserAdded { user, .. } = s.apply(&account("dave", "cs")).unwrap() else {
+        panic!()
+    };
+    assert_eq!(user.uid, 10001);
+    s.apply(&Command::RemoveUser { name: "bob".into() })
+        .unwrap();
+    s.apply(&Command::RemoveUser {
+        name: "dave".into(),
+    })
+    .unwrap();
+    assert!(matches!(
+        s.apply(&Command::RemoveUser { name: "cs".into() }),
+        Ok(Outcome::UserRemoving { .. })
+    ));
+    assert_eq!(
+        s.apply(&account("erin", "cs")).unwrap_err(),
+        Rejection::UserRemoving("cs".into())
+    );
 }
