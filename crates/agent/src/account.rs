@@ -253,7 +253,8 @@ mkdir -p "$home/.ssh"
 printf '%s\n' "$keys" > "$home/.ssh/authorized_keys.new"
 mv "$home/.ssh/authorized_keys.new" "$home/.ssh/authorized_keys"
 chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
-chown -R "$uid:$(id -g "$u")" "$home/.ssh"
+# The account's own uid: an adopted container's owner may have one from before ssp.
+chown -R "$(id -u "$u"):$(id -g "$u")" "$home/.ssh"
 "#;
 
 /// What every container gets last: the members files through nsswitch and the

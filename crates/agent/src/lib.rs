@@ -3,6 +3,7 @@
 //! coordinators.
 
 pub mod account;
+pub mod adopt;
 pub mod config;
 pub mod ensure;
 pub mod forward;

@@ -338,12 +338,18 @@ pub fn merge_config(current: &BTreeMap<String, String>, r: &Rendered) -> BTreeMa
 }
 
 /// Merges devices: ssp's devices replace every `ssp-*` device, the root disk and
-/// the NIC it overrides.
+/// the NIC it overrides. GPUs and SSH are ssp's alone: a device of another name
+/// that passes a GPU or forwards a host port to port 22 goes too (an adopted
+/// container's hand-made ones, or one added by hand since).
 pub fn merge_devices(current: &BTreeMap<String, Device>, r: &Rendered) -> BTreeMap<String, Device> {
     let mut out: BTreeMap<String, Device> = current
         .iter()
-        .filter(|(k, _)| {
-            !(k.starts_with(DEVICE_PREFIX) || k.as_str() == "root" || r.devices.contains_key(*k))
+        .filter(|(k, d)| {
+            !(k.starts_with(DEVICE_PREFIX)
+                || k.as_str() == "root"
+                || r.devices.contains_key(*k)
+                || crate::adopt::is_gpu_device(d)
+                || crate::adopt::ssh_proxy_port(d).is_some())
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
@@ -541,10 +547,41 @@ mod tests {
         let mut devs = BTreeMap::new();
         devs.insert("ssp-gpu7".to_string(), dev(&[("type", "gpu")]));
         devs.insert("mine".to_string(), dev(&[("type", "disk")]));
+        // GPUs and SSH forwards added by hand give way to ssp's; other proxies stay.
+        devs.insert(
+            "hand-gpu".to_string(),
+            dev(&[("type", "gpu"), ("pci", "17:00.0")]),
+        );
+        devs.insert(
+            "hand-node".to_string(),
+            dev(&[("type", "unix-char"), ("source", "/dev/nvidia0")]),
+        );
+        devs.insert(
+            "hand-ssh".to_string(),
+            dev(&[
+                ("type", "proxy"),
+                ("listen", "tcp:0.0.0.0:60601"),
+                ("connect", "tcp:127.0.0.1:22"),
+            ]),
+        );
+        devs.insert(
+            "web".to_string(),
+            dev(&[
+                ("type", "proxy"),
+                ("listen", "tcp:0.0.0.0:8080"),
+                ("connect", "tcp:127.0.0.1:80"),
+            ]),
+        );
         let d = merge_devices(&devs, &r);
         assert!(
             !d.contains_key("ssp-gpu7") && d.contains_key("mine") && d.contains_key("ssp-gpu0")
         );
+        assert!(
+            !d.contains_key("hand-gpu")
+                && !d.contains_key("hand-node")
+                && !d.contains_key("hand-ssh")
+        );
+        assert!(d.contains_key("web"));
     }
 
     #[test]

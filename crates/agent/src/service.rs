@@ -534,6 +534,66 @@ impl Agent for AgentService {
         Ok(Response::new(DeleteImageReply { existed }))
     }
 
+    async fn survey(&self, req: Request<SurveyRequest>) -> Result<Response<SurveyReply>, Status> {
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let Some((inst, _)) =
+            self.client().instance(&r.name).await.map_err(|e| {
+                Status::unavailable(format!("reading {} from the daemon: {e}", r.name))
+            })?
+        else {
+            return Ok(Response::new(SurveyReply::default()));
+        };
+        let facts = self
+            .host
+            .facts()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read host facts: {e:#}")))?;
+        let mut s = crate::adopt::survey(&inst, &facts.inventory.gpus);
+        if inst.is_running() && !r.user.is_empty() {
+            s.ssh_keys = crate::adopt::keys_inside(self.client(), &r.name, &r.user).await;
+        }
+        Ok(Response::new(s))
+    }
+
+    async fn take_over(
+        &self,
+        req: Request<TakeOverRequest>,
+    ) -> Result<Response<TakeOverReply>, Status> {
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let _guard = self.host.lock(&r.name).await;
+        let inst = self
+            .client()
+            .instance(&r.name)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading {} from the daemon: {e}", r.name)))?
+            .map(|(i, _)| i)
+            .ok_or_else(|| Status::not_found(format!("no container {} on this host", r.name)))?;
+        let uuid = inst
+            .config
+            .get("volatile.uuid")
+            .cloned()
+            .unwrap_or_default();
+        if uuid != r.uuid {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not the one surveyed (volatile.uuid {uuid}, not {})",
+                r.name, r.uuid
+            )));
+        }
+        if inst.config.get("user.ssp.managed").map(String::as_str) != Some("true") {
+            self.client()
+                .patch(
+                    &format!("/1.0/instances/{}", r.name),
+                    serde_json::json!({"config": {"user.ssp.managed": "true"}}),
+                )
+                .await
+                .map_err(|e| Status::unavailable(format!("marking {} as ssp's: {e}", r.name)))?;
+            tracing::info!(instance = %r.name, %uuid, "taken over: a container made by hand is ssp's now");
+        }
+        Ok(Response::new(TakeOverReply {}))
+    }
+
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<InstanceEvent, Status>> + Send>>;
 
     async fn watch_events(

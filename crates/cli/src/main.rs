@@ -74,6 +74,10 @@ enum Commands {
     /// get an account with `sspctl user add NAME --common SERVER`).
     #[command(subcommand)]
     Common(cmd::common::CommonCmd),
+    /// Take a container made by hand under ssp's management as a user's: the GPUs
+    /// and SSH port it uses are recorded (or the conflict is named), and from then
+    /// on ssp heals it. Nothing in it is recreated.
+    Adopt(cmd::adopt::Args),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -99,6 +103,7 @@ async fn main() {
         Commands::Snapshot(ref c) => cmd::snapshot::run(&cli, c).await,
         Commands::Image(ref c) => cmd::image::run(&cli, c).await,
         Commands::Common(ref c) => cmd::common::run(&cli, c).await,
+        Commands::Adopt(ref a) => cmd::adopt::run(&cli, a).await,
     };
     if let Err(e) = res {
         eprintln!("sspctl: {}", cmd::one_line(&e));

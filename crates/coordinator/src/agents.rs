@@ -326,6 +326,47 @@ impl Agents {
         }
     }
 
+    /// What container `name` on `host` uses (for adoption), and `user`'s keys inside.
+    pub async fn survey(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+        user: &str,
+    ) -> Result<ssp_proto::SurveyReply, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        call(
+            host,
+            ENSURE_TIMEOUT,
+            c.survey(ssp_proto::SurveyRequest {
+                name: name.into(),
+                user: user.into(),
+            }),
+        )
+        .await
+    }
+
+    /// Marks container `name` on `host` as ssp's, if it is still the one surveyed.
+    pub async fn take_over(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+        uuid: &str,
+    ) -> Result<(), AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        call(
+            host,
+            QUICK_TIMEOUT,
+            c.take_over(ssp_proto::TakeOverRequest {
+                name: name.into(),
+                uuid: uuid.into(),
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Has `host` pull `spec`'s container from `source`; `progress` sees the
     /// daemon's progress. Returns whether only what changed was sent.
     pub async fn migrate_in(

@@ -93,7 +93,8 @@ pub fn rejection_status(r: Rejection) -> Status {
         | Rejection::Trust(_)
         | Rejection::Migration(_)
         | Rejection::Resize(_)
-        | Rejection::Common(_) => Status::failed_precondition(r.to_string()),
+        | Rejection::Common(_)
+        | Rejection::Adopt(_) => Status::failed_precondition(r.to_string()),
         Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {
             Status::invalid_argument(r.to_string())
         }

@@ -205,6 +205,83 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
     }))
 }
 
+/// Adopting container `req.container` on `req.host` as `req.user`'s: the user is
+/// the container's name (ssp names a person's container after them); keys are the
+/// request's, else the ones found inside; limits are the container's where it has
+/// them, else the defaults; GPUs and the SSH port are what it uses.
+pub fn adopt(
+    req: &pb::AdoptRequest,
+    found: &pb::SurveyReply,
+    cfg: &CoordinatorConfig,
+) -> Result<Command, InputError> {
+    let name = Username::parse(&req.container)?;
+    if !req.user.is_empty() && req.user != req.container {
+        return Err(InputError::new(
+            "user",
+            &req.user,
+            format!(
+                "ssp names a person's container after them; rename it first (`incus rename {} {}` while it is stopped), then adopt {}",
+                req.container, req.user, req.user
+            ),
+        ));
+    }
+    let host = HostName::parse(&req.host)?;
+    let keys = if req.ssh_keys.is_empty() {
+        &found.ssh_keys
+    } else {
+        &req.ssh_keys
+    };
+    let ssh_keys = ssh_keys(keys).map_err(|e| InputError {
+        reason: format!(
+            "{}; none were found in {name}'s ~/.ssh/authorized_keys inside (it must run), so give them with --ssh-key FILE",
+            e.reason
+        ),
+        ..e
+    })?;
+    let d = cfg.default_limits()?;
+    let limits = Limits {
+        cpus: if found.cpus > 0 { found.cpus } else { d.cpus },
+        memory: if found.memory_bytes > 0 {
+            ssp_model::ByteSize(found.memory_bytes)
+        } else {
+            d.memory
+        },
+        disk: if found.disk_bytes > 0 {
+            ssp_model::ByteSize(found.disk_bytes)
+        } else {
+            d.disk
+        },
+        processes: d.processes,
+    };
+    let gpus = found
+        .gpu_pci
+        .iter()
+        .map(|p| ssp_model::PciAddress::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ssh_port = found.ssh_ports.first().map(|&p| p as u16);
+    Ok(Command::Adopt {
+        user: NewUser {
+            name,
+            role: Role::parse(&req.role)?,
+            ssh_keys,
+            limits,
+            gpus: gpus.len() as u32,
+            // A missing container is made again from the image it came from.
+            image: if found.image.is_empty() {
+                cfg.defaults.image.clone()
+            } else {
+                found.image.clone()
+            },
+            shares: vec![],
+            placement: Constraints::default(),
+            kind: UserKind::Personal,
+        },
+        host: host.to_string(),
+        gpus,
+        ssh_port,
+    })
+}
+
 /// A person with a container, a Common-Server, or an account in one; what does not
 /// fit the kind is refused (an account has what its Common-Server has).
 fn user_kind(req: &pb::AddUserRequest) -> Result<UserKind, InputError> {

@@ -916,6 +916,119 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
+    async fn adopt(&self, req: Request<AdoptRequest>) -> Result<Response<AdoptReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "adopt", &req.get_ref().container)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self.core.peers.coordinator(&a)?.adopt(forwarded(req)).await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let name = r.container.clone();
+        let record = self
+            .core
+            .read(|s| s.hosts.get(&r.host).cloned())
+            .ok_or_else(|| Status::not_found(format!("host {} is not registered", r.host)))?;
+        let found = self
+            .core
+            .agents
+            .survey(Some(&record), &r.host, &name, &name)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !found.exists {
+            return Err(Status::not_found(format!(
+                "no container {name} on host {}",
+                r.host
+            )));
+        }
+        // Recorded by an earlier adopt that did not get to take it over: finish it.
+        let earlier = self.core.read(|s| {
+            s.instances
+                .get(&name)
+                .filter(|i| i.host.as_str() == r.host && !i.deleting)
+                .cloned()
+        });
+        let instance = match earlier {
+            Some(i) if !found.managed => i,
+            Some(_) => {
+                return Err(Status::already_exists(format!(
+                    "{name} on {} is ssp's already",
+                    r.host
+                )))
+            }
+            None if found.managed => {
+                return Err(Status::failed_precondition(format!(
+                    "{name} on {} carries ssp's mark (user.ssp.managed) but ssp has no record of it: a leftover of a move or an earlier cluster; `sspctl hosts` lists it as stray",
+                    r.host
+                )))
+            }
+            None => {
+                if !found.problems.is_empty() {
+                    let all = found.problems.join("; ");
+                    return Err(Status::failed_precondition(format!(
+                        "cannot adopt {name}: {all}"
+                    )));
+                }
+                let cmd = request::adopt(&r, &found, &self.core.cfg).map_err(input_status)?;
+                self.core.settle_settings().await?;
+                match self.core.apply_for(&caller, cmd, id).await? {
+                    Applied::Now(Outcome::UserAdded { instance, .. }) => instance,
+                    Applied::Earlier { .. } => self
+                        .core
+                        .read(|s| s.instances.get(&name).cloned())
+                        .ok_or_else(|| Status::not_found(format!("{name} was removed since")))?,
+                    Applied::Now(other) => {
+                        return Err(Status::internal(format!(
+                            "unexpected outcome of Adopt: {other:?}"
+                        )))
+                    }
+                }
+            }
+        };
+        // Recorded: the GPUs and port are held. Now the container becomes ssp's and
+        // gets ssp's config and devices (a restart for the idmap).
+        self.core
+            .agents
+            .take_over(Some(&record), &r.host, &name, &found.uuid)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "{name} is recorded, but not yet taken over ({e}); run `sspctl adopt {} {name}` again",
+                    r.host
+                ))
+            })?;
+        tracing::info!(container = %name, host = %r.host, gpus = ?instance.gpus, port = instance.ssh_port, "adopted");
+        let (state, uuid, warning) = match self.core.converge(&name).await {
+            Ok(Converged::Ensured(st)) => (st.status, st.uuid, String::new()),
+            Ok(other) => ("pending".into(), String::new(), format!("{other:?}")),
+            Err(e) => (
+                "pending".into(),
+                String::new(),
+                format!(
+                    "{name} is ssp's now, but not yet as its spec says ({e}); ssp keeps retrying"
+                ),
+            ),
+        };
+        self.core.kick();
+        let (user, host) = self.core.read(|s| {
+            (
+                s.users.get(&name).map(convert::user_to_wire),
+                s.hosts.get(&r.host).cloned(),
+            )
+        });
+        Ok(Response::new(AdoptReply {
+            user,
+            instance: Some(convert::instance_view(
+                &instance,
+                host.as_ref(),
+                &state,
+                &uuid,
+            )),
+            warning,
+        }))
+    }
+
     async fn resize_user(
         &self,
         req: Request<ResizeUserRequest>,

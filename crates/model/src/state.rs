@@ -308,6 +308,14 @@ pub enum Command {
     RegisterHost(Host),
     /// Adds a user and places their container.
     AddUser(NewUser),
+    /// Records a container made by hand as `user`'s, holding the GPUs it already
+    /// passes and its SSH port (`None`: a free one of the host's range).
+    Adopt {
+        user: NewUser,
+        host: String,
+        gpus: Vec<PciAddress>,
+        ssh_port: Option<u16>,
+    },
     /// Marks a user's containers for removal; the user goes when the last is forgotten.
     RemoveUser { name: String },
     /// Forgets a container the host has deleted (and its owner, if being removed
@@ -353,6 +361,9 @@ impl Command {
             Command::Init(_) => ("init", String::new()),
             Command::RegisterHost(h) => ("register-host", h.name.to_string()),
             Command::AddUser(u) => ("add-user", u.name.to_string()),
+            Command::Adopt { user, host, .. } => {
+                return (format!("adopt on {host}"), user.name.to_string())
+            }
             Command::RemoveUser { name } => ("remove-user", name.clone()),
             Command::ForgetInstance { name } => ("forget-instance", name.clone()),
             Command::SetSshKeys { name, .. } => ("set-ssh-keys", name.clone()),
@@ -472,6 +483,9 @@ pub enum Rejection {
     /// A request that does not fit a Common-Server or an account in one.
     #[error("{0}")]
     Common(String),
+    /// A container made by hand that cannot be taken over as it is.
+    #[error("{0}")]
+    Adopt(String),
 }
 
 impl State {
@@ -526,6 +540,12 @@ impl State {
                 Ok(Outcome::HostRegistered)
             }
             Command::AddUser(req) => self.add_user(req),
+            Command::Adopt {
+                user,
+                host,
+                gpus,
+                ssh_port,
+            } => self.adopt(user, host, gpus, *ssh_port),
             Command::Trust(t) => self.trust.apply(t).map(Outcome::Trust),
             Command::Audit { .. } => Ok(Outcome::Audited),
             Command::Migrate(m) => self.migrate(m).map(Outcome::Migration),
@@ -789,6 +809,108 @@ impl State {
         self.usage.uids.insert(uid);
         self.usage.add(&instance);
         if let Some(h) = self.hosts.get(instance.host.as_str()) {
+            self.usage.refresh(h);
+        }
+        self.users.insert(name.into(), user.clone());
+        self.instances.insert(name.into(), instance.clone());
+        Ok(Outcome::UserAdded { user, instance })
+    }
+
+    /// A container made by hand becomes `req`'s: what it holds is checked against
+    /// what is held, and recorded.
+    fn adopt(
+        &mut self,
+        req: &NewUser,
+        host: &str,
+        gpus: &[PciAddress],
+        ssh_port: Option<u16>,
+    ) -> Result<Outcome, Rejection> {
+        let name = req.name.as_str();
+        let bad = |s: String| Err(Rejection::Adopt(format!("cannot adopt {name}: {s}")));
+        if self.users.contains_key(name) {
+            return Err(Rejection::UserExists(name.into()));
+        }
+        if self.instances.contains_key(name) {
+            return Err(Rejection::InstanceExists(name.into()));
+        }
+        if req.ssh_keys.is_empty() {
+            return Err(Rejection::NoSshKey(name.into()));
+        }
+        let Some(h) = self.hosts.get(host) else {
+            return Err(Rejection::UnknownHost(host.into()));
+        };
+        if h.status == crate::types::HostStatus::Down {
+            return bad(format!("host {host} is down"));
+        }
+        let usage = self.usage.hosts.get(host).cloned().unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        for g in gpus {
+            if !h.inventory.gpus.iter().any(|i| &i.pci == g) {
+                return bad(format!("GPU {g} is not in host {host}'s inventory"));
+            }
+            if let Some(holder) = usage.gpus.get(g) {
+                return bad(format!("its GPU {g} is held by {holder}"));
+            }
+            if !seen.insert(g) {
+                return bad(format!("it passes GPU {g} twice"));
+            }
+        }
+        let (first, last) = h.ssh_ports;
+        let port = match ssh_port {
+            Some(p) if !(first..=last).contains(&p) => {
+                return bad(format!(
+                    "its SSH port {p} is outside host {host}'s ssh_ports {first}-{last} (widen ssh_ports in the agent's config, or remove its proxy device and ssp gives it a port)"
+                ))
+            }
+            Some(p) if usage.own.contains(&u32::from(p)) => {
+                let holder = self
+                    .instances
+                    .values()
+                    .find(|i| i.host.as_str() == host && i.ssh_port == p)
+                    .map(|i| i.name.clone())
+                    .unwrap_or_else(|| "a move".into());
+                return bad(format!("its SSH port {p} is held by {holder}"));
+            }
+            Some(p) => p,
+            None => match usage.ports.lowest_free(first.into(), last.into()) {
+                Some(p) => p as u16,
+                None => return bad(format!("no free SSH port left on host {host}")),
+            },
+        };
+        let s = self.settings();
+        let uid = self
+            .usage
+            .uids
+            .lowest_free(s.uid_first, s.lab_gid().saturating_sub(1))
+            .ok_or(Rejection::NoFreeUid {
+                first: s.uid_first,
+                last: s.uid_last,
+            })?;
+        let user = User {
+            name: req.name.clone(),
+            uid,
+            role: req.role,
+            ssh_keys: req.ssh_keys.clone(),
+            limits: req.limits,
+            gpus: gpus.len() as u32,
+            snapshots: Default::default(),
+            kind: UserKind::Personal,
+        };
+        let instance = Instance {
+            name: name.to_string(),
+            owner: req.name.clone(),
+            host: h.name.clone(),
+            gpus: gpus.to_vec(),
+            ssh_port: port,
+            limits: req.limits,
+            image: req.image.clone(),
+            shares: req.shares.clone(),
+            deleting: false,
+            placement: Default::default(),
+        };
+        self.usage.uids.insert(uid);
+        self.usage.add(&instance);
+        if let Some(h) = self.hosts.get(host) {
             self.usage.refresh(h);
         }
         self.users.insert(name.into(), user.clone());

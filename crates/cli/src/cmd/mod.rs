@@ -1,5 +1,6 @@
 //! One module per subcommand, and the connection to the coordinators they share.
 
+pub mod adopt;
 pub mod cluster;
 pub mod common;
 pub mod gpus;

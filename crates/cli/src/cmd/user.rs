@@ -148,7 +148,7 @@ pub(crate) fn parse_size(s: &str) -> Result<ByteSize, String> {
 }
 
 /// The public keys in `files`, one per line (blank lines and comments skipped).
-fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+pub(crate) fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let mut keys = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(f)

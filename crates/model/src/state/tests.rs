@@ -1054,3 +1054,78 @@ fn a_common_server_holds_gpus_and_its_accounts_hold_only_a_uid() {
         Rejection::UserRemoving("cs".into())
     );
 }
+
+fn adopt(name: &str, host: &str, gpus: &[&str], port: Option<u16>) -> Command {
+    let Command::AddUser(u) = user(name, 0) else {
+        unreachable!()
+    };
+    Command::Adopt {
+        user: u,
+        host: host.into(),
+        gpus: gpus.iter().map(|g| PciAddress::parse(g).unwrap()).collect(),
+        ssh_port: port,
+    }
+}
+
+#[test]
+fn an_adopted_container_holds_what_it_uses_or_is_refused_with_the_conflict() {
+    let mut s = state_with(&[("host1", 4)]);
+    s.apply(&user("alice", 1)).unwrap(); // 0000:17:00.0, port 22000
+    let before = s.clone();
+    for (cmd, msg) in [
+        (
+            adopt("gdw", "host1", &["0000:17:00.0"], Some(22003)),
+            "cannot adopt gdw: its GPU 0000:17:00.0 is held by alice",
+        ),
+        (
+            adopt("gdw", "host1", &["0000:99:00.0"], Some(22003)),
+            "cannot adopt gdw: GPU 0000:99:00.0 is not in host host1's inventory",
+        ),
+        (
+            adopt("gdw", "host1", &[], Some(22000)),
+            "cannot adopt gdw: its SSH port 22000 is held by alice",
+        ),
+        (
+            adopt("gdw", "host1", &[], Some(60601)),
+            "cannot adopt gdw: its SSH port 60601 is outside host host1's ssh_ports 22000-22003 (widen ssh_ports in the agent's config, or remove its proxy device and ssp gives it a port)",
+        ),
+        (adopt("gdw", "nohost", &[], None), "host nohost is not registered"),
+        (adopt("alice", "host1", &[], None), "user alice already exists"),
+    ] {
+        assert_eq!(s.apply(&cmd).unwrap_err().to_string(), msg);
+        assert_eq!(s, before);
+    }
+    let Outcome::UserAdded {
+        user: gdw,
+        instance,
+    } = s
+        .apply(&adopt("gdw", "host1", &["0000:19:00.0"], Some(22003)))
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((gdw.uid, gdw.gpus), (10001, 1));
+    assert_eq!(
+        (
+            instance.host.as_str(),
+            instance.ssh_port,
+            instance.gpus[0].as_str()
+        ),
+        ("host1", 22003, "0000:19:00.0")
+    );
+    // What it holds is nobody else's now.
+    let Outcome::UserAdded { instance: bob, .. } = s.apply(&user("bob", 2)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        bob.gpus.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
+        ["0000:18:00.0", "0000:1a:00.0"]
+    );
+    // Without a proxy of its own, it gets a free port.
+    let Outcome::UserAdded { instance: eve, .. } =
+        s.apply(&adopt("eve", "host1", &[], None)).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(eve.ssh_port, 22002);
+}
