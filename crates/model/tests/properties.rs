@@ -874,6 +874,19 @@ fn command() -> impl Strategy<Value = Command> {
         1 => settings().prop_map(Command::Init),
         3 => host().prop_map(Command::RegisterHost),
         8 => new_user().prop_map(Command::AddUser),
+        // Adoption: GPUs of any host (held, free or absent), ports in and out of range.
+        2 => (
+            new_user(),
+            prop_oneof![select(HOSTS), Just("nohost")],
+            vec(select(GPU_PCIS), 0..3),
+            proptest::option::of(prop_oneof![22000u16..22010, Just(1u16), Just(u16::MAX)]),
+        )
+            .prop_map(|(user, host, gpus, ssh_port)| Command::Adopt {
+                user,
+                host: host.into(),
+                gpus: gpus.into_iter().map(|p| PciAddress::parse(p).unwrap()).collect(),
+                ssh_port,
+            }),
         3 => name().prop_map(|name| Command::RemoveUser { name }),
         3 => name().prop_map(|name| Command::ForgetInstance { name }),
         1 => (name(), keys()).prop_map(|(name, keys)| Command::SetSshKeys { name, keys }),
@@ -1061,19 +1074,45 @@ proptest! {
                     prop_assert_eq!(serde_json::to_string(&s).unwrap(), before, "rejected {:?} changed the state", cmd);
                 }
                 Ok(Outcome::UserAdded { user, instance }) => {
-                    let Command::AddUser(req) = cmd else { unreachable!() };
                     prop_assert_eq!(&s.users[user.name.as_str()], user);
                     prop_assert_eq!(&s.instances[instance.name.as_str()], instance);
-                    prop_assert_eq!(instance.gpus.len() as u32, req.gpus);
                     // The last uid of the range is the lab group's, never a user's.
                     let set = copy.settings();
                     prop_assert!(user.uid >= set.uid_first && user.uid < set.uid_last, "uid {} in {:?}", user.uid, set);
                     let h = &copy.hosts[instance.host.as_str()];
-                    prop_assert_eq!(h.status, HostStatus::Ready);
-                    prop_assert!((h.ssh_ports.0..=h.ssh_ports.1).contains(&instance.ssh_port));
-                    prop_assert!(!h.foreign_ports.contains(&instance.ssh_port));
-                    for g in &instance.gpus {
-                        prop_assert!(h.inventory.gpus.iter().any(|x| &x.pci == g));
+                    let placed = match cmd {
+                        // An account's outcome is its Common-Server's container, as it was.
+                        Command::AddUser(req) if req.kind != UserKind::Personal && req.kind != UserKind::Common => {
+                            prop_assert_eq!(user.server(), Some(&instance.owner));
+                            prop_assert_eq!(&copy.instances[instance.name.as_str()], instance);
+                            false
+                        }
+                        Command::AddUser(req) => {
+                            prop_assert_eq!(instance.gpus.len() as u32, req.gpus);
+                            true
+                        }
+                        // An adopted container holds exactly what it uses, on a host that is up.
+                        Command::Adopt { gpus, ssh_port, .. } => {
+                            prop_assert_eq!(&instance.gpus, gpus);
+                            if let Some(p) = ssh_port {
+                                prop_assert_eq!(instance.ssh_port, *p);
+                            }
+                            prop_assert_ne!(h.status, HostStatus::Down);
+                            prop_assert!((h.ssh_ports.0..=h.ssh_ports.1).contains(&instance.ssh_port));
+                            for g in &instance.gpus {
+                                prop_assert!(h.inventory.gpus.iter().any(|x| &x.pci == g));
+                            }
+                            false
+                        }
+                        other => return Err(TestCaseError::fail(format!("UserAdded from {other:?}"))),
+                    };
+                    if placed {
+                        prop_assert_eq!(h.status, HostStatus::Ready);
+                        prop_assert!((h.ssh_ports.0..=h.ssh_ports.1).contains(&instance.ssh_port));
+                        prop_assert!(!h.foreign_ports.contains(&instance.ssh_port));
+                        for g in &instance.gpus {
+                            prop_assert!(h.inventory.gpus.iter().any(|x| &x.pci == g));
+                        }
                     }
                 }
                 Ok(_) => {}
