@@ -216,25 +216,7 @@ mod tests {
         }))
         .unwrap();
         for u in users {
-            let out = s
-                .apply(&Command::AddUser(NewUser {
-                    name: Username::parse(u).unwrap(),
-                    role: Role::User,
-                    ssh_keys: vec![SshKey::parse(KEY).unwrap()],
-                    limits: Limits {
-                        cpus: 1,
-                        memory: ByteSize(1 << 30),
-                        disk: ByteSize(1 << 30),
-                        processes: 100,
-                    },
-                    gpus: 0,
-                    image: "debian-ssh".into(),
-                    shares: vec![],
-                    placement: Constraints::default(),
-                    kind: Default::default(),
-                }))
-                .unwrap();
-            assert!(matches!(out, Outcome::UserAdded { .. }), "{out:?}");
+            add(&mut s, u, ssp_model::UserKind::Personal);
         }
         s
     }

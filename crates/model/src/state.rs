@@ -768,16 +768,7 @@ impl State {
                 user: name.into(),
                 reason: e.to_string(),
             })?;
-        let s = self.settings();
-        // The last uid of the range is the lab group's gid, never a user's.
-        let uid = self
-            .usage
-            .uids
-            .lowest_free(s.uid_first, s.lab_gid().saturating_sub(1))
-            .ok_or(Rejection::NoFreeUid {
-                first: s.uid_first,
-                last: s.uid_last,
-            })?;
+        let uid = self.free_uid()?;
         let user = User {
             name: req.name.clone(),
             uid,
@@ -806,14 +797,32 @@ impl State {
                 labels: req.placement.labels.clone(),
             },
         };
-        self.usage.uids.insert(uid);
+        Ok(self.insert_placed(user, instance))
+    }
+
+    /// The lowest free uid of the range; its last is the lab group's gid, never a user's.
+    fn free_uid(&self) -> Result<u32, Rejection> {
+        let s = self.settings();
+        self.usage
+            .uids
+            .lowest_free(s.uid_first, s.lab_gid().saturating_sub(1))
+            .ok_or(Rejection::NoFreeUid {
+                first: s.uid_first,
+                last: s.uid_last,
+            })
+    }
+
+    /// Records a new user and their container, holding its uid, port and GPUs.
+    fn insert_placed(&mut self, user: User, instance: Instance) -> Outcome {
+        self.usage.uids.insert(user.uid);
         self.usage.add(&instance);
         if let Some(h) = self.hosts.get(instance.host.as_str()) {
             self.usage.refresh(h);
         }
-        self.users.insert(name.into(), user.clone());
-        self.instances.insert(name.into(), instance.clone());
-        Ok(Outcome::UserAdded { user, instance })
+        self.users.insert(user.name.to_string(), user.clone());
+        self.instances
+            .insert(instance.name.clone(), instance.clone());
+        Outcome::UserAdded { user, instance }
     }
 
     /// A container made by hand becomes `req`'s: what it holds is checked against
@@ -877,15 +886,7 @@ impl State {
                 None => return bad(format!("no free SSH port left on host {host}")),
             },
         };
-        let s = self.settings();
-        let uid = self
-            .usage
-            .uids
-            .lowest_free(s.uid_first, s.lab_gid().saturating_sub(1))
-            .ok_or(Rejection::NoFreeUid {
-                first: s.uid_first,
-                last: s.uid_last,
-            })?;
+        let uid = self.free_uid()?;
         let user = User {
             name: req.name.clone(),
             uid,
@@ -908,14 +909,7 @@ impl State {
             deleting: false,
             placement: Default::default(),
         };
-        self.usage.uids.insert(uid);
-        self.usage.add(&instance);
-        if let Some(h) = self.hosts.get(host) {
-            self.usage.refresh(h);
-        }
-        self.users.insert(name.into(), user.clone());
-        self.instances.insert(name.into(), instance.clone());
-        Ok(Outcome::UserAdded { user, instance })
+        Ok(self.insert_placed(user, instance))
     }
 
     /// A person with an account in Common-Server `server`: a uid and a record, no
@@ -947,15 +941,7 @@ impl State {
         if instance.deleting {
             return Err(Rejection::UserRemoving(server.to_string()));
         }
-        let s = self.settings();
-        let uid = self
-            .usage
-            .uids
-            .lowest_free(s.uid_first, s.lab_gid().saturating_sub(1))
-            .ok_or(Rejection::NoFreeUid {
-                first: s.uid_first,
-                last: s.uid_last,
-            })?;
+        let uid = self.free_uid()?;
         let user = User {
             name: req.name.clone(),
             uid,

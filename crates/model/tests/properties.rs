@@ -1082,7 +1082,7 @@ proptest! {
                     let h = &copy.hosts[instance.host.as_str()];
                     let placed = match cmd {
                         // An account's outcome is its Common-Server's container, as it was.
-                        Command::AddUser(req) if req.kind != UserKind::Personal && req.kind != UserKind::Common => {
+                        Command::AddUser(req) if matches!(req.kind, UserKind::Account { .. }) => {
                             prop_assert_eq!(user.server(), Some(&instance.owner));
                             prop_assert_eq!(&copy.instances[instance.name.as_str()], instance);
                             false
