@@ -18,7 +18,7 @@ set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 STEP="starting"
 say() { printf 'ssp-up: %s\n' "$*"; }
-step() { STEP="$*"; say "$*"; }
+step() { STEP="$*"; say "$* (at ${SECONDS}s)"; }
 # Never fail silently: name the step that failed and how to retry.
 trap 'rc=$?; say "FAILED (exit $rc) while $STEP, at scripts/ssp-up.sh line $LINENO." >&2
       say "fix the cause printed above, then run again: bash scripts/ssp-up.sh (it is idempotent)" >&2' ERR
@@ -235,5 +235,5 @@ for _ in $(seq 1 60); do
 done
 login || { say "cannot log in as $DEMO (ssh output above); see $LOG"; exit 1; }
 sspctl ls
-say "ready. Log in with:"
+say "ready (${SECONDS}s). Log in with:"
 echo "  ssh -F $HOME/.ssh/ssp-$DEMO.conf ssp-$DEMO"

@@ -348,9 +348,17 @@ impl Host {
     }
 
     fn teardown(&mut self) {
+        // Running containers stop (their processes live outside the host's
+        // namespace); the rest goes with the daemon's dir and its pool's loop file,
+        // so a host with hundreds of containers is gone in seconds.
         if self.socket.exists() {
-            if let Ok(names) = self.instance_names() {
-                for n in names {
+            let stopped = self
+                .cli()
+                .args(["stop", "--all", "--force"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !stopped {
+                for n in self.instance_names().unwrap_or_default() {
                     let _ = self.cli().args(["delete", "--force", &n]).output();
                 }
             }

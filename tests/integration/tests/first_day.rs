@@ -46,6 +46,8 @@ impl Setup {
                 self.logs()
             );
         }
+        // Its steps and when each began: shown with the test's output.
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
         Ok(out)
     }
 
@@ -62,6 +64,9 @@ impl Setup {
             ("SSP_POOL_SIZE".into(), "24GiB".into()),
             ("HOME".into(), p("home")),
         ]
+        .into_iter()
+        .chain(toolchain_homes())
+        .collect()
     }
 
     /// sspctl (the one ssp-up installed) in the host's namespace.
@@ -93,6 +98,20 @@ impl Setup {
             .trim()
             .to_string()
     }
+}
+
+/// ssp-up runs with a HOME of its own; rustup and cargo still need the ones the
+/// toolchain was installed in (`cargo test` passes them on; a test binary run by
+/// itself finds them under the real HOME).
+fn toolchain_homes() -> Vec<(String, String)> {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    [("RUSTUP_HOME", ".rustup"), ("CARGO_HOME", ".cargo")]
+        .into_iter()
+        .filter_map(|(var, dir)| {
+            let v = std::env::var(var).unwrap_or_else(|_| format!("{home}/{dir}"));
+            Path::new(&v).is_dir().then(|| (var.to_string(), v))
+        })
+        .collect()
 }
 
 /// The `ssh -F FILE ALIAS` line ssp-up prints last.
