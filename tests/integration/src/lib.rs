@@ -165,16 +165,3 @@ pub fn ssh_keypair(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
         .arg(&key))?;
     Ok(key)
 }
-
-/// `sspctl ls` rows without the disk use each daemon measures as the container
-/// writes (its journal, say): what ssp placed and how it is reached.
-pub fn placed(mut ls: serde_json::Value) -> serde_json::Value {
-    if let Some(rows) = ls.as_array_mut() {
-        for r in rows {
-            if let Some(o) = r.as_object_mut() {
-                o.remove("disk_used_bytes");
-            }
-        }
-    }
-    ls
-}

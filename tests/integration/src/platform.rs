@@ -393,4 +393,17 @@ impl Platform {
         serde_json::from_str(&text)
             .with_context(|| format!("sspctl {} printed {text}", args.join(" ")))
     }
+
+    /// `sspctl ls` without the disk use each daemon measures as its containers
+    /// write (their journals, say): what ssp placed and how each is reached, for
+    /// comparing before and after.
+    pub fn ls_placed(&self) -> anyhow::Result<serde_json::Value> {
+        let mut ls = self.ctl_json(&["ls"])?;
+        for row in ls.as_array_mut().into_iter().flatten() {
+            if let Some(o) = row.as_object_mut() {
+                o.remove("disk_used_bytes");
+            }
+        }
+        Ok(ls)
+    }
 }

@@ -88,7 +88,7 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
         );
     }
     // 7 GPUs are free (all on pc): 8 fit nowhere, and the refusal says why per host.
-    let before = ssp_integration::placed(p.ctl_json(&["ls"])?);
+    let before = p.ls_placed()?;
     let err = p.ctl_err(&["user", "add", "u7", "--ssh-key", &pubkey, "--gpus", "8"])?;
     ensure!(
         err.contains("8 GPUs asked but only 5 free")
@@ -122,10 +122,7 @@ fn placement_follows_the_pack_policy_across_three_hosts() -> Result<()> {
         err.contains("pa: no label nvlink") && err.contains("pb: no label nvlink"),
         "{err}"
     );
-    ensure!(
-        ssp_integration::placed(p.ctl_json(&["ls"])?) == before,
-        "refusals changed nothing"
-    );
+    ensure!(p.ls_placed()? == before, "refusals changed nothing");
     let hosts = p.ctl_json(&["hosts"])?;
     for h in hosts.as_array().context("hosts")? {
         ensure!(

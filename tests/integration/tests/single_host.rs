@@ -139,7 +139,7 @@ fn single_host_end_to_end() -> Result<()> {
     );
 
     // 4. Restart coordinator and agent: same state, no container recreated.
-    let ls_before = ssp_integration::placed(p.ctl_json(&["ls"])?);
+    let ls_before = p.ls_placed()?;
     let uuids: Vec<(String, String)> = names(&ls_before)
         .into_iter()
         .map(|n| (host.uuid(&n).unwrap_or_default(), n))
@@ -151,7 +151,7 @@ fn single_host_end_to_end() -> Result<()> {
         "ls after restart",
         std::time::Duration::from_secs(30),
         || {
-            let v = ssp_integration::placed(p.ctl_json(&["ls"]).ok()?);
+            let v = p.ls_placed().ok()?;
             v.as_array()?
                 .iter()
                 .all(|i| i["state"] == "Running")
@@ -167,10 +167,7 @@ fn single_host_end_to_end() -> Result<()> {
     }
 
     // 5. Each rejected input leaves ssp's state and the daemon's instances as they were.
-    let state_before = (
-        p.ctl_json(&["user", "list"])?,
-        ssp_integration::placed(p.ctl_json(&["ls"])?),
-    );
+    let state_before = (p.ctl_json(&["user", "list"])?, p.ls_placed()?);
     let daemon_before = host.instance_names()?;
     let bad_key = dir.join("bad.pub");
     std::fs::write(&bad_key, "ssh-ed25519 not-base64!!\n")?;
@@ -261,10 +258,7 @@ fn single_host_end_to_end() -> Result<()> {
             "{args:?}: not one line: {err:?}"
         );
         ensure!(
-            (
-                p.ctl_json(&["user", "list"])?,
-                ssp_integration::placed(p.ctl_json(&["ls"])?)
-            ) == state_before,
+            (p.ctl_json(&["user", "list"])?, p.ls_placed()?) == state_before,
             "{args:?} changed ssp's state"
         );
         ensure!(
