@@ -76,6 +76,69 @@ pub struct AgentConfig {
     /// host, unless the daemon already listens somewhere). Default: `ssh_host:8443`.
     #[serde(default)]
     pub migration_address: Option<String>,
+    /// The lab's LAN as this host reaches it (`[lan]`): containers in LAN mode get
+    /// a NIC there with an address of their own. None: no LAN mode on this host.
+    #[serde(default)]
+    pub lan: Option<LanConfig>,
+}
+
+/// `[lan]`: where containers in LAN mode join the lab's LAN.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanConfig {
+    /// The LAN's name. Hosts with the same name are on the same LAN: a LAN
+    /// container moves only between them and keeps its address there.
+    pub name: String,
+    /// This host's interface on the LAN: a NIC (e.g. `eno1`) or a Linux bridge
+    /// (e.g. `br0`) that holds it.
+    pub parent: String,
+    /// `macvlan` or `bridged`; default: `bridged` when `parent` is a Linux bridge,
+    /// else `macvlan` (the host itself then cannot reach its LAN containers, a
+    /// property of macvlan; other machines on the LAN can).
+    #[serde(default)]
+    pub nictype: Option<crate::render::LanNicType>,
+}
+
+impl LanConfig {
+    /// Checks the name and the interface name (not that the interface exists:
+    /// that is the daemon's answer at the first LAN container, and it names it).
+    pub fn check(&self) -> anyhow::Result<()> {
+        ssp_model::parse_label(&self.name).map_err(|e| anyhow::anyhow!("[lan] name: {e}"))?;
+        let p = &self.parent;
+        if p.is_empty()
+            || p.len() > 15
+            || p == "."
+            || p == ".."
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            anyhow::bail!(
+                "[lan] parent {p:?}: expected a network interface name (1 to 15 letters, digits, '-', '_', '.' or '@'), e.g. eno1 or br0"
+            );
+        }
+        Ok(())
+    }
+
+    /// The NIC LAN containers get: `nictype`, or what `parent` is (a bridge when
+    /// `/sys/class/net/PARENT/bridge` exists).
+    pub fn nic(&self) -> crate::render::LanNic {
+        let nictype = self.nictype.unwrap_or_else(|| {
+            if Path::new("/sys/class/net")
+                .join(&self.parent)
+                .join("bridge")
+                .exists()
+            {
+                crate::render::LanNicType::Bridged
+            } else {
+                crate::render::LanNicType::Macvlan
+            }
+        });
+        crate::render::LanNic {
+            parent: self.parent.clone(),
+            nictype,
+        }
+    }
 }
 
 impl AgentConfig {
@@ -152,6 +215,10 @@ impl AgentConfig {
         }
         cfg.advertise_address()
             .with_context(|| format!("advertise in {}", path.display()))?;
+        if let Some(lan) = &cfg.lan {
+            lan.check()
+                .with_context(|| format!("in {}", path.display()))?;
+        }
         Ok(cfg)
     }
 
@@ -209,6 +276,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`nat`") && e.contains("`proxy`"), "{e}");
+    }
+
+    #[test]
+    fn the_lan_table_names_the_lan_and_its_parent_interface() {
+        use crate::render::LanNicType;
+        let c: AgentConfig = toml::from_str(BASE).unwrap();
+        assert_eq!(c.lan, None);
+        let c: AgentConfig = toml::from_str(&format!(
+            "{BASE}[lan]\nname = \"lab\"\nparent = \"ssp-no-such0\"\n"
+        ))
+        .unwrap();
+        let lan = c.lan.unwrap();
+        lan.check().unwrap();
+        // Not a bridge (it does not exist here): macvlan.
+        assert_eq!(lan.nic().nictype, LanNicType::Macvlan);
+        assert_eq!(lan.nic().parent, "ssp-no-such0");
+        let c: AgentConfig = toml::from_str(&format!(
+            "{BASE}[lan]\nname = \"lab\"\nparent = \"eno1\"\nnictype = \"bridged\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.lan.unwrap().nic().nictype, LanNicType::Bridged);
+        for (table, says) in [
+            ("name = \"Lab!\"\nparent = \"eno1\"", "[lan] name"),
+            ("name = \"lab\"\nparent = \"eno1; rm\"", "[lan] parent"),
+            (
+                "name = \"lab\"\nparent = \"a-very-long-interface\"",
+                "[lan] parent",
+            ),
+        ] {
+            let c: AgentConfig = toml::from_str(&format!("{BASE}[lan]\n{table}\n")).unwrap();
+            let e = c.lan.unwrap().check().unwrap_err().to_string();
+            assert!(e.contains(says), "{table}: {e}");
+        }
+        let e = toml::from_str::<AgentConfig>(&format!(
+            "{BASE}[lan]\nname = \"lab\"\nparent = \"eno1\"\nnictype = \"ipvlan\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`macvlan`") && e.contains("`bridged`"), "{e}");
     }
 
     #[test]

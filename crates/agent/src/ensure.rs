@@ -1,5 +1,7 @@
 //! Makes one instance match its spec: create it, or change only what differs.
 
+use std::time::Duration;
+
 use serde_json::json;
 use ssp_lxd::{Client, Instance};
 use ssp_proto::{InstanceSpec, InstanceStatus};
@@ -67,14 +69,8 @@ pub async fn ensure(
 ) -> Result<InstanceStatus, EnsureError> {
     let current = client.instance(&spec.name).await?;
     // Held until the instance has its address, so no other ensure picks it.
-    let (addr, _reserved) = nat_address(
-        client,
-        host,
-        addrs,
-        current.as_ref().map(|(i, _)| i),
-        &spec.name,
-    )
-    .await?;
+    let (addr, _reserved) =
+        nat_address(client, host, addrs, current.as_ref().map(|(i, _)| i), spec).await?;
     let r = render::render(spec, host, addr).map_err(|reason| EnsureError::Render {
         name: spec.name.clone(),
         reason,
@@ -219,8 +215,51 @@ pub async fn ensure(
         }
     }
     let mut st = status_of(&inst);
+    if render::on_lan(spec) && inst.is_running() {
+        // Just started: its address comes from the LAN's DHCP server within
+        // seconds, and the one who asked wants to know it.
+        let wait = if st_changed_start(&changed) {
+            LAN_ADDRESS_WAIT
+        } else {
+            Duration::ZERO
+        };
+        st.lan_address = wait_lan_address(client, &spec.name, wait).await;
+    }
     st.changed = changed;
     Ok(st)
+}
+
+/// How long an ensure that started a LAN container waits for its address.
+const LAN_ADDRESS_WAIT: Duration = Duration::from_secs(20);
+
+fn st_changed_start(changed: &[String]) -> bool {
+    changed.iter().any(|c| c == "started" || c == "created")
+}
+
+/// A LAN container's IPv4 address on its LAN NIC, waiting up to `wait` for one;
+/// empty when it has none (yet).
+pub async fn wait_lan_address(client: &Client, name: &str, wait: Duration) -> String {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Ok(state) = client.get(&format!("/1.0/instances/{name}/state")).await {
+            if let Some(a) = lan_address(&state) {
+                return a.to_string();
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return String::new();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The global IPv4 address of the LAN NIC in an instance's `/state`.
+pub fn lan_address(state: &serde_json::Value) -> Option<std::net::Ipv4Addr> {
+    state["network"][render::LAN_NIC]["addresses"]
+        .as_array()?
+        .iter()
+        .filter(|a| a["family"] == "inet" && a["scope"] == "global")
+        .find_map(|a| a["address"].as_str()?.parse().ok())
 }
 
 /// Makes `spec`'s shared folders on the host (owner, group, mode).
@@ -242,8 +281,12 @@ pub async fn nat_address(
     host: &HostContext,
     addrs: &Addrs,
     current: Option<&Instance>,
-    name: &str,
+    spec: &InstanceSpec,
 ) -> Result<(Option<std::net::Ipv4Addr>, Option<forward::Reserved>), EnsureError> {
+    let name = spec.name.as_str();
+    if render::on_lan(spec) {
+        return Ok((None, None));
+    }
     let SshForward::Nat {
         nic_name,
         nic,
@@ -275,6 +318,7 @@ pub fn in_sync(inst: &Instance, host: &HostContext, spec: &InstanceSpec) -> bool
         return false;
     }
     let addr = match &host.ssh {
+        _ if render::on_lan(spec) => None,
         SshForward::Nat {
             nic_name, subnet, ..
         } => match forward::current(inst, nic_name, subnet) {
@@ -344,6 +388,7 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
         changed: vec![],
         failing: String::new(),
         disk_used_bytes: 0,
+        lan_address: String::new(),
     }
 }
 
@@ -423,4 +468,28 @@ async fn image_source(client: &Client, image: &str) -> Result<serde_json::Value,
         // The daemon's error names the missing image.
         None => json!({"type": "image", "alias": image}),
     })
+}
+
+#[cfg(test)]
+mod lan_tests {
+    use super::lan_address;
+
+    #[test]
+    fn the_lan_address_is_eth0s_global_ipv4() {
+        let state = serde_json::json!({"network": {
+            "lo": {"addresses": [{"family": "inet", "address": "127.0.0.1", "scope": "local"}]},
+            "eth0": {"addresses": [
+                {"family": "inet6", "address": "fe80::73:ff:fe00:2710", "scope": "link"},
+                {"family": "inet6", "address": "2001:db8::5", "scope": "global"},
+                {"family": "inet", "address": "192.168.31.90", "scope": "global"}
+            ]},
+            "eth1": {"addresses": [{"family": "inet", "address": "10.0.0.9", "scope": "global"}]}
+        }});
+        assert_eq!(lan_address(&state), Some("192.168.31.90".parse().unwrap()));
+        let none = serde_json::json!({"network": {"eth0": {"addresses": [
+            {"family": "inet6", "address": "fe80::1", "scope": "link"}
+        ]}}});
+        assert_eq!(lan_address(&none), None);
+        assert_eq!(lan_address(&serde_json::json!({"network": null})), None);
+    }
 }

@@ -31,6 +31,8 @@ pub struct HostState {
     pub nvidia: crate::nvidia::Nvidia,
     /// The lab's members files, mounted into every container.
     pub members: crate::members::Members,
+    /// Where LAN containers join the LAN (`[lan]`).
+    pub lan: Option<crate::render::LanNic>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     facts: RwLock<Option<Facts>>,
     /// The images and foreign ports last read, reported again while the daemon
@@ -68,6 +70,7 @@ impl HostState {
         specs: crate::heal::Specs,
         nvidia: crate::nvidia::Nvidia,
         members: crate::members::Members,
+        lan: Option<crate::render::LanNic>,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Self {
@@ -83,6 +86,7 @@ impl HostState {
             restarts: Default::default(),
             nvidia,
             members,
+            lan,
             locks: Mutex::new(HashMap::new()),
             facts: RwLock::new(None),
             last_images: Default::default(),
@@ -245,6 +249,7 @@ impl HostState {
             gpu_mode,
             nvidia: Default::default(),
             members_dir: Some(self.members.dir().display().to_string()),
+            lan: self.lan.clone(),
         }
     }
 

@@ -92,6 +92,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         specs,
         nvidia,
         members,
+        cfg.lan.as_ref().map(|l| l.nic()),
     );
     let policy = Arc::new(policy::Policy {
         shared_roots: cfg.shared_roots.clone(),

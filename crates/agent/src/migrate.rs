@@ -187,14 +187,9 @@ pub async fn migrate_in(
         }
     }
     let refresh = current.is_some();
-    let (addr, _reserved) = crate::ensure::nat_address(
-        client,
-        host,
-        addrs,
-        current.as_ref().map(|(i, _)| i),
-        &spec.name,
-    )
-    .await?;
+    let (addr, _reserved) =
+        crate::ensure::nat_address(client, host, addrs, current.as_ref().map(|(i, _)| i), spec)
+            .await?;
     let r = render::render(spec, host, addr).map_err(|reason| EnsureError::Render {
         name: spec.name.clone(),
         reason,

@@ -53,6 +53,7 @@ async fn register_once(
         ssh_port_last: cfg.ssh_ports.1 as u32,
         inventory: Some(inventory),
         labels: cfg.labels.clone(),
+        lan: cfg.lan.as_ref().map(|l| l.name.clone()).unwrap_or_default(),
         foreign_ports: foreign_ports.into_iter().map(u32::from).collect(),
     });
     // A coordinator that is paused or cut off must not hold the heartbeat up.

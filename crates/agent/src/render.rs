@@ -67,6 +67,42 @@ pub enum SshForward {
     Proxy { listen: String },
 }
 
+/// How containers in LAN mode join the lab's LAN (the agent's `[lan]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanNic {
+    /// The host interface on the LAN.
+    pub parent: String,
+    pub nictype: LanNicType,
+}
+
+/// The daemon's NIC type for a LAN container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LanNicType {
+    /// A macvlan interface on a physical NIC.
+    Macvlan,
+    /// A port of a Linux bridge that holds the LAN NIC.
+    Bridged,
+}
+
+impl LanNicType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LanNicType::Macvlan => "macvlan",
+            LanNicType::Bridged => "bridged",
+        }
+    }
+}
+
+/// The NIC name a LAN container's LAN device replaces (the profile's), or `eth0`:
+/// the images take an address by DHCP on eth0.
+pub const LAN_NIC: &str = "eth0";
+
+/// True for a spec of a container in LAN mode.
+pub fn on_lan(spec: &InstanceSpec) -> bool {
+    spec.network == "lan"
+}
+
 /// An IPv4 subnet with the bridge's own (gateway) address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subnet {
@@ -120,6 +156,8 @@ pub struct HostContext {
     /// The host folder with the lab's members files ([`crate::members`]), mounted
     /// read-only into every container; `None` mounts nothing.
     pub members_dir: Option<String>,
+    /// The LAN containers in LAN mode join; `None`: this host has no `[lan]`.
+    pub lan: Option<LanNic>,
 }
 
 /// The rendered config and devices, plus a hash of both.
@@ -202,6 +240,65 @@ pub fn render(
             ("size", &size),
         ]),
     );
+    if on_lan(spec) {
+        // Its own address on the LAN, by DHCP there; no forward from the host. The
+        // NIC takes the place of the profile's, under its name, so the image's
+        // DHCP on eth0 asks the LAN.
+        let lan = host.lan.as_ref().ok_or_else(|| {
+            "the spec asks for the LAN, and this host's agent has no [lan]".to_string()
+        })?;
+        let name = match &host.ssh {
+            SshForward::Nat { nic_name, .. } => nic_name.as_str(),
+            SshForward::Proxy { .. } => LAN_NIC,
+        };
+        let mut nic = dev(&[
+            ("type", "nic"),
+            ("nictype", lan.nictype.as_str()),
+            ("parent", &lan.parent),
+            ("name", LAN_NIC),
+        ]);
+        if !spec.hwaddr.is_empty() {
+            nic.insert("hwaddr".into(), spec.hwaddr.clone());
+        }
+        devices.insert(name.to_string(), nic);
+    } else {
+        forward_ssh(spec, host, addr, &mut devices)?;
+    }
+    gpus(spec, host, &mut config, &mut devices)?;
+    if let Some(dir) = &host.members_dir {
+        devices.insert(
+            crate::members::DEVICE.into(),
+            dev(&[
+                ("type", "disk"),
+                ("source", dir),
+                ("path", crate::members::MOUNT_PATH),
+                ("readonly", "true"),
+            ]),
+        );
+    }
+    for (i, s) in spec.shares.iter().enumerate() {
+        let mut d = dev(&[
+            ("type", "disk"),
+            ("source", &s.host_path),
+            ("path", &s.container_path),
+        ]);
+        if ssp_model::ShareMode::parse(&s.mode) == Ok(ssp_model::ShareMode::Ro) {
+            d.insert("readonly".into(), "true".into());
+        }
+        devices.insert(format!("{DEVICE_PREFIX}share{i}"), d);
+    }
+    config.insert("user.ssp.spec-hash".into(), ssp_wire::spec_hash(spec));
+    Ok(Rendered { config, devices })
+}
+
+/// The SSH forward from the host's port to the container (and with NAT, the
+/// bridge NIC with the container's static address).
+fn forward_ssh(
+    spec: &InstanceSpec,
+    host: &HostContext,
+    addr: Option<Ipv4Addr>,
+    devices: &mut BTreeMap<String, Device>,
+) -> Result<(), String> {
     match &host.ssh {
         SshForward::Nat {
             listen,
@@ -237,6 +334,16 @@ pub fn render(
             );
         }
     }
+    Ok(())
+}
+
+/// GPU devices and the NVIDIA driver's user-space.
+fn gpus(
+    spec: &InstanceSpec,
+    host: &HostContext,
+    config: &mut BTreeMap<String, String>,
+    devices: &mut BTreeMap<String, Device>,
+) -> Result<(), String> {
     match &host.gpu_mode {
         GpuMode::Pci => {
             for (i, pci) in spec.gpu_pci.iter().enumerate() {
@@ -299,30 +406,7 @@ pub fn render(
             }
         }
     }
-    if let Some(dir) = &host.members_dir {
-        devices.insert(
-            crate::members::DEVICE.into(),
-            dev(&[
-                ("type", "disk"),
-                ("source", dir),
-                ("path", crate::members::MOUNT_PATH),
-                ("readonly", "true"),
-            ]),
-        );
-    }
-    for (i, s) in spec.shares.iter().enumerate() {
-        let mut d = dev(&[
-            ("type", "disk"),
-            ("source", &s.host_path),
-            ("path", &s.container_path),
-        ]);
-        if ssp_model::ShareMode::parse(&s.mode) == Ok(ssp_model::ShareMode::Ro) {
-            d.insert("readonly".into(), "true".into());
-        }
-        devices.insert(format!("{DEVICE_PREFIX}share{i}"), d);
-    }
-    config.insert("user.ssp.spec-hash".into(), ssp_wire::spec_hash(spec));
-    Ok(Rendered { config, devices })
+    Ok(())
 }
 
 /// Merges the rendered config into an instance's current config: managed keys
@@ -414,6 +498,7 @@ mod tests {
             },
             nvidia: Userspace::Off,
             members_dir: Some("/var/lib/ssp-agent/extrausers".into()),
+            lan: None,
         }
     }
 
@@ -678,6 +763,52 @@ mod tests {
             },
             ..nodes_ctx()
         }
+    }
+
+    #[test]
+    fn a_lan_container_gets_the_lan_nic_in_place_of_the_bridge_and_no_forward() {
+        let lan_spec = InstanceSpec {
+            network: "lan".into(),
+            hwaddr: "02:73:00:00:27:10".into(),
+            ..spec()
+        };
+        let ctx = HostContext {
+            lan: Some(LanNic {
+                parent: "eno1".into(),
+                nictype: LanNicType::Macvlan,
+            }),
+            ..nat_ctx()
+        };
+        let r = render(&lan_spec, &ctx, None).unwrap();
+        let nic = &r.devices["eth0"];
+        assert_eq!(nic["nictype"], "macvlan");
+        assert_eq!(nic["parent"], "eno1");
+        assert_eq!(nic["hwaddr"], "02:73:00:00:27:10");
+        assert_eq!(nic["name"], "eth0");
+        assert!(!nic.contains_key("network") && !nic.contains_key("ipv4.address"));
+        assert!(
+            !r.devices.contains_key("ssp-ssh"),
+            "no forward from the host"
+        );
+        // A host without [lan] refuses the spec, naming why.
+        let err = render(&lan_spec, &nat_ctx(), None).unwrap_err();
+        assert!(err.contains("[lan]"), "{err}");
+        // Merged over a container that had the bridge NIC and the forward: both go.
+        let mut current = BTreeMap::new();
+        current.insert(
+            "eth0".to_string(),
+            dev(&[
+                ("type", "nic"),
+                ("network", "sspbr0"),
+                ("ipv4.address", "10.211.0.254"),
+            ]),
+        );
+        current.insert("ssp-ssh".to_string(), dev(&[("type", "proxy")]));
+        let d = merge_devices(&current, &r);
+        assert_eq!(d["eth0"]["nictype"], "macvlan");
+        assert!(!d.contains_key("ssp-ssh"));
+        // The forward spec's hash differs: the agent notices a change of mode.
+        assert_ne!(ssp_wire::spec_hash(&lan_spec), ssp_wire::spec_hash(&spec()));
     }
 
     #[test]

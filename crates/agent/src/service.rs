@@ -112,11 +112,12 @@ impl Agent for AgentService {
             }))
             .await;
             for (i, u) in instances.iter_mut().zip(usage) {
+                let Ok(s) = u else { continue };
                 // Not known (a stopped container on some drivers): 0.
-                i.disk_used_bytes = u
-                    .ok()
-                    .and_then(|s| s["disk"]["root"]["usage"].as_u64())
-                    .unwrap_or(0);
+                i.disk_used_bytes = s["disk"]["root"]["usage"].as_u64().unwrap_or(0);
+                i.lan_address = crate::ensure::lan_address(&s)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
             }
         }
         Ok(Response::new(InstanceList {

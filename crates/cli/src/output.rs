@@ -57,3 +57,24 @@ pub fn print(format: Format, header: &[&str], rows: Vec<Vec<String>>, json: serd
 pub fn size(b: u64) -> String {
     ssp_model::ByteSize(b).to_string()
 }
+
+/// Where the user's SSH answers for `i`: its own LAN address (port 22) in LAN
+/// mode, else its host's forwarded port. An empty address while a LAN container
+/// has none yet.
+pub fn ssh_address(i: &ssp_proto::InstanceView) -> (String, u32) {
+    if i.network == "lan" {
+        (i.lan_address.clone(), 22)
+    } else {
+        (i.ssh_host.clone(), i.ssh_port)
+    }
+}
+
+/// How `i` is reached, for tables: `ADDRESS:PORT`, with `(lan NAME)` for a
+/// container on the LAN.
+pub fn reach(i: &ssp_proto::InstanceView) -> String {
+    match ssh_address(i) {
+        (a, p) if i.network != "lan" => format!("{a}:{p}"),
+        (a, _) if a.is_empty() => format!("no address yet (lan {})", i.lan),
+        (a, p) => format!("{a}:{p} (lan {})", i.lan),
+    }
+}

@@ -72,7 +72,23 @@ fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceS
         snapshot_keep: owner.snapshots.keep,
         common: false,
         accounts: vec![],
+        network: match inst.network {
+            ssp_model::Network::Forward => String::new(),
+            ssp_model::Network::Lan => "lan".into(),
+        },
+        hwaddr: match inst.network {
+            ssp_model::Network::Forward => String::new(),
+            ssp_model::Network::Lan => lan_hwaddr(owner.uid),
+        },
     }
+}
+
+/// The MAC address of `uid`'s container on the LAN: locally administered, made
+/// from the uid (unique in the lab), so it is the same on every host and the LAN's
+/// DHCP server gives the container the same address after a restart or a move.
+pub fn lan_hwaddr(uid: u32) -> String {
+    let b = uid.to_be_bytes();
+    format!("02:73:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
 }
 
 /// The lab's member list every agent writes into its members files: every user's
@@ -116,5 +132,8 @@ pub fn instance_view(
         image: inst.image.clone(),
         uuid: uuid.into(),
         disk_used_bytes: 0,
+        network: inst.network.as_str().into(),
+        lan: inst.placement.lan.clone().unwrap_or_default(),
+        lan_address: String::new(),
     }
 }

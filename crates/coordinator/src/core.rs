@@ -58,7 +58,7 @@ pub struct Found {
 #[derive(Debug)]
 pub enum Converged {
     /// The instance runs as specified.
-    Ensured(InstanceStatus),
+    Ensured(Box<InstanceStatus>),
     /// It was marked for removal; the host deleted it and it is forgotten.
     Deleted,
     /// It is not in the desired state (any more).
@@ -266,7 +266,7 @@ impl Core {
                     .agents
                     .ensure(state_for_host.as_ref(), &host, *spec)
                     .await?;
-                Ok(Converged::Ensured(st))
+                Ok(Converged::Ensured(Box::new(st)))
             }
         }
     }

@@ -197,6 +197,7 @@ mod tests {
             status: Default::default(),
             labels: vec![],
             foreign_ports: vec![],
+            lan: None,
             inventory: Inventory {
                 images: Some(vec![ssp_model::Image {
                     fingerprint: "0123456789abcdef".repeat(4),
@@ -362,6 +363,7 @@ mod tests {
                 shares: vec![],
                 placement: Constraints::default(),
                 kind,
+                network: Default::default(),
             }))
             .unwrap();
         assert!(matches!(out, Outcome::UserAdded { .. }), "{out:?}");

@@ -186,6 +186,19 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             "--gpu-model and --gpu-memory need --gpus N (N >= 1)",
         ));
     }
+    let network = ssp_model::Network::parse(req.network.trim())?;
+    let lan = match (network, req.lan.trim()) {
+        (ssp_model::Network::Lan, "") => Some(String::new()),
+        (ssp_model::Network::Lan, l) => Some(lan_name(l)?),
+        (ssp_model::Network::Forward, "") => None,
+        (ssp_model::Network::Forward, l) => {
+            return Err(InputError::new(
+                "LAN",
+                l,
+                "--lan names the LAN of a container with --network lan",
+            ))
+        }
+    };
     Ok(Command::AddUser(NewUser {
         name,
         role: Role::parse(&req.role)?,
@@ -200,8 +213,10 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             host,
             spread: req.spread,
             labels: labels(&req.labels)?,
+            lan,
         },
         kind,
+        network,
     }))
 }
 
@@ -275,6 +290,7 @@ pub fn adopt(
             shares: vec![],
             placement: Constraints::default(),
             kind: UserKind::Personal,
+            network: Default::default(),
         },
         host: host.to_string(),
         gpus,
@@ -320,6 +336,10 @@ fn user_kind(req: &pb::AddUserRequest) -> Result<UserKind, InputError> {
         (
             !req.host.is_empty() || req.spread || !req.labels.is_empty(),
             "--host/--spread/--label",
+        ),
+        (
+            !req.network.is_empty() || !req.lan.is_empty(),
+            "--network/--lan",
         ),
     ]
     .into_iter()
@@ -380,6 +400,11 @@ fn exact(b: ByteSize) -> String {
     } else {
         format!("{}B", b.0)
     }
+}
+
+/// A LAN's name: written like a host label.
+fn lan_name(l: &str) -> Result<String, InputError> {
+    ssp_model::parse_label(l).map_err(|e| InputError { what: "LAN", ..e })
 }
 
 /// Validated labels, sorted and without repeats.
@@ -470,6 +495,10 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
         status: Default::default(),
         labels: labels(&req.labels)?,
         foreign_ports,
+        lan: match req.lan.trim() {
+            "" => None,
+            l => Some(lan_name(l)?),
+        },
     }))
 }
 
@@ -727,6 +756,40 @@ mod tests {
             (e.what, e.value.len()),
             ("shared folder", InputError::MAX_ECHO)
         );
+    }
+
+    #[test]
+    fn the_network_mode_and_lan_are_checked() {
+        let mut r = req("ann");
+        r.network = "lan".into();
+        let Command::AddUser(u) = add_user(&r, &cfg()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.network, ssp_model::Network::Lan);
+        assert_eq!(u.placement.lan.as_deref(), Some(""), "any LAN");
+        r.lan = "lab".into();
+        let Command::AddUser(u) = add_user(&r, &cfg()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.placement.lan.as_deref(), Some("lab"));
+        let Command::AddUser(u) = add_user(&req("bob"), &cfg()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (u.network, u.placement.lan),
+            (ssp_model::Network::Forward, None)
+        );
+        for (network, lan, says) in [
+            ("wifi", "", "expected forward"),
+            ("", "lab", "--network lan"),
+            ("lan", "Lab!", "LAN"),
+        ] {
+            let mut r = req("ann");
+            r.network = network.into();
+            r.lan = lan.into();
+            let e = add_user(&r, &cfg()).unwrap_err().to_string();
+            assert!(e.contains(says), "{network:?} {lan:?}: {e}");
+        }
     }
 
     #[test]

@@ -183,22 +183,35 @@ impl Coordinator for CoordinatorService {
             });
             return Ok(from_leader(reply, &self.core));
         }
-        let (view_state, uuid, warning) = match self.core.converge(&instance.name).await {
-            Ok(Converged::Ensured(st)) => (st.status, st.uuid, String::new()),
-            Ok(other) => (
-                "pending".to_string(),
-                String::new(),
-                format!("user {} changed while being added ({other:?})", user.name),
-            ),
-            Err(e) => (
-                "pending".to_string(),
-                String::new(),
-                format!("user {} is recorded, but the container is not running yet ({e}); ssp keeps retrying", user.name),
-            ),
-        };
+        let (view_state, uuid, lan_address, mut warning) =
+            match self.core.converge(&instance.name).await {
+                Ok(Converged::Ensured(st)) => (st.status.clone(), st.uuid.clone(), st.lan_address.clone(), String::new()),
+                Ok(other) => (
+                    "pending".to_string(),
+                    String::new(),
+                    String::new(),
+                    format!("user {} changed while being added ({other:?})", user.name),
+                ),
+                Err(e) => (
+                    "pending".to_string(),
+                    String::new(),
+                    String::new(),
+                    format!("user {} is recorded, but the container is not running yet ({e}); ssp keeps retrying", user.name),
+                ),
+            };
+        if warning.is_empty()
+            && instance.network == ssp_model::Network::Lan
+            && lan_address.is_empty()
+        {
+            warning = format!(
+                "{}'s container runs on {} but has no address on the LAN yet (no answer from the LAN's DHCP server); `sspctl ls` shows it once it has one",
+                user.name, instance.host
+            );
+        }
         // Every other container learns the new member's name for their uid.
         self.core.kick();
-        let view = convert::instance_view(&instance, host.as_ref(), &view_state, &uuid);
+        let mut view = convert::instance_view(&instance, host.as_ref(), &view_state, &uuid);
+        view.lan_address = lan_address;
         Ok(Response::new(AddUserReply {
             user: Some(convert::user_to_wire(&user)),
             instance: Some(view),
@@ -397,7 +410,10 @@ impl Coordinator for CoordinatorService {
                     (None, None) => ("missing".to_string(), String::new()),
                 };
                 let mut v = convert::instance_view(i, state.hosts.get(i.host.as_str()), &st, &uuid);
-                v.disk_used_bytes = seen.get(&key).map(|s| s.disk_used_bytes).unwrap_or(0);
+                if let Some(s) = seen.get(&key) {
+                    v.disk_used_bytes = s.disk_used_bytes;
+                    v.lan_address = s.lan_address.clone();
+                }
                 v
             })
             .collect();
@@ -470,6 +486,7 @@ impl Coordinator for CoordinatorService {
                     stray: found.stray,
                     labels: h.labels.clone(),
                     foreign_ports: h.foreign_ports.iter().map(|&p| p.into()).collect(),
+                    lan: h.lan.clone().unwrap_or_default(),
                 }
             })
             .collect();
@@ -1000,7 +1017,7 @@ impl Coordinator for CoordinatorService {
             })?;
         tracing::info!(container = %name, host = %r.host, gpus = ?instance.gpus, port = instance.ssh_port, "adopted");
         let (state, uuid, warning) = match self.core.converge(&name).await {
-            Ok(Converged::Ensured(st)) => (st.status, st.uuid, String::new()),
+            Ok(Converged::Ensured(st)) => (st.status.clone(), st.uuid.clone(), String::new()),
             Ok(other) => ("pending".into(), String::new(), format!("{other:?}")),
             Err(e) => (
                 "pending".into(),
@@ -1307,7 +1324,43 @@ impl Coordinator for CoordinatorService {
                 inst.host, r.name
             ))
         })?;
-        let config = crate::sshconfig::render(inst, &r.name, host, &r.identity_file);
+        // A container on the LAN is reached at its own address there, which the
+        // LAN's DHCP server gave it: its agent reads it from the daemon.
+        let lan_address = match inst.network {
+            ssp_model::Network::Forward => None,
+            ssp_model::Network::Lan => {
+                let seen = self
+                    .core
+                    .agents
+                    .observe(Some(host), inst.host.as_str(), true)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "{}'s container is on the LAN and its address comes from its host {}, which did not answer: {e}",
+                            r.name, inst.host
+                        ))
+                    })?;
+                let addr = seen
+                    .into_iter()
+                    .find(|s| s.name == inst.name)
+                    .map(|s| s.lan_address)
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| {
+                        Status::unavailable(format!(
+                            "{}'s container has no address on the LAN yet (is it running, and does the LAN's DHCP server answer?)",
+                            r.name
+                        ))
+                    })?;
+                Some(addr)
+            }
+        };
+        let config = crate::sshconfig::render(
+            inst,
+            &r.name,
+            host,
+            lan_address.as_deref(),
+            &r.identity_file,
+        );
         Ok(annotate(
             Response::new(SshConfigReply { config }),
             &self.core,

@@ -3,13 +3,21 @@
 use ssp_model::{Host, Instance};
 
 /// An ssh_config `Host` block named `ssp-USER` for `user`'s login to `inst`: their
-/// own container, or the Common-Server they have an account in.
-pub fn render(inst: &Instance, user: &str, host: &Host, identity_file: &str) -> String {
-    let mut out = format!(
-        "Host ssp-{user}\n    HostName {addr}\n    Port {port}\n    User {user}\n",
-        addr = host.ssh_host,
-        port = inst.ssh_port,
-    );
+/// own container, or the Common-Server they have an account in. `lan_address`: the
+/// container's own address on the LAN (port 22), instead of its host's forward.
+pub fn render(
+    inst: &Instance,
+    user: &str,
+    host: &Host,
+    lan_address: Option<&str>,
+    identity_file: &str,
+) -> String {
+    let (addr, port) = match lan_address {
+        Some(a) => (a.to_string(), 22),
+        None => (host.ssh_host.to_string(), inst.ssh_port),
+    };
+    let mut out =
+        format!("Host ssp-{user}\n    HostName {addr}\n    Port {port}\n    User {user}\n");
     if !identity_file.is_empty() {
         out.push_str(&format!(
             "    IdentityFile {identity_file}\n    IdentitiesOnly yes\n"

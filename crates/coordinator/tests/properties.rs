@@ -236,14 +236,19 @@ fn add_user_request() -> impl Strategy<Value = pb::AddUserRequest> {
             any::<bool>(),
             vec(field(&["ib", " ib ", "rack=a3"], &["IB!", ""]), 0..3),
         ),
-        (field(&["", "", "", "cs"], &["a;b", "Root"]), any::<bool>()),
+        (
+            field(&["", "", "", "cs"], &["a;b", "Root"]),
+            any::<bool>(),
+            field(&["", "", "forward", "lan"], &["LAN", "bridge"]),
+            field(&["", "", "lab"], &["Lab!", " "]),
+        ),
     )
         .prop_map(
             |(
                 (name, ssh_keys, gpus, cpus, memory_bytes, disk_bytes),
                 (image, shares, no_default_shares, role, no_wait),
                 (gpu_model, gpu_memory_bytes, host, spread, labels),
-                (common, common_server),
+                (common, common_server, network, lan),
             )| pb::AddUserRequest {
                 name,
                 ssh_keys,
@@ -263,6 +268,8 @@ fn add_user_request() -> impl Strategy<Value = pb::AddUserRequest> {
                 labels,
                 common,
                 common_server,
+                network,
+                lan,
             },
         )
 }
@@ -371,6 +378,7 @@ fn register_host_request() -> impl Strategy<Value = pb::RegisterHostRequest> {
                     inventory,
                     labels,
                     foreign_ports,
+                    lan: String::new(),
                 }
             },
         )
@@ -642,6 +650,7 @@ fn valid_register_host() -> impl Strategy<Value = Command> {
                 inventory,
                 labels: labels.into_iter().map(String::from).collect(),
                 foreign_ports,
+                lan: String::new(),
             },
         )
         .prop_filter_map("refused", |r| request::register_host(&r).ok())
@@ -1110,6 +1119,16 @@ fn instance_spec() -> impl Strategy<Value = pb::InstanceSpec> {
                             ssh_keys: vec![],
                         })
                         .collect(),
+                    network: if uid % 5 == 0 {
+                        "lan".into()
+                    } else {
+                        String::new()
+                    },
+                    hwaddr: if uid % 5 == 0 {
+                        format!("02:73:00:00:{:02x}:{:02x}", uid >> 8 & 0xff, uid & 0xff)
+                    } else {
+                        String::new()
+                    },
                 }
             },
         )

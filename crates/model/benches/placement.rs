@@ -32,6 +32,7 @@ fn host(i: u32) -> Host {
         status: Default::default(),
         labels: vec![],
         foreign_ports: vec![],
+        lan: None,
         inventory: Inventory {
             images: Some(vec![Image {
                 fingerprint: "0123456789abcdef".repeat(4),
@@ -98,6 +99,7 @@ fn main() {
                 ..Default::default()
             },
             kind: Default::default(),
+            network: Default::default(),
         });
         s.apply(&cmd).expect("add");
     }

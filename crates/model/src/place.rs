@@ -144,6 +144,15 @@ fn why_not(
     if let Some(l) = c.labels.iter().find(|l| !host.labels.contains(l)) {
         return Err((format!("{name}: no label {l}"), false));
     }
+    if let Some(want) = &c.lan {
+        match &host.lan {
+            None => return Err((format!("{name}: on no LAN (its agent has no [lan])"), false)),
+            Some(l) if !want.is_empty() && l != want => {
+                return Err((format!("{name}: on LAN {l}, not {want}"), false))
+            }
+            Some(_) => {}
+        }
+    }
     let free = eligible_gpus(state, host, c);
     if (free.len() as u32) < gpus {
         let model = c

@@ -769,6 +769,10 @@ impl State {
                 reason: e.to_string(),
             })?;
         let uid = self.free_uid()?;
+        let lan = self
+            .hosts
+            .get(place.host.as_str())
+            .and_then(|h| h.lan.clone());
         let user = User {
             name: req.name.clone(),
             uid,
@@ -795,7 +799,12 @@ impl State {
                 host: None,
                 spread: false,
                 labels: req.placement.labels.clone(),
+                lan: match req.network {
+                    crate::types::Network::Lan => lan,
+                    crate::types::Network::Forward => None,
+                },
             },
+            network: req.network,
         };
         Ok(self.insert_placed(user, instance))
     }
@@ -908,6 +917,7 @@ impl State {
             shares: req.shares.clone(),
             deleting: false,
             placement: Default::default(),
+            network: Default::default(),
         };
         Ok(self.insert_placed(user, instance))
     }

@@ -148,6 +148,10 @@ pub struct Host {
     /// host (another container's proxy device, a host process), sorted; never allocated.
     #[serde(default)]
     pub foreign_ports: Vec<u16>,
+    /// The LAN the agent's `[lan]` parent interface is on: containers in LAN mode
+    /// can be placed here (and moved between hosts of the same LAN).
+    #[serde(default)]
+    pub lan: Option<String>,
 }
 
 /// Whether a host takes new containers.
@@ -383,6 +387,43 @@ pub struct Instance {
     /// places it under the same (absent from records written before moves).
     #[serde(default)]
     pub placement: Constraints,
+    /// How it is reached (absent from older records: a forwarded SSH port).
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// How a container is reached from the lab.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// SSH forwarded from a port of its host (`ssh_port`).
+    #[default]
+    Forward,
+    /// Its own address on the host's LAN (a bridged or macvlan NIC on the parent
+    /// the host's agent names), from the LAN's DHCP server; SSH on port 22 there.
+    Lan,
+}
+
+impl Network {
+    /// Parses "forward" (or "") and "lan".
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        match s {
+            "" | "forward" => Ok(Network::Forward),
+            "lan" => Ok(Network::Lan),
+            _ => Err(InputError::new(
+                "network",
+                s,
+                "expected forward (SSH through a port of the host) or lan (its own address on the host's LAN)",
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::Forward => "forward",
+            Network::Lan => "lan",
+        }
+    }
 }
 
 /// A validated request to add a user (defaults already filled in).
@@ -402,6 +443,9 @@ pub struct NewUser {
     /// container is placed and limits, GPUs, image and shares are not used).
     #[serde(default)]
     pub kind: UserKind,
+    /// How the container is reached.
+    #[serde(default)]
+    pub network: Network,
 }
 
 /// Placement constraints of one request.
@@ -418,6 +462,10 @@ pub struct Constraints {
     /// Only hosts that carry every one of these labels.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Only hosts on a LAN (a container in LAN mode): this one, or any when empty.
+    /// A placed LAN container records its host's LAN here, so a move stays on it.
+    #[serde(default)]
+    pub lan: Option<String>,
 }
 
 #[cfg(test)]

@@ -787,6 +787,12 @@ fn host() -> impl Strategy<Value = Host> {
                     status,
                     labels: labels.into_iter().map(String::from).collect(),
                     foreign_ports: fp,
+                    // Two hosts on one LAN, one on another, the rest on none.
+                    lan: match name.bytes().last().map(|b| b % 4) {
+                        Some(0) | Some(1) => Some("lab".into()),
+                        Some(2) => Some("annex".into()),
+                        _ => None,
+                    },
                 }
             },
         )
@@ -817,6 +823,7 @@ fn new_user() -> impl Strategy<Value = NewUser> {
             prop::option::weighted(0.1, select(&["h0", "h1", "h2", "nohost"][..])),
             any::<bool>(),
             prop_oneof![4 => Just(vec![]), 1 => vec(select(&["ib", "nvlink"][..]), 0..2)],
+            prop::option::weighted(0.2, select(&["", "lab", "annex", "elsewhere"][..])),
         ),
         prop_oneof![
             8 => Just(UserKind::Personal),
@@ -846,8 +853,13 @@ fn new_user() -> impl Strategy<Value = NewUser> {
                     host: c.2.map(|h| HostName::parse(h).unwrap()),
                     spread: c.3,
                     labels: c.4.into_iter().map(String::from).collect(),
+                    lan: c.5.map(String::from),
                 },
                 kind,
+                network: match c.5 {
+                    Some(_) => ssp_model::Network::Lan,
+                    None => ssp_model::Network::Forward,
+                },
             },
         )
 }
@@ -1138,6 +1150,7 @@ fn one_host() -> Command {
         status: HostStatus::Ready,
         labels: vec![],
         foreign_ports: vec![],
+        lan: None,
     })
 }
 
@@ -1157,6 +1170,7 @@ fn plain_user(name: &str) -> Command {
         shares: vec![],
         placement: Constraints::default(),
         kind: UserKind::Personal,
+        network: Default::default(),
     })
 }
 

@@ -43,6 +43,7 @@ fn main() -> Result<()> {
             specs,
             ssp_agent::nvidia::Nvidia::off(),
             ssp_agent::members::Members::open(scratch.path())?,
+            None,
         );
         let ctx = state.facts().await?.context;
         if !matches!(ctx.ssh, ssp_agent::render::SshForward::Nat { .. }) {

@@ -677,6 +677,7 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
         }),
         labels: vec![],
         foreign_ports: vec![],
+        lan: String::new(),
     }
 }
 

@@ -69,7 +69,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago,
                    "unmanaged": h.unmanaged, "stray": h.stray, "labels": h.labels,
                    "images": inv.images.iter().map(|i| json!({"fingerprint": i.fingerprint, "aliases": i.aliases})).collect::<Vec<_>>(),
-                   "foreign_ports": h.foreign_ports,
+                   "foreign_ports": h.foreign_ports, "lan": h.lan,
                    "pools": inv.pools.iter().map(|p| json!({"name": p.name, "driver": p.driver, "total_bytes": p.total_bytes,
                                                              "used_bytes": p.used_bytes, "free_bytes": p.total_bytes.saturating_sub(p.used_bytes),
                                                              "ssp": p.ssp})).collect::<Vec<_>>()})

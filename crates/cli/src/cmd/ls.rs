@@ -24,7 +24,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 i.host.clone(),
                 i.state.clone(),
                 i.gpu_pci.join(","),
-                format!("{}:{}", i.ssh_host, i.ssh_port),
+                output::reach(i),
                 i.cpus.to_string(),
                 size(i.memory_bytes),
                 if i.disk_used_bytes == 0 {
@@ -39,7 +39,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         .iter()
         .map(|i| json!({"name": i.name, "owner": i.owner, "host": i.host, "state": i.state, "gpus": i.gpu_pci,
                         "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "cpus": i.cpus,
-                        "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "disk_used_bytes": i.disk_used_bytes, "image": i.image, "uuid": i.uuid}))
+                        "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "disk_used_bytes": i.disk_used_bytes, "image": i.image, "uuid": i.uuid,
+                        "network": i.network, "lan": i.lan, "lan_address": i.lan_address}))
         .collect::<Vec<_>>());
     output::print(
         cli.output,

@@ -125,6 +125,14 @@ pub struct AddArgs {
     /// Only hosts with this label (from the agent's `labels`); repeat for several.
     #[arg(long = "label", value_name = "LABEL")]
     labels: Vec<String>,
+    /// How the container is reached: `forward` (SSH through a port of its host,
+    /// the default) or `lan` (an address of its own on the lab's LAN, from the
+    /// LAN's DHCP server; only hosts whose agent has a `[lan]`).
+    #[arg(long, value_name = "MODE")]
+    network: Option<String>,
+    /// With `--network lan`: only hosts on this LAN (the `[lan]` name).
+    #[arg(long, value_name = "NAME")]
+    lan: Option<String>,
     /// Where to write the user's credential bundle (their login to sspctl;
     /// default: NAME.bundle in SSP_CREDENTIALS_DIR or the current directory).
     #[arg(long)]
@@ -199,6 +207,8 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 labels: a.labels.clone(),
                 common: a.common.clone().unwrap_or_default(),
                 common_server: false,
+                network: a.network.clone().unwrap_or_default(),
+                lan: a.lan.clone().unwrap_or_default(),
             };
             let reply = c
                 .call(body, |ch, r| async move {
@@ -224,10 +234,11 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                     );
                 }
                 let timeout = std::time::Duration::from_secs(a.wait_timeout);
-                wait_for_ssh(&i.ssh_host, i.ssh_port, timeout).await.with_context(|| {
+                let (addr, port) = crate::output::ssh_address(&i);
+                wait_for_ssh(&addr, port, timeout).await.with_context(|| {
                     format!(
-                        "user {} is added and their container runs on {}, but SSH at {}:{} did not answer from here within {}s (--wait running or --no-wait do not wait for it)",
-                        a.name, i.host, i.ssh_host, i.ssh_port, a.wait_timeout
+                        "user {} is added and their container runs on {}, but SSH at {addr}:{port} did not answer from here within {}s (--wait running or --no-wait do not wait for it)",
+                        a.name, i.host, a.wait_timeout
                     )
                 })
             };

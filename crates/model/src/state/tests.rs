@@ -17,6 +17,7 @@ fn host(name: &str, gpus: u32) -> Host {
         status: Default::default(),
         labels: vec![],
         foreign_ports: vec![],
+        lan: None,
         inventory: Inventory {
             images: Some(vec![image(
                 "a1b2c3d4e5f60718293a4b5c6d7e8f90",
@@ -70,6 +71,7 @@ fn user(name: &str, gpus: u32) -> Command {
         shares: vec![],
         placement: Constraints::default(),
         kind: crate::types::UserKind::Personal,
+        network: Default::default(),
     })
 }
 
@@ -423,6 +425,47 @@ fn constraints_pick_model_memory_host_and_spread() {
     let e = s.apply(&user_with("h", 1, nohost)).unwrap_err().to_string();
     assert!(
         e.contains("host9: no such host (registered: host1, host2, host3)"),
+        "{e}"
+    );
+    assert_eq!(s, before);
+}
+
+#[test]
+fn lan_containers_go_to_hosts_on_a_lan_and_keep_it() {
+    let mut s = state_with(&[("host1", 4), ("host2", 4), ("host3", 4)]);
+    for (h, lan) in [("host2", "annex"), ("host3", "lab")] {
+        let mut r = s.hosts[h].clone();
+        r.lan = Some(lan.into());
+        s.apply(&Command::RegisterHost(r)).unwrap();
+    }
+    let lan_user = |name: &str, lan: &str| {
+        let Command::AddUser(mut u) = user(name, 1) else {
+            unreachable!()
+        };
+        u.network = crate::types::Network::Lan;
+        u.placement.lan = Some(lan.into());
+        Command::AddUser(u)
+    };
+    // Any LAN: host1 has none, so host2 (first by name of the rest).
+    assert_eq!(placed(&mut s, &lan_user("a", "")), ("host2".into(), 1));
+    let a = &s.instances["a"];
+    assert_eq!(a.network, crate::types::Network::Lan);
+    assert_eq!(
+        a.placement.lan.as_deref(),
+        Some("annex"),
+        "its LAN is recorded"
+    );
+    assert_eq!(placed(&mut s, &lan_user("b", "lab")), ("host3".into(), 1));
+    // A forward container goes anywhere and records no LAN.
+    placed(&mut s, &user("c", 1));
+    assert_eq!(s.instances["c"].placement.lan, None);
+    assert_eq!(s.instances["c"].network, crate::types::Network::Forward);
+    let before = s.clone();
+    let e = s.apply(&lan_user("d", "basement")).unwrap_err().to_string();
+    assert!(
+        e.contains("host1: on no LAN")
+            && e.contains("host2: on LAN annex, not basement")
+            && e.contains("host3: on LAN lab, not basement"),
         "{e}"
     );
     assert_eq!(s, before);

@@ -1,0 +1,269 @@
+//! A container with its own address on the lab's LAN (`--network lan`): the LAN is
+//! a bridge in a network namespace of its own with a DHCP server (dnsmasq) and no
+//! route anywhere else; each host's agent names its end of a veth pair on that
+//! bridge as `[lan] parent`. The container gets an address from the LAN's DHCP
+//! server, the user reaches it by ssh at that address from another namespace on
+//! the LAN (`sspctl ssh-config` says where), and it keeps the address after a
+//! restart and after a move to another host on the same LAN.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use ssp_integration::{run, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform, Proc};
+
+/// The LAN: a bridge in namespace `ssptb-lan{index}` at 10.236.{index}.1/24 with
+/// dnsmasq handing out .100-.150, a client namespace at .5, and a veth into each
+/// host's namespace (`lan0` there).
+struct Lan {
+    index: u8,
+    ns: String,
+    client_ns: String,
+    subnet: String,
+    hosts: Vec<String>,
+    _dhcp: Proc,
+}
+
+impl Lan {
+    fn start(index: u8, hosts: &[&Host], scratch: &Path) -> Result<Lan> {
+        let ns = format!("ssptb-lan{index}");
+        let client_ns = format!("ssptb-lanc{index}");
+        let subnet = format!("10.236.{index}");
+        let sh = |s: String| run(Command::new("sh").arg("-c").arg(&s)).with_context(|| s);
+        // Leftovers of a killed run.
+        for n in [&ns, &client_ns] {
+            let _ = run(Command::new("ip").args(["netns", "del", n]));
+        }
+        sh(format!("ip netns add {ns}"))?;
+        sh(format!(
+            "ip -n {ns} link add lanbr type bridge && ip -n {ns} addr add {subnet}.1/24 dev lanbr && ip -n {ns} link set lanbr up && ip -n {ns} link set lo up"
+        ))?;
+        // Each host's end is its LAN interface, without an address: the host does
+        // not take part in the LAN, its containers do (macvlan on it).
+        for (i, h) in hosts.iter().enumerate() {
+            sh(format!(
+                "ip -n {ns} link add lanp{i} type veth peer name lan0 netns {hns} && ip -n {ns} link set lanp{i} master lanbr up && ip -n {hns} link set lan0 up",
+                hns = h.netns
+            ))?;
+        }
+        sh(format!("ip netns add {client_ns}"))?;
+        sh(format!(
+            "ip -n {ns} link add lanc type veth peer name eth0 netns {client_ns} && ip -n {ns} link set lanc master lanbr up && ip -n {client_ns} addr add {subnet}.5/24 dev eth0 && ip -n {client_ns} link set eth0 up && ip -n {client_ns} link set lo up"
+        ))?;
+        let leases = scratch.join("lan.leases");
+        let dhcp = Proc::start(
+            "dnsmasq",
+            Some(&ns),
+            &[
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--port=0",
+                "--interface=lanbr",
+                "--bind-interfaces",
+                "--dhcp-authoritative",
+                &format!("--dhcp-range={subnet}.100,{subnet}.150,255.255.255.0,1h"),
+                &format!("--dhcp-leasefile={}", leases.display()),
+                "--log-dhcp",
+            ],
+            &scratch.join("dnsmasq.log"),
+        )?;
+        Ok(Lan {
+            index,
+            ns,
+            client_ns,
+            subnet,
+            hosts: hosts.iter().map(|h| h.netns.clone()).collect(),
+            _dhcp: dhcp,
+        })
+    }
+
+    /// The real OpenSSH client, run from the client namespace on the LAN.
+    fn ssh(&self, config: &Path, alias: &str, cmd: &str) -> Result<String> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.client_ns, "ssh", "-F"])
+            .arg(config)
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5", alias, cmd]))
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        if std::env::var_os("SSP_TESTBED_KEEP").is_some() && std::thread::panicking() {
+            return;
+        }
+        for ns in &self.hosts {
+            let _ = run(Command::new("ip").args(["-n", ns, "link", "del", "lan0"]));
+        }
+        for ns in [&self.ns, &self.client_ns] {
+            let _ = run(Command::new("ip").args(["netns", "del", ns]));
+        }
+        let _ = self.index;
+    }
+}
+
+/// `sspctl ssh-config NAME`, written to a file in the scratch dir.
+fn ssh_config(p: &Platform, name: &str, key: &Path) -> Result<PathBuf> {
+    let dir = p.scratch.path();
+    let config = p.ctl_ok(&[
+        "ssh-config",
+        name,
+        "--identity",
+        key.to_str().unwrap_or_default(),
+        "--known-hosts",
+        dir.join(format!("known_hosts-{name}"))
+            .to_str()
+            .unwrap_or_default(),
+    ])?;
+    let path = dir.join(format!("ssh_config-{name}"));
+    std::fs::write(&path, &config)?;
+    Ok(path)
+}
+
+/// gdw's row of `sspctl ls`.
+fn row(p: &Platform, name: &str) -> Result<serde_json::Value> {
+    p.ctl_json(&["ls"])?
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["name"] == name).cloned())
+        .with_context(|| format!("{name} in sspctl ls"))
+}
+
+#[test]
+fn a_container_on_the_lan_has_its_own_address_kept_across_restart_and_move() -> Result<()> {
+    let h1 = Host::start("lan1", Kind::Incus, 126)?;
+    let h2 = Host::start("lan2", Kind::Incus, 127)?;
+    let lan_cfg = "[lan]\nname = \"lab\"\nparent = \"lan0\"\n";
+    let p = Platform::start(
+        "network",
+        &[
+            AgentSpec {
+                extra_config: lan_cfg,
+                ..AgentSpec::new(&h1)
+            },
+            AgentSpec {
+                extra_config: lan_cfg,
+                ..AgentSpec::new(&h2)
+            },
+        ],
+    )?;
+    let lan = Lan::start(126, &[&h1, &h2], p.scratch.path())?;
+    let key = ssh_keypair(p.scratch.path(), "gdw")?;
+    let pubkey = format!("{}.pub", key.display());
+
+    // Bad input is refused with what is allowed, and nothing is recorded.
+    for (args, says) in [
+        (&["--network", "wifi"][..], "expected forward"),
+        (&["--lan", "lab"][..], "--network lan"),
+        (
+            &["--network", "lan", "--lan", "annex"][..],
+            "on LAN lab, not annex",
+        ),
+    ] {
+        let mut full = vec!["user", "add", "gdw", "--ssh-key", &pubkey];
+        full.extend_from_slice(args);
+        let err = p.ctl_err(&full)?;
+        println!("sspctl {}: {}", args.join(" "), err.trim());
+        ensure!(err.contains(says), "sspctl {}: {err}", args.join(" "));
+    }
+    ensure!(
+        p.ctl_json(&["ls"])?
+            .as_array()
+            .is_some_and(|l| l.is_empty()),
+        "refused requests recorded nothing"
+    );
+
+    // sspctl runs outside the LAN here, so it waits for the container, not for SSH.
+    p.ctl_ok(&[
+        "user",
+        "add",
+        "gdw",
+        "--ssh-key",
+        &pubkey,
+        "--network",
+        "lan",
+        "--host",
+        "lan1",
+        "--wait",
+        "running",
+    ])?;
+    let r = row(&p, "gdw")?;
+    println!("sspctl ls: {r}");
+    ensure!(r["network"] == "lan" && r["lan"] == "lab", "{r}");
+    let addr = r["lan_address"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        addr.starts_with(&format!("{}.", lan.subnet)),
+        "gdw's address should come from the LAN's DHCP server ({}.100-150): {r}",
+        lan.subnet
+    );
+    let leases = std::fs::read_to_string(p.scratch.path().join("lan.leases"))?;
+    ensure!(
+        leases.contains(&addr),
+        "the LAN's DHCP server leased {addr}: {leases}"
+    );
+    // No port of the host is forwarded to it.
+    let devices = h1.cli_run(&["config", "device", "show", "gdw"])?;
+    ensure!(
+        !devices.contains("ssp-ssh") && devices.contains("macvlan") && devices.contains("lan0"),
+        "gdw's devices: {devices}"
+    );
+
+    // The user logs in at that address, from another machine on the LAN.
+    let config = ssh_config(&p, "gdw", &key)?;
+    let text = std::fs::read_to_string(&config)?;
+    ensure!(
+        text.contains(&format!("HostName {addr}")) && text.contains("Port 22"),
+        "ssh-config points at the LAN address: {text}"
+    );
+    let who = wait_for("gdw's sshd on the LAN", Duration::from_secs(60), || {
+        lan.ssh(&config, "ssp-gdw", "id -un; hostname -I").ok()
+    })?;
+    println!("on the LAN: {who}");
+    ensure!(who.starts_with("gdw") && who.contains(&addr), "{who}");
+    lan.ssh(&config, "ssp-gdw", "echo kept > $HOME/note")?;
+
+    // A restart: the same address.
+    h1.cli_run(&["restart", "gdw", "--force"])?;
+    let again = wait_for(
+        "gdw's address after the restart",
+        Duration::from_secs(60),
+        || {
+            let r = row(&p, "gdw").ok()?;
+            let a = r["lan_address"].as_str()?.to_string();
+            (r["state"] == "Running" && !a.is_empty()).then_some(a)
+        },
+    )?;
+    ensure!(
+        again == addr,
+        "after a restart gdw has {again}, before {addr}"
+    );
+    let who = wait_for(
+        "gdw's sshd after the restart",
+        Duration::from_secs(60),
+        || lan.ssh(&config, "ssp-gdw", "cat $HOME/note").ok(),
+    )?;
+    ensure!(who.trim() == "kept", "{who}");
+
+    // A move to the other host on the same LAN: the same address there, the
+    // same host key (strict checking against the key pinned before).
+    let out = p.ctl_json(&["migrate", "gdw", "lan2"])?;
+    ensure!(out[0]["phase"] == "done", "{out}");
+    let moved = wait_for("gdw's address on lan2", Duration::from_secs(60), || {
+        let r = row(&p, "gdw").ok()?;
+        let a = r["lan_address"].as_str()?.to_string();
+        (r["host"] == "lan2" && !a.is_empty()).then_some(a)
+    })?;
+    ensure!(
+        moved == addr,
+        "after the move gdw has {moved}, before {addr}"
+    );
+    let config = ssh_config(&p, "gdw", &key)?;
+    let who = wait_for("gdw's sshd on lan2", Duration::from_secs(60), || {
+        lan.ssh(&config, "ssp-gdw", "cat $HOME/note").ok()
+    })?;
+    ensure!(who.trim() == "kept", "{who}");
+    ensure!(!h1.instance_names()?.contains(&"gdw".to_string()));
+    Ok(())
+}
