@@ -83,6 +83,9 @@ pub async fn ensure(
     // The driver files of a running container changed (a driver upgrade, or
     // bind mode newly on): its loader must learn of them.
     let mut nvidia_changed = false;
+    // Its NIC changed while it runs (forward to LAN or back): the daemon
+    // plugged in a new eth0, which the container's network manager must set up.
+    let mut nic_changed = false;
     let t0 = std::time::Instant::now();
     let step = |what: &str| tracing::debug!(instance = %spec.name, step = what, ms = t0.elapsed().as_millis() as u64, "ensure step");
     let inst = match current {
@@ -125,6 +128,7 @@ pub async fn ensure(
                 nvidia_changed = inst.is_running()
                     && inst.devices.get(crate::nvidia::DEVICE)
                         != devices.get(crate::nvidia::DEVICE);
+                nic_changed = inst.is_running() && nics(&inst.devices) != nics(&devices);
                 client
                     .put_instance(
                         &spec.name,
@@ -214,10 +218,18 @@ pub async fn ensure(
             }
         }
     }
+    if nic_changed && inst.is_running() {
+        match bring_up_nic(client, &spec.name).await {
+            Ok(()) => changed.push("network".into()),
+            Err(e) => {
+                tracing::warn!(instance = %spec.name, "setting up its new network interface inside: {e}")
+            }
+        }
+    }
     let mut st = status_of(&inst);
     if render::on_lan(spec) && inst.is_running() {
-        // Just started: its address comes from the LAN's DHCP server within
-        // seconds, and the one who asked wants to know it.
+        // Just started, or its NIC just changed: its address comes from the LAN's
+        // DHCP server within seconds, and the one who asked wants to know it.
         let wait = if st_changed_start(&changed) {
             LAN_ADDRESS_WAIT
         } else {
@@ -229,11 +241,47 @@ pub async fn ensure(
     Ok(st)
 }
 
+/// The container's NICs, by device name.
+fn nics(
+    devices: &std::collections::BTreeMap<String, render::Device>,
+) -> Vec<(&String, &render::Device)> {
+    devices
+        .iter()
+        .filter(|(_, d)| d.get("type").map(String::as_str) == Some("nic"))
+        .collect()
+}
+
+/// Has the container's network manager configure a newly plugged eth0 (by DHCP,
+/// as at boot): systemd-networkd leaves a link that appears later unmanaged.
+const NIC_UP: &str = r#"
+if command -v networkctl >/dev/null 2>&1 && networkctl status eth0 >/dev/null 2>&1; then
+  exec networkctl reconfigure eth0
+elif command -v dhclient >/dev/null 2>&1; then
+  dhclient -r eth0 2>/dev/null; exec dhclient eth0
+elif command -v udhcpc >/dev/null 2>&1; then
+  exec udhcpc -n -q -i eth0
+fi
+ip link set eth0 up
+"#;
+
+async fn bring_up_nic(client: &Client, name: &str) -> Result<(), String> {
+    let out = client
+        .exec(name, &["/bin/sh", "-c", NIC_UP], &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    if out.code != 0 {
+        return Err(format!("exit {}: {}", out.code, out.stderr.trim()));
+    }
+    Ok(())
+}
+
 /// How long an ensure that started a LAN container waits for its address.
 const LAN_ADDRESS_WAIT: Duration = Duration::from_secs(20);
 
 fn st_changed_start(changed: &[String]) -> bool {
-    changed.iter().any(|c| c == "started" || c == "created")
+    changed
+        .iter()
+        .any(|c| c == "started" || c == "created" || c == "devices")
 }
 
 /// A LAN container's IPv4 address on its LAN NIC, waiting up to `wait` for one;

@@ -93,6 +93,7 @@ pub fn rejection_status(r: Rejection) -> Status {
         | Rejection::Trust(_)
         | Rejection::Migration(_)
         | Rejection::Resize(_)
+        | Rejection::Network(_)
         | Rejection::Common(_)
         | Rejection::Adopt(_) => Status::failed_precondition(r.to_string()),
         Rejection::NoSshKey(_) | Rejection::DuplicateGpu { .. } => {

@@ -78,6 +78,37 @@ pub fn resize(req: &pb::ResizeUserRequest, cfg: &CoordinatorConfig) -> Result<Co
     })
 }
 
+/// A change of how `req.name`'s containers are reached.
+pub fn set_network(req: &pb::SetNetworkRequest) -> Result<Command, InputError> {
+    let name = Username::parse(&req.name)?;
+    let network = match req.network.trim() {
+        "" => {
+            return Err(InputError::new(
+                "network",
+                "",
+                "expected forward (SSH through a port of the host) or lan (its own address on the host's LAN)",
+            ))
+        }
+        n => ssp_model::Network::parse(n)?,
+    };
+    let lan = match (network, req.lan.trim()) {
+        (_, "") => None,
+        (ssp_model::Network::Lan, l) => Some(lan_name(l)?),
+        (ssp_model::Network::Forward, l) => {
+            return Err(InputError::new(
+                "LAN",
+                l,
+                "--lan names the LAN of a container with network lan",
+            ))
+        }
+    };
+    Ok(Command::SetNetwork {
+        name: name.to_string(),
+        network,
+        lan,
+    })
+}
+
 /// Builds the `AddUser` command, filling defaults from the config.
 pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Command, InputError> {
     let name = Username::parse(&req.name)?;

@@ -412,7 +412,9 @@ impl Coordinator for CoordinatorService {
                 let mut v = convert::instance_view(i, state.hosts.get(i.host.as_str()), &st, &uuid);
                 if let Some(s) = seen.get(&key) {
                     v.disk_used_bytes = s.disk_used_bytes;
-                    v.lan_address = s.lan_address.clone();
+                    if i.network == ssp_model::Network::Lan {
+                        v.lan_address = s.lan_address.clone();
+                    }
                 }
                 v
             })
@@ -1129,6 +1131,64 @@ impl Coordinator for CoordinatorService {
             } else {
                 format!(
                     "the new limits are recorded, but not every container has them yet ({}); ssp keeps retrying",
+                    late.join("; ")
+                )
+            },
+        }))
+    }
+
+    async fn set_network(
+        &self,
+        req: Request<ssp_proto::SetNetworkRequest>,
+    ) -> Result<Response<ssp_proto::SetNetworkReply>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "set-network", &req.get_ref().name)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .set_network(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let r = req.into_inner();
+        let cmd = request::set_network(&r).map_err(input_status)?;
+        let changed = match self.core.apply_for(&caller, cmd, id).await? {
+            Applied::Now(Outcome::NetworkSet { instances }) => instances,
+            _ => vec![],
+        };
+        tracing::info!(user = %r.name, network = %r.network, ?changed, "network set");
+        let mut late = Vec::new();
+        let mut addresses = BTreeMap::new();
+        for inst in &changed {
+            match self.core.converge(inst).await {
+                Ok(Converged::Ensured(st)) => {
+                    addresses.insert(inst.clone(), st.lan_address.clone());
+                }
+                Ok(other) => late.push(format!("{inst}: {other:?}")),
+                Err(e) => late.push(format!("{inst}: {e}")),
+            }
+        }
+        let instances = self.core.read(|s| {
+            s.instances
+                .values()
+                .filter(|i| i.owner.as_str() == r.name)
+                .map(|i| {
+                    let mut v = convert::instance_view(i, s.hosts.get(i.host.as_str()), "", "");
+                    v.lan_address = addresses.get(&i.name).cloned().unwrap_or_default();
+                    v
+                })
+                .collect()
+        });
+        Ok(Response::new(ssp_proto::SetNetworkReply {
+            instances,
+            warning: if late.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "the new network is recorded, but not every container has it yet ({}); ssp keeps retrying",
                     late.join("; ")
                 )
             },

@@ -335,6 +335,14 @@ pub enum Command {
         name: String,
         schedule: crate::types::SnapshotSchedule,
     },
+    /// Changes how a user's containers are reached: a forwarded SSH port, or an
+    /// address of their own on their host's LAN (`lan`: only if it is this one).
+    SetNetwork {
+        name: String,
+        network: crate::types::Network,
+        #[serde(default)]
+        lan: Option<String>,
+    },
     /// Marks a host ready, draining or down.
     SetHostStatus {
         name: String,
@@ -368,6 +376,9 @@ impl Command {
             Command::ForgetInstance { name } => ("forget-instance", name.clone()),
             Command::SetSshKeys { name, .. } => ("set-ssh-keys", name.clone()),
             Command::Resize { name, .. } => ("resize", name.clone()),
+            Command::SetNetwork { name, network, .. } => {
+                return (format!("set-network {}", network.as_str()), name.clone())
+            }
             Command::SetSnapshotSchedule { name, schedule } => {
                 return (
                     format!(
@@ -439,6 +450,10 @@ pub enum Outcome {
     Resized {
         instances: Vec<String>,
     },
+    /// The user's containers are reached the new way; these change.
+    NetworkSet {
+        instances: Vec<String>,
+    },
     /// The user's schedule is set; these containers follow it.
     SnapshotScheduleSet {
         instances: Vec<String>,
@@ -460,6 +475,8 @@ pub enum Rejection {
     UnknownUser(String),
     #[error("cannot resize: {0}")]
     Resize(String),
+    #[error("cannot change the network: {0}")]
+    Network(String),
     #[error("container {0} does not exist")]
     UnknownInstance(String),
     #[error("user {0} is being removed")]
@@ -631,6 +648,9 @@ impl State {
                     }
                 }
                 Ok(Outcome::Resized { instances })
+            }
+            Command::SetNetwork { name, network, lan } => {
+                self.set_network(name, *network, lan.as_deref())
             }
             Command::SetSnapshotSchedule { name, schedule } => {
                 self.not_an_account(name, "set the snapshot schedule of")?;
@@ -984,6 +1004,63 @@ impl State {
         self.users
             .values()
             .filter(move |u| u.server().is_some_and(|s| s.as_str() == server))
+    }
+
+    /// `name`'s containers reached by `network`: on the LAN only where their host
+    /// is on one (this one, if named), which is recorded so a move stays on it.
+    fn set_network(
+        &mut self,
+        name: &str,
+        network: crate::types::Network,
+        lan: Option<&str>,
+    ) -> Result<Outcome, Rejection> {
+        if !self.users.contains_key(name) {
+            return Err(Rejection::UnknownUser(name.into()));
+        }
+        self.not_an_account(name, "change the network of")?;
+        let mut changes = Vec::new();
+        for i in self.instances.values().filter(|i| i.owner.as_str() == name) {
+            if i.deleting {
+                return Err(Rejection::UserRemoving(name.into()));
+            }
+            if let Some(m) = self.moving(&i.name) {
+                return Err(Rejection::Migration(format!(
+                    "{name}'s container is moving to {} (migration {}, {}); change its network when the move is done",
+                    m.to.host, m.id, m.phase
+                )));
+            }
+            let host_lan = self.hosts.get(i.host.as_str()).and_then(|h| h.lan.clone());
+            let record = match (network, host_lan) {
+                (crate::types::Network::Forward, _) => None,
+                (crate::types::Network::Lan, None) => {
+                    return Err(Rejection::Network(format!(
+                        "{}'s host {} is on no LAN (its agent has no [lan]); move it to a host on one first",
+                        i.name, i.host
+                    )))
+                }
+                (crate::types::Network::Lan, Some(l)) if lan.is_some_and(|w| !w.is_empty() && w != l) => {
+                    return Err(Rejection::Network(format!(
+                        "{}'s host {} is on LAN {l}, not {}",
+                        i.name,
+                        i.host,
+                        lan.unwrap_or_default()
+                    )))
+                }
+                (crate::types::Network::Lan, Some(l)) => Some(l),
+            };
+            changes.push((i.name.clone(), record));
+        }
+        let mut instances = Vec::new();
+        for (n, record) in changes {
+            if let Some(i) = self.instances.get_mut(&n) {
+                if i.network != network || i.placement.lan != record {
+                    i.network = network;
+                    i.placement.lan = record;
+                    instances.push(n);
+                }
+            }
+        }
+        Ok(Outcome::NetworkSet { instances })
     }
 
     /// Refuses a change of limits or schedule on an account in a Common-Server:

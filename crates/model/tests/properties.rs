@@ -909,6 +909,16 @@ fn command() -> impl Strategy<Value = Command> {
                 memory: memory.map(|g| ByteSize(g << 30)),
                 disk: disk.map(|g| ByteSize(g << 30)),
             }),
+        2 => (
+            name(),
+            mostly(ssp_model::Network::Forward, &[ssp_model::Network::Lan]),
+            prop::option::weighted(0.3, select(&["", "lab", "annex"][..])),
+        )
+            .prop_map(|(name, network, lan)| Command::SetNetwork {
+                name,
+                network,
+                lan: lan.map(String::from),
+            }),
         1 => (name(), 0u64..100_000, 1u32..10).prop_map(|(name, every_secs, keep)| {
             Command::SetSnapshotSchedule {
                 name,

@@ -265,5 +265,50 @@ fn a_container_on_the_lan_has_its_own_address_kept_across_restart_and_move() -> 
     })?;
     ensure!(who.trim() == "kept", "{who}");
     ensure!(!h1.instance_names()?.contains(&"gdw".to_string()));
+
+    // Changed later, while it runs: back to a forwarded port (the user logs in
+    // through the host, from outside the LAN), then onto the LAN again, with the
+    // same address; the container is not restarted for either.
+    for (args, says) in [
+        (&["user", "network", "gdw", "wifi"][..], "expected forward"),
+        (
+            &["user", "network", "gdw", "lan", "--lan", "annex"][..],
+            "on LAN lab, not annex",
+        ),
+        (&["user", "network", "zed", "lan"][..], "does not exist"),
+    ] {
+        let err = p.ctl_err(args)?;
+        println!("sspctl {}: {}", args.join(" "), err.trim());
+        ensure!(err.contains(says), "sspctl {}: {err}", args.join(" "));
+    }
+    let init = h2.init_pid("gdw")?;
+    let out = p.ctl_json(&["user", "network", "gdw", "forward"])?;
+    println!("to forward: {out}");
+    let r = row(&p, "gdw")?;
+    ensure!(r["network"] == "forward" && r["lan_address"] == "", "{r}");
+    let devices = h2.cli_run(&["config", "device", "show", "gdw"])?;
+    ensure!(
+        devices.contains("ssp-ssh") && !devices.contains("macvlan"),
+        "gdw's devices: {devices}"
+    );
+    let ssh = p.ssh_login("gdw", &key)?;
+    ensure!(ssh.run("cat $HOME/note")?.trim() == "kept");
+    let out = p.ctl_json(&["user", "network", "gdw", "lan"])?;
+    println!("to lan: {out}");
+    ensure!(
+        out["instances"][0]["lan_address"] == addr.as_str(),
+        "back on the LAN with {addr}: {out}"
+    );
+    let config = ssh_config(&p, "gdw", &key)?;
+    let who = wait_for(
+        "gdw's sshd on the LAN again",
+        Duration::from_secs(60),
+        || lan.ssh(&config, "ssp-gdw", "cat $HOME/note").ok(),
+    )?;
+    ensure!(who.trim() == "kept", "{who}");
+    ensure!(
+        h2.init_pid("gdw")? == init,
+        "the container was not restarted"
+    );
     Ok(())
 }

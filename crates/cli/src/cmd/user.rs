@@ -51,6 +51,18 @@ pub enum UserCmd {
         #[arg(long, value_parser = parse_size)]
         memory: Option<ByteSize>,
     },
+    /// Admin: change how a user's containers are reached, at once and without a
+    /// restart: `forward` (SSH through a port of the host) or `lan` (an address of
+    /// their own on their host's LAN, from its DHCP server).
+    Network {
+        /// The user's name.
+        name: String,
+        /// `forward` or `lan`.
+        mode: String,
+        /// With `lan`: only if the host is on this LAN.
+        #[arg(long, value_name = "NAME")]
+        lan: Option<String>,
+    },
 }
 
 /// See [`AddArgs::wait`].
@@ -433,6 +445,38 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                     output::size(u.memory_bytes),
                     output::size(u.disk_bytes)
                 ),
+            }
+        }
+        UserCmd::Network { name, mode, lan } => {
+            let body = ssp_proto::SetNetworkRequest {
+                name: name.clone(),
+                network: mode.clone(),
+                lan: lan.clone().unwrap_or_default(),
+            };
+            let reply = c
+                .call(body, |ch, r| async move {
+                    ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                        .set_network(r)
+                        .await
+                })
+                .await?
+                .into_inner();
+            if !reply.warning.is_empty() {
+                eprintln!("sspctl: warning: {}", reply.warning);
+            }
+            match cli.output {
+                output::Format::Json => crate::outln!(
+                    "{}",
+                    json!({"user": name, "instances": reply.instances.iter().map(|i| json!({
+                        "name": i.name, "host": i.host, "network": i.network, "lan": i.lan,
+                        "lan_address": i.lan_address, "ssh_host": i.ssh_host, "ssh_port": i.ssh_port,
+                    })).collect::<Vec<_>>(), "warning": reply.warning})
+                ),
+                output::Format::Table => {
+                    for i in &reply.instances {
+                        crate::outln!("{}: {}", i.name, output::reach(i));
+                    }
+                }
             }
         }
     }

@@ -457,9 +457,44 @@ fn lan_containers_go_to_hosts_on_a_lan_and_keep_it() {
     );
     assert_eq!(placed(&mut s, &lan_user("b", "lab")), ("host3".into(), 1));
     // A forward container goes anywhere and records no LAN.
-    placed(&mut s, &user("c", 1));
+    let on_host1 = Constraints {
+        host: Some(crate::HostName::parse("host1").unwrap()),
+        ..Default::default()
+    };
+    assert_eq!(placed(&mut s, &user_with("c", 1, on_host1)).0, "host1");
     assert_eq!(s.instances["c"].placement.lan, None);
     assert_eq!(s.instances["c"].network, crate::types::Network::Forward);
+    // Changed later: onto host1's LAN refused (it has none), off the LAN and back.
+    let before = s.clone();
+    let to = |name: &str, network, lan: Option<&str>| Command::SetNetwork {
+        name: name.into(),
+        network,
+        lan: lan.map(String::from),
+    };
+    let e = s
+        .apply(&to("c", crate::types::Network::Lan, None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("on no LAN"), "{e}");
+    assert_eq!(s, before);
+    let e = s
+        .apply(&to("b", crate::types::Network::Lan, Some("annex")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("on LAN lab, not annex"), "{e}");
+    assert_eq!(s, before);
+    s.apply(&to("b", crate::types::Network::Forward, None))
+        .unwrap();
+    assert_eq!(
+        (
+            s.instances["b"].network,
+            s.instances["b"].placement.lan.clone()
+        ),
+        (crate::types::Network::Forward, None)
+    );
+    s.apply(&to("b", crate::types::Network::Lan, Some("lab")))
+        .unwrap();
+    assert_eq!(s.instances["b"].placement.lan.as_deref(), Some("lab"));
     let before = s.clone();
     let e = s.apply(&lan_user("d", "basement")).unwrap_err().to_string();
     assert!(
