@@ -45,14 +45,60 @@ pub fn script(spec: &InstanceSpec) -> String {
         return common_script(spec);
     }
     format!(
-        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nname={}\nlabgid={}\n{NSSWITCH}{HEAD}{OWNER}{TAIL}",
+        "#!/bin/sh\n# Written by ssp: the account of this container's owner.\nu={}\nuid={}\nkeys={}\nname={}\nlabgid={}\n{NSSWITCH}{HEAD}{OWNER}{TAIL}{}",
         quote(&spec.owner),
         spec.owner_uid,
         quote(&spec.ssh_keys.join("\n")),
         quote(&spec.name),
         spec.lab_gid,
+        lan_network(spec),
     )
 }
+
+/// systemd-networkd's file for a static address from the LAN's pool. It matches
+/// the LAN NIC's MAC address, so it applies on the LAN only: a container put back
+/// on a forwarded port gets a NIC with another MAC, which the image's own eth0 file
+/// (DHCP) configures.
+pub const LAN_NETWORK_FILE: &str = "/etc/systemd/network/05-ssp-lan.network";
+
+/// For a container on the LAN: its static address (written, and networkd told
+/// when it runs), or, by DHCP, no such file. Nothing for other containers, so
+/// their scripts are what they were.
+fn lan_network(spec: &InstanceSpec) -> String {
+    if spec.network != "lan" {
+        return String::new();
+    }
+    let content = if spec.lan_address.is_empty() {
+        String::new()
+    } else {
+        let mut c = format!(
+            "# Written by ssp: this container's static address on the LAN.\n[Match]\nName=eth0\nMACAddress={}\n\n[Network]\nAddress={}\n",
+            spec.hwaddr, spec.lan_address
+        );
+        if !spec.lan_gateway.is_empty() {
+            c.push_str(&format!("Gateway={}\n", spec.lan_gateway));
+        }
+        c
+    };
+    format!(
+        "lanfile={}\nlancfg={}\n{LAN_NETWORK}",
+        quote(LAN_NETWORK_FILE),
+        quote(content.trim_end())
+    )
+}
+
+const LAN_NETWORK: &str = r#"# The LAN address: static from the pool, or by DHCP (no file).
+if [ -d /etc/systemd/network ] && [ "$(cat "$lanfile" 2>/dev/null)" != "$lancfg" ]; then
+  if [ -n "$lancfg" ]; then
+    printf '%s\n' "$lancfg" > "$lanfile.new" && mv "$lanfile.new" "$lanfile"
+  else
+    rm -f "$lanfile"
+  fi
+  if command -v networkctl >/dev/null 2>&1 && networkctl status eth0 >/dev/null 2>&1; then
+    networkctl reload && networkctl reconfigure eth0 || true
+  fi
+fi
+"#;
 
 /// GECOS of the accounts ssp makes in a Common-Server; the ones no longer listed go.
 pub const COMMON_GECOS: &str = "ssp common account";
@@ -75,12 +121,13 @@ fn common_script(spec: &InstanceSpec) -> String {
     }
     let keep: Vec<&str> = spec.accounts.iter().map(|a| a.name.as_str()).collect();
     format!(
-        "#!/bin/sh\n# Written by ssp: the accounts of this Common-Server.\nname={}\nlabgid={}\ngecos={}\narchive={}\nkeep={}\n{NSSWITCH}{HEAD}{COMMON}{calls}{COMMON_CLEANUP}{TAIL}",
+        "#!/bin/sh\n# Written by ssp: the accounts of this Common-Server.\nname={}\nlabgid={}\ngecos={}\narchive={}\nkeep={}\n{NSSWITCH}{HEAD}{COMMON}{calls}{COMMON_CLEANUP}{TAIL}{}",
         quote(&spec.name),
         spec.lab_gid,
         quote(COMMON_GECOS),
         quote(ARCHIVE_DIR),
         quote(&format!(" {} ", keep.join(" "))),
+        lan_network(spec),
     )
 }
 

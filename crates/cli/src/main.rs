@@ -42,6 +42,10 @@ enum Commands {
     /// Drain a host (no new containers) or make it ready again.
     #[command(subcommand)]
     Host(cmd::hosts::HostCmd),
+    /// The lab's LANs and their pools of static addresses (containers with
+    /// `--network lan` get an address there).
+    #[command(subcommand)]
+    Lan(cmd::lan::LanCmd),
     /// Print an ssh_config block for a user's container.
     SshConfig(cmd::ssh_config::Args),
     /// The replicated coordinators: init, join, leave, status.
@@ -92,6 +96,7 @@ async fn main() {
         Commands::Gpus => cmd::gpus::run(&cli).await,
         Commands::Hosts => cmd::hosts::run(&cli).await,
         Commands::Host(ref c) => cmd::hosts::set(&cli, c).await,
+        Commands::Lan(ref c) => cmd::lan::run(&cli, c).await,
         Commands::SshConfig(ref a) => cmd::ssh_config::run(&cli, a).await,
         Commands::Cluster(ref c) => cmd::cluster::run(&cli, c).await,
         Commands::Login(ref a) => cmd::trust::login(&cli, a).await,

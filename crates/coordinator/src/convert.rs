@@ -24,6 +24,14 @@ pub fn user_to_wire(u: &User) -> pb::User {
 pub fn spec_of(state: &ssp_model::State, inst: &Instance) -> Option<pb::InstanceSpec> {
     let owner = state.users.get(inst.owner.as_str())?;
     let mut spec = spec_for(inst, owner, &state.settings());
+    // A static address from the LAN's pool, with the pool's prefix and router.
+    if let (Some(a), Some(pool)) = (
+        inst.lan_address,
+        inst.placement.lan.as_ref().and_then(|l| state.lans.get(l)),
+    ) {
+        spec.lan_address = format!("{a}/{}", pool.prefix);
+        spec.lan_gateway = pool.gateway.map(|g| g.to_string()).unwrap_or_default();
+    }
     if owner.kind == ssp_model::UserKind::Common {
         spec.common = true;
         // A Common-Server has no owner account: no keys, and its uid is no one's login.
@@ -80,6 +88,8 @@ fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceS
             ssp_model::Network::Forward => String::new(),
             ssp_model::Network::Lan => lan_hwaddr(owner.uid),
         },
+        lan_address: String::new(),
+        lan_gateway: String::new(),
     }
 }
 
@@ -134,6 +144,7 @@ pub fn instance_view(
         disk_used_bytes: 0,
         network: inst.network.as_str().into(),
         lan: inst.placement.lan.clone().unwrap_or_default(),
-        lan_address: String::new(),
+        // A static one is known from the record; one by DHCP only from its host.
+        lan_address: inst.lan_address.map(|a| a.to_string()).unwrap_or_default(),
     }
 }

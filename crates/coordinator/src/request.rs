@@ -109,6 +109,39 @@ pub fn set_network(req: &pb::SetNetworkRequest) -> Result<Command, InputError> {
     })
 }
 
+/// Setting a LAN's pool of static addresses (`FIRST-LAST/PREFIX`), or removing it.
+pub fn set_lan(req: &pb::SetLanRequest) -> Result<Command, InputError> {
+    let name = lan_name(req.name.trim())?;
+    let pool = req.pool.trim();
+    if req.dhcp {
+        if !pool.is_empty() || !req.gateway.trim().is_empty() {
+            return Err(InputError::new(
+                "address pool",
+                pool,
+                "--dhcp removes the pool; give either --dhcp or --pool",
+            ));
+        }
+        return Ok(Command::SetLan { name, pool: None });
+    }
+    let shape = "FIRST-LAST/PREFIX, e.g. 192.168.31.100-192.168.31.199/24";
+    let bad = || InputError::new("address pool", pool, format!("expected {shape}"));
+    let (range, prefix) = pool.split_once('/').ok_or_else(bad)?;
+    let (first, last) = range.split_once('-').ok_or_else(bad)?;
+    let ip = |s: &str| s.trim().parse::<std::net::Ipv4Addr>().map_err(|_| bad());
+    let prefix: u8 = prefix.trim().parse().map_err(|_| bad())?;
+    let gateway = match req.gateway.trim() {
+        "" => None,
+        g => Some(g.parse().map_err(|_| {
+            InputError::new("gateway", g, "expected an IPv4 address, e.g. 192.168.31.1")
+        })?),
+    };
+    let pool = ssp_model::LanPool::new(ip(first)?, ip(last)?, prefix, gateway)?;
+    Ok(Command::SetLan {
+        name,
+        pool: Some(pool),
+    })
+}
+
 /// Builds the `AddUser` command, filling defaults from the config.
 pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Command, InputError> {
     let name = Username::parse(&req.name)?;

@@ -201,6 +201,7 @@ impl Coordinator for CoordinatorService {
             };
         if warning.is_empty()
             && instance.network == ssp_model::Network::Lan
+            && instance.lan_address.is_none()
             && lan_address.is_empty()
         {
             warning = format!(
@@ -211,7 +212,9 @@ impl Coordinator for CoordinatorService {
         // Every other container learns the new member's name for their uid.
         self.core.kick();
         let mut view = convert::instance_view(&instance, host.as_ref(), &view_state, &uuid);
-        view.lan_address = lan_address;
+        if !lan_address.is_empty() {
+            view.lan_address = lan_address;
+        }
         Ok(Response::new(AddUserReply {
             user: Some(convert::user_to_wire(&user)),
             instance: Some(view),
@@ -412,7 +415,7 @@ impl Coordinator for CoordinatorService {
                 let mut v = convert::instance_view(i, state.hosts.get(i.host.as_str()), &st, &uuid);
                 if let Some(s) = seen.get(&key) {
                     v.disk_used_bytes = s.disk_used_bytes;
-                    if i.network == ssp_model::Network::Lan {
+                    if i.network == ssp_model::Network::Lan && i.lan_address.is_none() {
                         v.lan_address = s.lan_address.clone();
                     }
                 }
@@ -1137,6 +1140,37 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
+    async fn set_lan(
+        &self,
+        req: Request<ssp_proto::SetLanRequest>,
+    ) -> Result<Response<ssp_proto::LanList>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "set-lan", &req.get_ref().name)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .set_lan(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let cmd = request::set_lan(req.get_ref()).map_err(input_status)?;
+        self.core.apply_for(&caller, cmd, id).await?;
+        Ok(Response::new(self.core.read(lan_list)))
+    }
+
+    async fn list_lans(
+        &self,
+        req: Request<ssp_proto::ListLansRequest>,
+    ) -> Result<Response<ssp_proto::LanList>, Status> {
+        self.admit(&req, &[Admin], "list-lans", "").await?;
+        let kind = self.core.prepare_read(req.metadata()).await?;
+        let list = self.core.read(lan_list);
+        Ok(annotate(Response::new(list), &self.core, kind))
+    }
+
     async fn set_network(
         &self,
         req: Request<ssp_proto::SetNetworkRequest>,
@@ -1177,7 +1211,9 @@ impl Coordinator for CoordinatorService {
                 .filter(|i| i.owner.as_str() == r.name)
                 .map(|i| {
                     let mut v = convert::instance_view(i, s.hosts.get(i.host.as_str()), "", "");
-                    v.lan_address = addresses.get(&i.name).cloned().unwrap_or_default();
+                    if let Some(a) = addresses.get(&i.name).filter(|a| !a.is_empty()) {
+                        v.lan_address = a.clone();
+                    }
                     v
                 })
                 .collect()
@@ -1388,6 +1424,9 @@ impl Coordinator for CoordinatorService {
         // LAN's DHCP server gave it: its agent reads it from the daemon.
         let lan_address = match inst.network {
             ssp_model::Network::Forward => None,
+            ssp_model::Network::Lan if inst.lan_address.is_some() => {
+                inst.lan_address.map(|a| a.to_string())
+            }
             ssp_model::Network::Lan => {
                 let seen = self
                     .core
@@ -1427,4 +1466,42 @@ impl Coordinator for CoordinatorService {
             kind,
         ))
     }
+}
+
+/// Every LAN a host is on or a pool is set for, with its hosts and use.
+fn lan_list(s: &ssp_model::State) -> ssp_proto::LanList {
+    let mut names: std::collections::BTreeSet<String> = s.lans.keys().cloned().collect();
+    names.extend(s.hosts.values().filter_map(|h| h.lan.clone()));
+    let lans = names
+        .into_iter()
+        .map(|n| {
+            let pool = s.lans.get(&n);
+            let on = |i: &&ssp_model::Instance| i.placement.lan.as_deref() == Some(n.as_str());
+            ssp_proto::LanView {
+                hosts: s
+                    .hosts
+                    .values()
+                    .filter(|h| h.lan.as_deref() == Some(n.as_str()))
+                    .map(|h| h.name.to_string())
+                    .collect(),
+                pool: pool.map(|p| p.to_string()).unwrap_or_default(),
+                gateway: pool
+                    .and_then(|p| p.gateway)
+                    .map(|g| g.to_string())
+                    .unwrap_or_default(),
+                held: s
+                    .instances
+                    .values()
+                    .filter(on)
+                    .filter(|i| i.lan_address.is_some())
+                    .count() as u32,
+                size: pool
+                    .map(|p| u32::from(p.last) - u32::from(p.first) + 1)
+                    .unwrap_or(0),
+                containers: s.instances.values().filter(on).count() as u32,
+                name: n,
+            }
+        })
+        .collect();
+    ssp_proto::LanList { lans }
 }

@@ -1124,6 +1124,12 @@ fn instance_spec() -> impl Strategy<Value = pb::InstanceSpec> {
                     } else {
                         String::new()
                     },
+                    lan_address: if uid % 10 == 0 {
+                        format!("192.168.31.{}/24", uid % 200 + 2)
+                    } else {
+                        String::new()
+                    },
+                    lan_gateway: String::new(),
                     hwaddr: if uid % 5 == 0 {
                         format!("02:73:00:00:{:02x}:{:02x}", uid >> 8 & 0xff, uid & 0xff)
                     } else {

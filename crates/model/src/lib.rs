@@ -16,6 +16,6 @@ pub use names::{
 };
 pub use state::{Command, Outcome, Rejection, Settings, State};
 pub use types::{
-    CertRole, Constraints, Gpu, Host, HostStatus, Image, Instance, Inventory, Limits, Network,
-    NewUser, Pool, Role, SnapshotSchedule, User, UserKind,
+    CertRole, Constraints, Gpu, Host, HostStatus, Image, Instance, Inventory, LanPool, Limits,
+    Network, NewUser, Pool, Role, SnapshotSchedule, User, UserKind,
 };

@@ -56,6 +56,10 @@ pub struct State {
     /// The id the next move gets.
     #[serde(default)]
     pub next_migration: u64,
+    /// Admins' pools of static addresses, by LAN name; a LAN without one uses
+    /// its DHCP server.
+    #[serde(default)]
+    pub lans: BTreeMap<String, crate::types::LanPool>,
     /// Derived from `users` and `instances`; never stored. See [`Usage`].
     #[serde(skip)]
     usage: Usage,
@@ -70,6 +74,7 @@ impl PartialEq for State {
             && self.trust == o.trust
             && self.migrations == o.migrations
             && self.next_migration == o.next_migration
+            && self.lans == o.lans
     }
 }
 
@@ -87,6 +92,8 @@ pub struct Usage {
     /// instead of looking at every host.
     pub by_free: BTreeSet<(u32, String)>,
     free_of: BTreeMap<String, u32>,
+    /// Static addresses held on each LAN (by LAN name).
+    pub lan_addrs: BTreeMap<String, Numbers>,
 }
 
 /// One host's ports and GPUs in use (GPU → holding instance).
@@ -267,6 +274,12 @@ impl Usage {
         for g in &i.gpus {
             h.gpus.insert(g.clone(), i.name.clone());
         }
+        if let (Some(lan), Some(a)) = (&i.placement.lan, i.lan_address) {
+            self.lan_addrs
+                .entry(lan.clone())
+                .or_default()
+                .insert(a.into());
+        }
         self.instances += 1;
     }
 
@@ -293,6 +306,11 @@ impl Usage {
             h.release(i.ssh_port.into());
             for g in &i.gpus {
                 h.gpus.remove(g);
+            }
+        }
+        if let (Some(lan), Some(a)) = (&i.placement.lan, i.lan_address) {
+            if let Some(n) = self.lan_addrs.get_mut(lan) {
+                n.remove(a.into());
             }
         }
         self.instances -= 1;
@@ -343,6 +361,11 @@ pub enum Command {
         #[serde(default)]
         lan: Option<String>,
     },
+    /// Sets (or with `None` removes) a LAN's pool of static addresses.
+    SetLan {
+        name: String,
+        pool: Option<crate::types::LanPool>,
+    },
     /// Marks a host ready, draining or down.
     SetHostStatus {
         name: String,
@@ -378,6 +401,15 @@ impl Command {
             Command::Resize { name, .. } => ("resize", name.clone()),
             Command::SetNetwork { name, network, .. } => {
                 return (format!("set-network {}", network.as_str()), name.clone())
+            }
+            Command::SetLan { name, pool } => {
+                return (
+                    match pool {
+                        Some(p) => format!("set-lan pool {p}"),
+                        None => "set-lan dhcp".into(),
+                    },
+                    name.clone(),
+                )
             }
             Command::SetSnapshotSchedule { name, schedule } => {
                 return (
@@ -450,6 +482,7 @@ pub enum Outcome {
     Resized {
         instances: Vec<String>,
     },
+    LanSet,
     /// The user's containers are reached the new way; these change.
     NetworkSet {
         instances: Vec<String>,
@@ -652,6 +685,31 @@ impl State {
             Command::SetNetwork { name, network, lan } => {
                 self.set_network(name, *network, lan.as_deref())
             }
+            Command::SetLan { name, pool } => {
+                // Every address held on this LAN must stay in its pool: a container
+                // keeps its address; an admin moves it off the LAN first.
+                let outside: Vec<String> = self
+                    .instances
+                    .values()
+                    .filter(|i| i.placement.lan.as_deref() == Some(name.as_str()))
+                    .filter_map(|i| {
+                        let a = i.lan_address?;
+                        (!pool.is_some_and(|p| p.contains(a)))
+                            .then(|| format!("{} holds {a}", i.name))
+                    })
+                    .collect();
+                if !outside.is_empty() {
+                    return Err(Rejection::Network(format!(
+                        "on LAN {name}, {}; put them on forward first (`sspctl user network NAME forward`)",
+                        outside.join(", ")
+                    )));
+                }
+                match pool {
+                    Some(p) => self.lans.insert(name.clone(), *p),
+                    None => self.lans.remove(name),
+                };
+                Ok(Outcome::LanSet)
+            }
             Command::SetSnapshotSchedule { name, schedule } => {
                 self.not_an_account(name, "set the snapshot schedule of")?;
                 let mut instances = Vec::new();
@@ -793,6 +851,16 @@ impl State {
             .hosts
             .get(place.host.as_str())
             .and_then(|h| h.lan.clone());
+        let lan_address = match (req.network, &lan) {
+            (crate::types::Network::Lan, Some(l)) => {
+                self.free_lan_address(l)
+                    .map_err(|reason| Rejection::NoFit {
+                        user: name.into(),
+                        reason,
+                    })?
+            }
+            _ => None,
+        };
         let user = User {
             name: req.name.clone(),
             uid,
@@ -825,6 +893,7 @@ impl State {
                 },
             },
             network: req.network,
+            lan_address,
         };
         Ok(self.insert_placed(user, instance))
     }
@@ -938,6 +1007,7 @@ impl State {
             deleting: false,
             placement: Default::default(),
             network: Default::default(),
+            lan_address: None,
         };
         Ok(self.insert_placed(user, instance))
     }
@@ -1050,17 +1120,69 @@ impl State {
             };
             changes.push((i.name.clone(), record));
         }
-        let mut instances = Vec::new();
+        // Static addresses for those joining a LAN with a pool, all checked first.
+        let mut given: BTreeMap<String, Numbers> = BTreeMap::new();
+        let mut plan = Vec::new();
         for (n, record) in changes {
-            if let Some(i) = self.instances.get_mut(&n) {
-                if i.network != network || i.placement.lan != record {
-                    i.network = network;
-                    i.placement.lan = record;
-                    instances.push(n);
-                }
+            let Some(i) = self.instances.get(&n) else {
+                continue;
+            };
+            let same_lan = i.placement.lan == record;
+            let address = match &record {
+                None => None,
+                Some(_) if same_lan && i.lan_address.is_some() => i.lan_address,
+                Some(l) => match self.lans.get(l) {
+                    None => None,
+                    Some(pool) => {
+                        let taken = given.entry(l.clone()).or_default();
+                        let held = self.usage.lan_addrs.get(l);
+                        let free = (u32::from(pool.first)..=u32::from(pool.last))
+                            .find(|a| !taken.contains(*a) && !held.is_some_and(|h| h.contains(*a)));
+                        let Some(a) = free else {
+                            return Err(Rejection::Network(format!(
+                                "no free address left in LAN {l}'s pool {pool}"
+                            )));
+                        };
+                        taken.insert(a);
+                        Some(a.into())
+                    }
+                },
+            };
+            plan.push((n, record, address));
+        }
+        let mut instances = Vec::new();
+        for (n, record, address) in plan {
+            let Some(old) = self.instances.get(&n).cloned() else {
+                continue;
+            };
+            if old.network == network && old.placement.lan == record && old.lan_address == address {
+                continue;
             }
+            let mut new = old.clone();
+            new.network = network;
+            new.placement.lan = record;
+            new.lan_address = address;
+            self.usage.remove(&old);
+            self.usage.add(&new);
+            self.instances.insert(n.clone(), new);
+            instances.push(n);
         }
         Ok(Outcome::NetworkSet { instances })
+    }
+
+    /// The lowest free address of `lan`'s pool, `None` when the LAN has no pool
+    /// (its DHCP server gives addresses), or why there is none.
+    fn free_lan_address(&self, lan: &str) -> Result<Option<std::net::Ipv4Addr>, String> {
+        let Some(pool) = self.lans.get(lan) else {
+            return Ok(None);
+        };
+        let (first, last) = (u32::from(pool.first), u32::from(pool.last));
+        let free = match self.usage.lan_addrs.get(lan) {
+            Some(held) => held.lowest_free(first, last),
+            None => Some(first),
+        };
+        free.map(|a| Some(a.into()))
+            .ok_or_else(|| format!("no free address left in LAN {lan}'s pool {pool}"))
     }
 
     /// Refuses a change of limits or schedule on an account in a Common-Server:

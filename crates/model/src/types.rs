@@ -390,6 +390,82 @@ pub struct Instance {
     /// How it is reached (absent from older records: a forwarded SSH port).
     #[serde(default)]
     pub network: Network,
+    /// On a LAN with an admin's pool: its static address there, from the pool
+    /// (`None`: the LAN's DHCP server gives it one, or it is not on a LAN).
+    #[serde(default)]
+    pub lan_address: Option<std::net::Ipv4Addr>,
+}
+
+/// An admin's pool of static addresses on a LAN (`sspctl lan set`): containers
+/// there get one each, never one given to another, instead of asking the LAN's
+/// DHCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanPool {
+    pub first: std::net::Ipv4Addr,
+    pub last: std::net::Ipv4Addr,
+    /// The LAN's prefix length (its netmask), e.g. 24.
+    pub prefix: u8,
+    /// The LAN's router, if containers should have a default route.
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl LanPool {
+    /// The most addresses a pool may hold.
+    pub const MAX: u32 = 65536;
+
+    /// A pool, checked: `first..=last` inside one subnet of `prefix`, neither its
+    /// network nor broadcast address, and the gateway (if any) in it but not in the range.
+    pub fn new(
+        first: std::net::Ipv4Addr,
+        last: std::net::Ipv4Addr,
+        prefix: u8,
+        gateway: Option<std::net::Ipv4Addr>,
+    ) -> Result<Self, InputError> {
+        let shown = format!("{first}-{last}/{prefix}");
+        let bad = |why: String| Err(InputError::new("address pool", &shown, why));
+        if !(8..=30).contains(&prefix) {
+            return bad("the prefix length must be 8 to 30, e.g. /24".into());
+        }
+        let (a, b) = (u32::from(first), u32::from(last));
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        if a > b {
+            return bad("the first address must not be above the last".into());
+        }
+        if a & mask != b & mask {
+            return bad(format!("both ends must be in one /{prefix} subnet"));
+        }
+        if a & !mask == 0 || b & !mask == !mask {
+            return bad("the subnet's network and broadcast addresses cannot be given out".into());
+        }
+        if b - a >= Self::MAX {
+            return bad(format!("at most {} addresses", Self::MAX));
+        }
+        if let Some(g) = gateway {
+            let g32 = u32::from(g);
+            if g32 & mask != a & mask {
+                return bad(format!("the gateway {g} is not in the pool's subnet"));
+            }
+            if (a..=b).contains(&g32) {
+                return bad(format!("the gateway {g} is inside the range"));
+            }
+        }
+        Ok(LanPool {
+            first,
+            last,
+            prefix,
+            gateway,
+        })
+    }
+
+    pub fn contains(&self, a: std::net::Ipv4Addr) -> bool {
+        (u32::from(self.first)..=u32::from(self.last)).contains(&u32::from(a))
+    }
+}
+
+impl std::fmt::Display for LanPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}/{}", self.first, self.last, self.prefix)
+    }
 }
 
 /// How a container is reached from the lab.

@@ -310,5 +310,144 @@ fn a_container_on_the_lan_has_its_own_address_kept_across_restart_and_move() -> 
         h2.init_pid("gdw")? == init,
         "the container was not restarted"
     );
+
+    static_pool(&p, &lan, &h1, &h2, &pubkey, &key)
+}
+
+/// An admin's pool of static addresses on the LAN: each container gets its own,
+/// never one given to another, the same after a restart and a move; a full pool
+/// refuses, and a pool cannot be taken away from addresses in use.
+fn static_pool(
+    p: &Platform,
+    lan: &Lan,
+    h1: &Host,
+    h2: &Host,
+    pubkey: &str,
+    key: &Path,
+) -> Result<()> {
+    let net = &lan.subnet;
+    for (args, says) in [
+        (
+            vec!["--pool".to_string(), format!("{net}.210-{net}.200/24")],
+            "not be above",
+        ),
+        (vec!["--pool".into(), "lots".into()], "FIRST-LAST/PREFIX"),
+        (
+            vec![
+                "--pool".into(),
+                format!("{net}.200-{net}.210/24"),
+                "--gateway".into(),
+                format!("{net}.205"),
+            ],
+            "inside the range",
+        ),
+        (
+            vec!["--pool".into(), format!("{net}.200-10.237.0.1/24")],
+            "one /24 subnet",
+        ),
+    ] {
+        let mut full = vec!["lan", "set", "lab"];
+        full.extend(args.iter().map(String::as_str));
+        let err = p.ctl_err(&full)?;
+        println!("sspctl {}: {}", full.join(" "), err.trim());
+        ensure!(err.contains(says), "sspctl {}: {err}", full.join(" "));
+    }
+    let pool = format!("{net}.200-{net}.201/24");
+    let out = p.ctl_json(&[
+        "lan",
+        "set",
+        "lab",
+        "--pool",
+        &pool,
+        "--gateway",
+        &format!("{net}.1"),
+    ])?;
+    println!("sspctl lan set: {out}");
+    ensure!(
+        out[0]["name"] == "lab" && out[0]["pool"] == pool.as_str(),
+        "{out}"
+    );
+    let add = |name: &str, host: &str| {
+        p.ctl(&[
+            "user",
+            "add",
+            name,
+            "--ssh-key",
+            pubkey,
+            "--network",
+            "lan",
+            "--host",
+            host,
+            "--wait",
+            "running",
+        ])
+    };
+    for (name, host, want) in [("ann", "lan1", ".200"), ("bob", "lan2", ".201")] {
+        let out = add(name, host);
+        ensure!(
+            out.status.success(),
+            "adding {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = row(p, name)?;
+        ensure!(
+            r["lan_address"] == format!("{net}{want}").as_str(),
+            "{name} gets {net}{want} from the pool: {r}"
+        );
+    }
+    let out = add("carol", "lan1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("no free address left in LAN lab's pool"),
+        "a full pool refuses: {err}"
+    );
+    ensure!(row(p, "carol").is_err(), "carol is not recorded");
+    // Not a DHCP lease: the container holds the address itself.
+    let leases = std::fs::read_to_string(p.scratch.path().join("lan.leases"))?;
+    ensure!(!leases.contains(&format!("{net}.200")), "{leases}");
+    let config = ssh_config(p, "ann", key)?;
+    let ann = wait_for(
+        "ann's sshd at her static address",
+        Duration::from_secs(60),
+        || lan.ssh(&config, "ssp-ann", "hostname -I; ip route").ok(),
+    )?;
+    println!("ann: {ann}");
+    ensure!(
+        ann.contains(&format!("{net}.200")) && ann.contains(&format!("default via {net}.1")),
+        "{ann}"
+    );
+    // A restart and a move keep it.
+    h1.cli_run(&["restart", "ann", "--force"])?;
+    wait_for(
+        "ann's sshd after the restart",
+        Duration::from_secs(60),
+        || lan.ssh(&config, "ssp-ann", "true").ok(),
+    )?;
+    let out = p.ctl_json(&["migrate", "ann", "lan2"])?;
+    ensure!(out[0]["phase"] == "done", "{out}");
+    ensure!(row(p, "ann")?["lan_address"] == format!("{net}.200").as_str());
+    let moved = wait_for("ann's sshd on lan2", Duration::from_secs(60), || {
+        lan.ssh(&config, "ssp-ann", "hostname -I").ok()
+    })?;
+    ensure!(moved.contains(&format!("{net}.200")), "{moved}");
+    ensure!(h2.instance_names()?.contains(&"ann".to_string()));
+    // The pool cannot go while addresses of it are held.
+    let err = p.ctl_err(&["lan", "set", "lab", "--dhcp"])?;
+    ensure!(
+        err.contains("ann holds") && err.contains("bob holds"),
+        "{err}"
+    );
+    // Off the LAN, bob's address is free again, and the next one gets it.
+    p.ctl_ok(&["user", "network", "bob", "forward"])?;
+    let out = add("carol", "lan1");
+    ensure!(
+        out.status.success(),
+        "adding carol: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(row(p, "carol")?["lan_address"] == format!("{net}.201").as_str());
+    let lans = p.ctl_json(&["lan", "ls"])?;
+    println!("sspctl lan ls: {lans}");
+    ensure!(lans[0]["held"] == 2 && lans[0]["containers"] == 3, "{lans}");
     Ok(())
 }

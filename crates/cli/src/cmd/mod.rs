@@ -6,6 +6,7 @@ pub mod common;
 pub mod gpus;
 pub mod hosts;
 pub mod image;
+pub mod lan;
 pub mod ls;
 pub mod migrate;
 pub mod snapshot;
