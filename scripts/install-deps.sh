@@ -13,7 +13,9 @@ need_pkgs=(incus-base incus-client dnsmasq-base iptables btrfs-progs debootstrap
            busybox-static openssh-client iproute2 lxcfs uidmap)
 if [ "${1:-}" = "--test" ]; then
   # libprotobuf-dev: protoc's well-known .proto files (the etcd client's build needs them).
-  need_pkgs+=(lxd etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+  # openssh-server: the relay the reverse-tunnel test runs in a namespace of its own
+  # (its own sshd and config; the package's service is left as the package sets it).
+  need_pkgs+=(lxd etcd-server etcd-client protobuf-compiler libprotobuf-dev openssh-server)
 fi
 
 missing=()

@@ -19,6 +19,7 @@ pub mod nvidia;
 pub mod policy;
 pub mod ports;
 pub mod register;
+pub mod relay;
 pub mod render;
 pub mod service;
 pub mod share;
@@ -107,6 +108,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .resync_loop(std::time::Duration::from_secs(cfg.resync_secs.max(1))),
     );
     tokio::spawn(snapshot::schedule_loop(host.clone()));
+    match relay::ensure_key(&cfg.state_dir.join("relay")) {
+        Ok(_) => {
+            tokio::spawn(relay::supervise(host.clone(), cfg.state_dir.join("relay")));
+        }
+        Err(e) => tracing::error!(
+            "no key for the relay, so no tunnels for access from outside the LAN: {e:#}"
+        ),
+    }
     tokio::spawn(register::register_loop(
         cfg.clone(),
         host.clone(),

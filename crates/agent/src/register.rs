@@ -54,6 +54,7 @@ async fn register_once(
         inventory: Some(inventory),
         labels: cfg.labels.clone(),
         lan: cfg.lan.as_ref().map(|l| l.name.clone()).unwrap_or_default(),
+        relay_key: crate::relay::public_key(&cfg.state_dir.join("relay")).unwrap_or_default(),
         foreign_ports: foreign_ports.into_iter().map(u32::from).collect(),
     });
     // A coordinator that is paused or cut off must not hold the heartbeat up.

@@ -46,6 +46,9 @@ enum Commands {
     /// `--network lan` get an address there).
     #[command(subcommand)]
     Lan(cmd::lan::LanCmd),
+    /// The relay for access from outside the LAN (a reverse SSH tunnel per container).
+    #[command(subcommand)]
+    Relay(cmd::relay::RelayCmd),
     /// Print an ssh_config block for a user's container.
     SshConfig(cmd::ssh_config::Args),
     /// The replicated coordinators: init, join, leave, status.
@@ -97,6 +100,7 @@ async fn main() {
         Commands::Hosts => cmd::hosts::run(&cli).await,
         Commands::Host(ref c) => cmd::hosts::set(&cli, c).await,
         Commands::Lan(ref c) => cmd::lan::run(&cli, c).await,
+        Commands::Relay(ref c) => cmd::relay::run(&cli, c).await,
         Commands::SshConfig(ref a) => cmd::ssh_config::run(&cli, a).await,
         Commands::Cluster(ref c) => cmd::cluster::run(&cli, c).await,
         Commands::Login(ref a) => cmd::trust::login(&cli, a).await,

@@ -70,11 +70,16 @@ pub fn ssh_address(i: &ssp_proto::InstanceView) -> (String, u32) {
 }
 
 /// How `i` is reached, for tables: `ADDRESS:PORT`, with `(lan NAME)` for a
-/// container on the LAN.
+/// container on the LAN, and the relay's `HOST:PORT` for outside the LAN.
 pub fn reach(i: &ssp_proto::InstanceView) -> String {
-    match ssh_address(i) {
+    let inside = match ssh_address(i) {
         (a, p) if i.network != "lan" => format!("{a}:{p}"),
         (a, _) if a.is_empty() => format!("no address yet (lan {})", i.lan),
         (a, p) => format!("{a}:{p} (lan {})", i.lan),
+    };
+    if i.relay_port > 0 && !i.relay_host.is_empty() {
+        format!("{inside}, outside {}:{}", i.relay_host, i.relay_port)
+    } else {
+        inside
     }
 }

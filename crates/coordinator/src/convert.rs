@@ -24,6 +24,12 @@ pub fn user_to_wire(u: &User) -> pb::User {
 pub fn spec_of(state: &ssp_model::State, inst: &Instance) -> Option<pb::InstanceSpec> {
     let owner = state.users.get(inst.owner.as_str())?;
     let mut spec = spec_for(inst, owner, &state.settings());
+    if let (Some(r), Some(port)) = (&state.relay, inst.relay_port) {
+        spec.relay_host = r.host.to_string();
+        spec.relay_ssh_port = r.ssh_port.into();
+        spec.relay_user = r.user.to_string();
+        spec.relay_port = port.into();
+    }
     // A static address from the LAN's pool, with the pool's prefix and router.
     if let (Some(a), Some(pool)) = (
         inst.lan_address,
@@ -90,6 +96,10 @@ fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceS
         },
         lan_address: String::new(),
         lan_gateway: String::new(),
+        relay_host: String::new(),
+        relay_ssh_port: 0,
+        relay_user: String::new(),
+        relay_port: 0,
     }
 }
 
@@ -146,5 +156,7 @@ pub fn instance_view(
         lan: inst.placement.lan.clone().unwrap_or_default(),
         // A static one is known from the record; one by DHCP only from its host.
         lan_address: inst.lan_address.map(|a| a.to_string()).unwrap_or_default(),
+        relay_host: String::new(),
+        relay_port: inst.relay_port.map(u32::from).unwrap_or(0),
     }
 }

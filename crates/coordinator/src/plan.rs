@@ -198,6 +198,7 @@ mod tests {
             labels: vec![],
             foreign_ports: vec![],
             lan: None,
+            relay_key: None,
             inventory: Inventory {
                 images: Some(vec![ssp_model::Image {
                     fingerprint: "0123456789abcdef".repeat(4),

@@ -78,6 +78,59 @@ pub fn resize(req: &pb::ResizeUserRequest, cfg: &CoordinatorConfig) -> Result<Co
     })
 }
 
+/// Setting the relay (or removing it).
+pub fn set_relay(req: &pb::SetRelayRequest) -> Result<Command, InputError> {
+    if req.remove {
+        return Ok(Command::SetRelay { relay: None });
+    }
+    let host = NetAddress::parse(req.host.trim())?;
+    let port = |what: &'static str, p: u32| {
+        u16::try_from(p)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| InputError::new(what, &p.to_string(), "expected a port, 1 to 65535"))
+    };
+    let ssh_port = if req.ssh_port == 0 {
+        22
+    } else {
+        port("relay SSH port", req.ssh_port)?
+    };
+    let (first, last) = (
+        port("relay ports", req.ports_first)?,
+        port("relay ports", req.ports_last)?,
+    );
+    if first > last || (first..=last).contains(&ssh_port) {
+        return Err(InputError::new(
+            "relay ports",
+            &format!("{first}-{last}"),
+            "expected FIRST-LAST with FIRST <= LAST, not including the relay's SSH port",
+        ));
+    }
+    let user = req.user.trim();
+    let unix_name = !user.is_empty()
+        && user.len() <= 32
+        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !unix_name {
+        return Err(InputError::new(
+            "relay user",
+            user,
+            "expected the Unix account on the relay the agents log in as: lowercase letters, digits, '_' or '-', e.g. ssp-relay",
+        ));
+    }
+    let user = user.to_string();
+    Ok(Command::SetRelay {
+        relay: Some(ssp_model::Relay {
+            host,
+            ssh_port,
+            user,
+            ports: (first, last),
+        }),
+    })
+}
+
 /// A change of how `req.name`'s containers are reached.
 pub fn set_network(req: &pb::SetNetworkRequest) -> Result<Command, InputError> {
     let name = Username::parse(&req.name)?;
@@ -562,6 +615,10 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
         lan: match req.lan.trim() {
             "" => None,
             l => Some(lan_name(l)?),
+        },
+        relay_key: match req.relay_key.trim() {
+            "" => None,
+            k => Some(ssp_model::SshKey::parse(k)?.to_string()),
         },
     }))
 }

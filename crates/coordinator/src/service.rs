@@ -413,6 +413,9 @@ impl Coordinator for CoordinatorService {
                     (None, None) => ("missing".to_string(), String::new()),
                 };
                 let mut v = convert::instance_view(i, state.hosts.get(i.host.as_str()), &st, &uuid);
+                if let (Some(r), true) = (&state.relay, i.relay_port.is_some()) {
+                    v.relay_host = r.host.to_string();
+                }
                 if let Some(s) = seen.get(&key) {
                     v.disk_used_bytes = s.disk_used_bytes;
                     if i.network == ssp_model::Network::Lan && i.lan_address.is_none() {
@@ -1140,6 +1143,39 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
+    async fn set_relay(
+        &self,
+        req: Request<ssp_proto::SetRelayRequest>,
+    ) -> Result<Response<ssp_proto::RelayView>, Status> {
+        let caller = self
+            .admit(&req, &[Admin], "set-relay", &req.get_ref().host)
+            .await?;
+        if let Route::Leader(a) = self.core.route(req.metadata()).await? {
+            return self
+                .core
+                .peers
+                .coordinator(&a)?
+                .set_relay(forwarded(req))
+                .await;
+        }
+        let id = request_id(req.metadata());
+        let cmd = request::set_relay(req.get_ref()).map_err(input_status)?;
+        self.core.apply_for(&caller, cmd, id).await?;
+        // Every container's spec names its relay port: the agents start (or stop) the tunnels.
+        self.core.kick();
+        Ok(Response::new(self.core.read(relay_view)))
+    }
+
+    async fn get_relay(
+        &self,
+        req: Request<ssp_proto::GetRelayRequest>,
+    ) -> Result<Response<ssp_proto::RelayView>, Status> {
+        self.admit(&req, &[Admin], "get-relay", "").await?;
+        let kind = self.core.prepare_read(req.metadata()).await?;
+        let view = self.core.read(relay_view);
+        Ok(annotate(Response::new(view), &self.core, kind))
+    }
+
     async fn set_lan(
         &self,
         req: Request<ssp_proto::SetLanRequest>,
@@ -1420,6 +1456,28 @@ impl Coordinator for CoordinatorService {
                 inst.host, r.name
             ))
         })?;
+        if r.outside {
+            let (Some(relay), Some(port)) = (&state.relay, inst.relay_port) else {
+                return Err(Status::failed_precondition(match &state.relay {
+                    None => "this lab has no relay for access from outside the LAN (an admin sets one with `sspctl relay set`)".to_string(),
+                    Some(_) => format!("{}'s container has no relay port yet", r.name),
+                }));
+            };
+            let config = crate::sshconfig::render(
+                inst,
+                &r.name,
+                crate::sshconfig::Route::Relay {
+                    host: relay.host.as_str(),
+                    port,
+                },
+                &r.identity_file,
+            );
+            return Ok(annotate(
+                Response::new(SshConfigReply { config }),
+                &self.core,
+                kind,
+            ));
+        }
         // A container on the LAN is reached at its own address there, which the
         // LAN's DHCP server gave it: its agent reads it from the daemon.
         let lan_address = match inst.network {
@@ -1453,13 +1511,11 @@ impl Coordinator for CoordinatorService {
                 Some(addr)
             }
         };
-        let config = crate::sshconfig::render(
-            inst,
-            &r.name,
-            host,
-            lan_address.as_deref(),
-            &r.identity_file,
-        );
+        let route = match &lan_address {
+            Some(a) => crate::sshconfig::Route::Lan(a),
+            None => crate::sshconfig::Route::Forward(host),
+        };
+        let config = crate::sshconfig::render(inst, &r.name, route, &r.identity_file);
         Ok(annotate(
             Response::new(SshConfigReply { config }),
             &self.core,
@@ -1504,4 +1560,38 @@ fn lan_list(s: &ssp_model::State) -> ssp_proto::LanList {
         })
         .collect();
     ssp_proto::LanList { lans }
+}
+
+/// The relay and the lines its account's authorized_keys needs: each host
+/// agent's key, allowed to forward ports and nothing else.
+fn relay_view(s: &ssp_model::State) -> ssp_proto::RelayView {
+    let Some(r) = &s.relay else {
+        return ssp_proto::RelayView::default();
+    };
+    ssp_proto::RelayView {
+        set: true,
+        host: r.host.to_string(),
+        ssh_port: r.ssh_port.into(),
+        user: r.user.to_string(),
+        ports_first: r.ports.0.into(),
+        ports_last: r.ports.1.into(),
+        held: s
+            .instances
+            .values()
+            .filter(|i| i.relay_port.is_some())
+            .count() as u32,
+        authorized_keys: s
+            .hosts
+            .values()
+            .filter_map(|h| {
+                let key = h.relay_key.as_deref()?;
+                let mut parts = key.split_whitespace();
+                let (kind, blob) = (parts.next()?, parts.next()?);
+                Some(format!(
+                    "restrict,port-forwarding,command=\"/bin/false\" {kind} {blob} ssp-agent@{}",
+                    h.name
+                ))
+            })
+            .collect(),
+    }
 }

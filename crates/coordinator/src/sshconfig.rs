@@ -2,22 +2,27 @@
 
 use ssp_model::{Host, Instance};
 
+/// Where a login to a container goes.
+pub enum Route<'a> {
+    /// Its host's forwarded port.
+    Forward(&'a Host),
+    /// Its own address on the LAN, port 22.
+    Lan(&'a str),
+    /// Its port on the relay, through its host's reverse tunnel (from outside the
+    /// LAN): the block is named `ssp-USER-outside`.
+    Relay { host: &'a str, port: u16 },
+}
+
 /// An ssh_config `Host` block named `ssp-USER` for `user`'s login to `inst`: their
-/// own container, or the Common-Server they have an account in. `lan_address`: the
-/// container's own address on the LAN (port 22), instead of its host's forward.
-pub fn render(
-    inst: &Instance,
-    user: &str,
-    host: &Host,
-    lan_address: Option<&str>,
-    identity_file: &str,
-) -> String {
-    let (addr, port) = match lan_address {
-        Some(a) => (a.to_string(), 22),
-        None => (host.ssh_host.to_string(), inst.ssh_port),
+/// own container, or the Common-Server they have an account in.
+pub fn render(inst: &Instance, user: &str, route: Route, identity_file: &str) -> String {
+    let (addr, port, suffix) = match route {
+        Route::Forward(host) => (host.ssh_host.to_string(), inst.ssh_port, ""),
+        Route::Lan(a) => (a.to_string(), 22, ""),
+        Route::Relay { host, port } => (host.to_string(), port, "-outside"),
     };
     let mut out =
-        format!("Host ssp-{user}\n    HostName {addr}\n    Port {port}\n    User {user}\n");
+        format!("Host ssp-{user}{suffix}\n    HostName {addr}\n    Port {port}\n    User {user}\n");
     if !identity_file.is_empty() {
         out.push_str(&format!(
             "    IdentityFile {identity_file}\n    IdentitiesOnly yes\n"

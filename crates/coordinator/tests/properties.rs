@@ -379,6 +379,7 @@ fn register_host_request() -> impl Strategy<Value = pb::RegisterHostRequest> {
                     labels,
                     foreign_ports,
                     lan: String::new(),
+                    relay_key: String::new(),
                 }
             },
         )
@@ -651,6 +652,7 @@ fn valid_register_host() -> impl Strategy<Value = Command> {
                 labels: labels.into_iter().map(String::from).collect(),
                 foreign_ports,
                 lan: String::new(),
+                relay_key: String::new(),
             },
         )
         .prop_filter_map("refused", |r| request::register_host(&r).ok())
@@ -1130,6 +1132,18 @@ fn instance_spec() -> impl Strategy<Value = pb::InstanceSpec> {
                         String::new()
                     },
                     lan_gateway: String::new(),
+                    relay_host: if uid % 3 == 0 {
+                        "relay.example.org".into()
+                    } else {
+                        String::new()
+                    },
+                    relay_ssh_port: if uid % 3 == 0 { 22 } else { 0 },
+                    relay_user: if uid % 3 == 0 {
+                        "ssp-relay".into()
+                    } else {
+                        String::new()
+                    },
+                    relay_port: if uid % 3 == 0 { 30000 + uid % 1000 } else { 0 },
                     hwaddr: if uid % 5 == 0 {
                         format!("02:73:00:00:{:02x}:{:02x}", uid >> 8 & 0xff, uid & 0xff)
                     } else {

@@ -33,6 +33,7 @@ fn host(i: u32) -> Host {
         labels: vec![],
         foreign_ports: vec![],
         lan: None,
+        relay_key: None,
         inventory: Inventory {
             images: Some(vec![Image {
                 fingerprint: "0123456789abcdef".repeat(4),

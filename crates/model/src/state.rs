@@ -60,6 +60,9 @@ pub struct State {
     /// its DHCP server.
     #[serde(default)]
     pub lans: BTreeMap<String, crate::types::LanPool>,
+    /// The relay for access from outside the LAN, if the lab has one.
+    #[serde(default)]
+    pub relay: Option<crate::types::Relay>,
     /// Derived from `users` and `instances`; never stored. See [`Usage`].
     #[serde(skip)]
     usage: Usage,
@@ -75,6 +78,7 @@ impl PartialEq for State {
             && self.migrations == o.migrations
             && self.next_migration == o.next_migration
             && self.lans == o.lans
+            && self.relay == o.relay
     }
 }
 
@@ -94,6 +98,8 @@ pub struct Usage {
     free_of: BTreeMap<String, u32>,
     /// Static addresses held on each LAN (by LAN name).
     pub lan_addrs: BTreeMap<String, Numbers>,
+    /// Relay ports held.
+    pub relay_ports: Numbers,
 }
 
 /// One host's ports and GPUs in use (GPU → holding instance).
@@ -280,6 +286,9 @@ impl Usage {
                 .or_default()
                 .insert(a.into());
         }
+        if let Some(p) = i.relay_port {
+            self.relay_ports.insert(p.into());
+        }
         self.instances += 1;
     }
 
@@ -312,6 +321,9 @@ impl Usage {
             if let Some(n) = self.lan_addrs.get_mut(lan) {
                 n.remove(a.into());
             }
+        }
+        if let Some(p) = i.relay_port {
+            self.relay_ports.remove(p.into());
         }
         self.instances -= 1;
     }
@@ -361,6 +373,8 @@ pub enum Command {
         #[serde(default)]
         lan: Option<String>,
     },
+    /// Sets (or with `None` removes) the relay; every container gets a relay port.
+    SetRelay { relay: Option<crate::types::Relay> },
     /// Sets (or with `None` removes) a LAN's pool of static addresses.
     SetLan {
         name: String,
@@ -401,6 +415,18 @@ impl Command {
             Command::Resize { name, .. } => ("resize", name.clone()),
             Command::SetNetwork { name, network, .. } => {
                 return (format!("set-network {}", network.as_str()), name.clone())
+            }
+            Command::SetRelay { relay } => {
+                return (
+                    match relay {
+                        Some(r) => format!("set-relay ports {}-{}", r.ports.0, r.ports.1),
+                        None => "set-relay none".into(),
+                    },
+                    relay
+                        .as_ref()
+                        .map(|r| r.host.as_str().to_string())
+                        .unwrap_or_default(),
+                )
             }
             Command::SetLan { name, pool } => {
                 return (
@@ -483,6 +509,10 @@ pub enum Outcome {
         instances: Vec<String>,
     },
     LanSet,
+    /// The relay is set; these containers got (or lost) a relay port.
+    RelaySet {
+        instances: Vec<String>,
+    },
     /// The user's containers are reached the new way; these change.
     NetworkSet {
         instances: Vec<String>,
@@ -685,6 +715,7 @@ impl State {
             Command::SetNetwork { name, network, lan } => {
                 self.set_network(name, *network, lan.as_deref())
             }
+            Command::SetRelay { relay } => self.set_relay(relay.as_ref()),
             Command::SetLan { name, pool } => {
                 // Every address held on this LAN must stay in its pool: a container
                 // keeps its address; an admin moves it off the LAN first.
@@ -861,6 +892,10 @@ impl State {
             }
             _ => None,
         };
+        let relay_port = self.free_relay_port().map_err(|reason| Rejection::NoFit {
+            user: name.into(),
+            reason,
+        })?;
         let user = User {
             name: req.name.clone(),
             uid,
@@ -894,6 +929,7 @@ impl State {
             },
             network: req.network,
             lan_address,
+            relay_port,
         };
         Ok(self.insert_placed(user, instance))
     }
@@ -1008,6 +1044,10 @@ impl State {
             placement: Default::default(),
             network: Default::default(),
             lan_address: None,
+            relay_port: self.free_relay_port().map_err(|reason| Rejection::NoFit {
+                user: req.name.to_string(),
+                reason,
+            })?,
         };
         Ok(self.insert_placed(user, instance))
     }
@@ -1168,6 +1208,91 @@ impl State {
             instances.push(n);
         }
         Ok(Outcome::NetworkSet { instances })
+    }
+
+    /// The relay: ports held stay (each must be in the new range), every
+    /// container without one gets the lowest free; no relay, no ports.
+    fn set_relay(&mut self, relay: Option<&crate::types::Relay>) -> Result<Outcome, Rejection> {
+        let Some(r) = relay else {
+            self.relay = None;
+            let held: Vec<String> = self
+                .instances
+                .values()
+                .filter(|i| i.relay_port.is_some())
+                .map(|i| i.name.clone())
+                .collect();
+            for n in &held {
+                self.set_relay_port(n, None);
+            }
+            return Ok(Outcome::RelaySet { instances: held });
+        };
+        let (first, last) = r.ports;
+        if first == 0 || first > last {
+            return Err(Rejection::Network(format!(
+                "relay ports {first}-{last}: expected FIRST-LAST with 0 < FIRST <= LAST"
+            )));
+        }
+        let outside: Vec<String> = self
+            .instances
+            .values()
+            .filter_map(|i| {
+                let p = i.relay_port?;
+                (!(first..=last).contains(&p)).then(|| format!("{} holds {p}", i.name))
+            })
+            .collect();
+        if !outside.is_empty() {
+            return Err(Rejection::Network(format!(
+                "the relay ports {first}-{last} leave out ports in use ({}); keep them in the range",
+                outside.join(", ")
+            )));
+        }
+        let without: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.relay_port.is_none() && !i.deleting)
+            .map(|i| i.name.clone())
+            .collect();
+        let free =
+            (u32::from(last - first) + 1).saturating_sub(self.usage.relay_ports.len() as u32);
+        if (without.len() as u32) > free {
+            return Err(Rejection::Network(format!(
+                "{} containers need a relay port and {first}-{last} has {free} free",
+                without.len()
+            )));
+        }
+        self.relay = Some(r.clone());
+        for n in &without {
+            let p = self
+                .usage
+                .relay_ports
+                .lowest_free(first.into(), last.into());
+            self.set_relay_port(n, p.map(|p| p as u16));
+        }
+        Ok(Outcome::RelaySet { instances: without })
+    }
+
+    /// Gives `name` relay port `port` (or none), keeping the usage index current.
+    fn set_relay_port(&mut self, name: &str, port: Option<u16>) {
+        if let Some(old) = self.instances.get(name).cloned() {
+            let mut new = old.clone();
+            new.relay_port = port;
+            self.usage.remove(&old);
+            self.usage.add(&new);
+            self.instances.insert(name.to_string(), new);
+        }
+    }
+
+    /// A relay port for a new container: `None` without a relay, else the lowest
+    /// free, or why there is none.
+    fn free_relay_port(&self) -> Result<Option<u16>, String> {
+        let Some(r) = &self.relay else {
+            return Ok(None);
+        };
+        self.usage
+            .relay_ports
+            .lowest_free(r.ports.0.into(), r.ports.1.into())
+            .map(|p| Some(p as u16))
+            .ok_or_else(|| format!("no free relay port left in {}-{}", r.ports.0, r.ports.1))
     }
 
     /// The lowest free address of `lan`'s pool, `None` when the LAN has no pool

@@ -152,6 +152,24 @@ pub struct Host {
     /// can be placed here (and moved between hosts of the same LAN).
     #[serde(default)]
     pub lan: Option<String>,
+    /// The public key the host's agent logs in to the relay with (OpenSSH
+    /// format), for the relay's authorized_keys.
+    #[serde(default)]
+    pub relay_key: Option<String>,
+}
+
+/// The admin's relay for access from outside the LAN: each host's agent keeps
+/// an OpenSSH reverse tunnel there per container, from the container's relay port
+/// to its SSH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relay {
+    /// Where users and agents reach the relay's sshd.
+    pub host: NetAddress,
+    pub ssh_port: u16,
+    /// The account the agents log in as (a Unix name on the relay).
+    pub user: String,
+    /// Inclusive range of relay ports, one per container.
+    pub ports: (u16, u16),
 }
 
 /// Whether a host takes new containers.
@@ -394,6 +412,10 @@ pub struct Instance {
     /// (`None`: the LAN's DHCP server gives it one, or it is not on a LAN).
     #[serde(default)]
     pub lan_address: Option<std::net::Ipv4Addr>,
+    /// Its port on the relay (when the lab has one): users outside the LAN reach
+    /// its SSH there, through its host's reverse tunnel.
+    #[serde(default)]
+    pub relay_port: Option<u16>,
 }
 
 /// An admin's pool of static addresses on a LAN (`sspctl lan set`): containers

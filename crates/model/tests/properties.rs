@@ -793,6 +793,7 @@ fn host() -> impl Strategy<Value = Host> {
                         Some(2) => Some("annex".into()),
                         _ => None,
                     },
+                    relay_key: None,
                 }
             },
         )
@@ -919,6 +920,17 @@ fn command() -> impl Strategy<Value = Command> {
                 network,
                 lan: lan.map(String::from),
             }),
+        // A small range, so it fills up; sometimes one that leaves out held ports.
+        2 => prop::option::weighted(0.8, (30000u16..30003, 0u16..3)).prop_map(|r| {
+            Command::SetRelay {
+                relay: r.map(|(first, n)| ssp_model::Relay {
+                    host: ssp_model::NetAddress::parse("relay.example.org").unwrap(),
+                    ssh_port: 22,
+                    user: "ssp-relay".into(),
+                    ports: (first, first + n),
+                }),
+            }
+        }),
         // Small pools, so they fill up; sometimes one that leaves out held addresses.
         2 => (
             select(&["lab", "annex"][..]),
@@ -984,7 +996,19 @@ fn check_invariants(s: &State) -> Result<(), TestCaseError> {
     let mut ports: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
     let mut gpus: BTreeMap<&str, BTreeSet<&PciAddress>> = BTreeMap::new();
     let mut lan_addrs = BTreeSet::new();
+    let mut relay_ports = BTreeSet::new();
     for (name, i) in &s.instances {
+        // A relay port: only with a relay, inside its range, nobody else's.
+        if let Some(p) = i.relay_port {
+            let r = s.relay.as_ref();
+            prop_assert!(
+                r.is_some_and(|r| (r.ports.0..=r.ports.1).contains(&p)),
+                "{} holds relay port {} outside the relay's range",
+                name,
+                p
+            );
+            prop_assert!(relay_ports.insert(p), "relay port {} twice", p);
+        }
         prop_assert_eq!(name, &i.name);
         prop_assert!(
             s.users.contains_key(i.owner.as_str()),
@@ -1198,6 +1222,7 @@ fn one_host() -> Command {
         labels: vec![],
         foreign_ports: vec![],
         lan: None,
+        relay_key: None,
     })
 }
 

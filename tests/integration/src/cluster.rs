@@ -678,6 +678,7 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
         labels: vec![],
         foreign_ports: vec![],
         lan: String::new(),
+        relay_key: String::new(),
     }
 }
 

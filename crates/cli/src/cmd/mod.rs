@@ -9,6 +9,7 @@ pub mod image;
 pub mod lan;
 pub mod ls;
 pub mod migrate;
+pub mod relay;
 pub mod snapshot;
 pub mod ssh_config;
 pub mod trust;

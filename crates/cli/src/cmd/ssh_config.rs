@@ -17,6 +17,10 @@ pub struct Args {
     /// Known-hosts file to name in the block (default: the ssh client's own).
     #[arg(long)]
     known_hosts: Option<PathBuf>,
+    /// For outside the LAN: through the lab's relay (`Host ssp-NAME-outside`),
+    /// to the container's port there.
+    #[arg(long)]
+    outside: bool,
 }
 
 pub async fn run(cli: &Cli, a: &Args) -> anyhow::Result<()> {
@@ -33,6 +37,7 @@ pub async fn run(cli: &Cli, a: &Args) -> anyhow::Result<()> {
     let body = SshConfigRequest {
         name: a.name.clone(),
         identity_file: identity,
+        outside: a.outside,
     };
     let mut config = crate::cmd::Conn::new(cli)?
         .call(body, |ch, r| async move {

@@ -18,6 +18,7 @@ fn host(name: &str, gpus: u32) -> Host {
         labels: vec![],
         foreign_ports: vec![],
         lan: None,
+        relay_key: None,
         inventory: Inventory {
             images: Some(vec![image(
                 "a1b2c3d4e5f60718293a4b5c6d7e8f90",
@@ -1206,4 +1207,44 @@ fn an_adopted_container_holds_what_it_uses_or_is_refused_with_the_conflict() {
         panic!()
     };
     assert_eq!(eve.ssh_port, 22002);
+}
+
+#[test]
+fn the_relay_gives_every_container_a_port_of_its_own() {
+    let mut s = state_with(&[("host1", 4)]);
+    placed(&mut s, &user("a", 0));
+    placed(&mut s, &user("b", 0));
+    let relay = |first: u16, last: u16| Command::SetRelay {
+        relay: Some(crate::types::Relay {
+            host: crate::NetAddress::parse("relay.example.org").unwrap(),
+            ssh_port: 22,
+            user: "ssp-relay".into(),
+            ports: (first, last),
+        }),
+    };
+    // Too small for the containers there are: refused, nothing changes.
+    let before = s.clone();
+    let e = s.apply(&relay(30000, 30000)).unwrap_err().to_string();
+    assert!(e.contains("2 containers need a relay port"), "{e}");
+    assert_eq!(s, before);
+    s.apply(&relay(30000, 30002)).unwrap();
+    assert_eq!(s.instances["a"].relay_port, Some(30000));
+    assert_eq!(s.instances["b"].relay_port, Some(30001));
+    placed(&mut s, &user("c", 0));
+    assert_eq!(s.instances["c"].relay_port, Some(30002));
+    // Full: a new user is refused with the reason.
+    let e = s.apply(&user("d", 0)).unwrap_err().to_string();
+    assert!(e.contains("no free relay port left in 30000-30002"), "{e}");
+    // A range that leaves out held ports is refused; a removed user's port is reused.
+    let e = s.apply(&relay(30001, 30010)).unwrap_err().to_string();
+    assert!(e.contains("a holds 30000"), "{e}");
+    s.apply(&Command::RemoveUser { name: "a".into() }).unwrap();
+    s.apply(&Command::ForgetInstance { name: "a".into() })
+        .unwrap();
+    placed(&mut s, &user("d", 0));
+    assert_eq!(s.instances["d"].relay_port, Some(30000));
+    // No relay, no ports.
+    s.apply(&Command::SetRelay { relay: None }).unwrap();
+    assert!(s.instances.values().all(|i| i.relay_port.is_none()));
+    assert_eq!(s.relay, None);
 }
