@@ -9,6 +9,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/install-deps.sh" "$@"
+if [ "${1:-}" = "--test" ]; then
+  bash "$here/install-frp.sh"
+fi
 bash "$here/build-images.sh" >/dev/null
 
 # Root needs one large range for isolated containers (each takes 65536 ids from it)

@@ -80,6 +80,19 @@ pub struct AgentConfig {
     /// a NIC there with an address of their own. None: no LAN mode on this host.
     #[serde(default)]
     pub lan: Option<LanConfig>,
+    /// frp's client, for a relay that runs frps (default: `frpc` on PATH).
+    #[serde(default = "default_frpc")]
+    pub frpc: PathBuf,
+    /// The loopback port of frpc's admin API, which the agent reloads it through.
+    #[serde(default = "default_frpc_admin_port")]
+    pub frpc_admin_port: u16,
+}
+
+fn default_frpc() -> PathBuf {
+    "frpc".into()
+}
+fn default_frpc_admin_port() -> u16 {
+    7402
 }
 
 /// `[lan]`: where containers in LAN mode join the lab's LAN.

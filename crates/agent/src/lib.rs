@@ -110,7 +110,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(snapshot::schedule_loop(host.clone()));
     match relay::ensure_key(&cfg.state_dir.join("relay")) {
         Ok(_) => {
-            tokio::spawn(relay::supervise(host.clone(), cfg.state_dir.join("relay")));
+            tokio::spawn(relay::supervise(
+                host.clone(),
+                cfg.state_dir.join("relay"),
+                relay::FrpcConfig {
+                    program: cfg.frpc.clone(),
+                    admin_port: cfg.frpc_admin_port,
+                },
+            ));
         }
         Err(e) => tracing::error!(
             "no key for the relay, so no tunnels for access from outside the LAN: {e:#}"

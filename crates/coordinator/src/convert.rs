@@ -26,7 +26,9 @@ pub fn spec_of(state: &ssp_model::State, inst: &Instance) -> Option<pb::Instance
     let mut spec = spec_for(inst, owner, &state.settings());
     if let (Some(r), Some(port)) = (&state.relay, inst.relay_port) {
         spec.relay_host = r.host.to_string();
-        spec.relay_ssh_port = r.ssh_port.into();
+        spec.relay_server_port = r.port.into();
+        spec.relay_kind = r.kind.as_str().into();
+        spec.relay_token = r.token.clone();
         spec.relay_user = r.user.to_string();
         spec.relay_port = port.into();
     }
@@ -97,7 +99,9 @@ fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceS
         lan_address: String::new(),
         lan_gateway: String::new(),
         relay_host: String::new(),
-        relay_ssh_port: 0,
+        relay_server_port: 0,
+        relay_kind: String::new(),
+        relay_token: String::new(),
         relay_user: String::new(),
         relay_port: 0,
     }

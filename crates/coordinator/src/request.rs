@@ -84,35 +84,69 @@ pub fn set_relay(req: &pb::SetRelayRequest) -> Result<Command, InputError> {
         return Ok(Command::SetRelay { relay: None });
     }
     let host = NetAddress::parse(req.host.trim())?;
+    let kind = match req.kind.trim() {
+        "" | "ssh" => ssp_model::RelayKind::Ssh,
+        "frp" => ssp_model::RelayKind::Frp,
+        k => return Err(InputError::new(
+            "relay kind",
+            k,
+            "expected ssh (OpenSSH reverse tunnels) or frp (frpc on each host, frps on the relay)",
+        )),
+    };
     let port = |what: &'static str, p: u32| {
         u16::try_from(p)
             .ok()
             .filter(|p| *p > 0)
             .ok_or_else(|| InputError::new(what, &p.to_string(), "expected a port, 1 to 65535"))
     };
-    let ssh_port = if req.ssh_port == 0 {
-        22
-    } else {
-        port("relay SSH port", req.ssh_port)?
+    let server_port = match (req.port, kind) {
+        (0, ssp_model::RelayKind::Ssh) => 22,
+        (0, ssp_model::RelayKind::Frp) => 7000,
+        (p, _) => port("relay port", p)?,
     };
     let (first, last) = (
         port("relay ports", req.ports_first)?,
         port("relay ports", req.ports_last)?,
     );
-    if first > last || (first..=last).contains(&ssh_port) {
+    if first > last || (first..=last).contains(&server_port) {
         return Err(InputError::new(
             "relay ports",
             &format!("{first}-{last}"),
-            "expected FIRST-LAST with FIRST <= LAST, not including the relay's SSH port",
+            "expected FIRST-LAST with FIRST <= LAST, not including the relay's own port (sshd's or frps's)",
         ));
     }
+    let token = req.token.trim();
+    match kind {
+        ssp_model::RelayKind::Frp
+            if token.is_empty()
+                || token.len() > 256
+                || !token
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\') =>
+        {
+            return Err(InputError::new(
+                "frp token",
+                if token.is_empty() { "" } else { "(hidden)" },
+                "expected frps's auth.token: 1 to 256 printable characters, no quotes or backslashes",
+            ));
+        }
+        ssp_model::RelayKind::Ssh if !token.is_empty() => {
+            return Err(InputError::new(
+                "relay token",
+                "(hidden)",
+                "a token is for an frp relay (--frp)",
+            ));
+        }
+        _ => {}
+    }
     let user = req.user.trim();
-    let unix_name = !user.is_empty()
-        && user.len() <= 32
-        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && user
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    let unix_name = (kind == ssp_model::RelayKind::Frp && user.is_empty())
+        || !user.is_empty()
+            && user.len() <= 32
+            && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && user
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if !unix_name {
         return Err(InputError::new(
             "relay user",
@@ -124,9 +158,11 @@ pub fn set_relay(req: &pb::SetRelayRequest) -> Result<Command, InputError> {
     Ok(Command::SetRelay {
         relay: Some(ssp_model::Relay {
             host,
-            ssh_port,
+            port: server_port,
             user,
             ports: (first, last),
+            kind,
+            token: token.to_string(),
         }),
     })
 }

@@ -1571,7 +1571,8 @@ fn relay_view(s: &ssp_model::State) -> ssp_proto::RelayView {
     ssp_proto::RelayView {
         set: true,
         host: r.host.to_string(),
-        ssh_port: r.ssh_port.into(),
+        port: r.port.into(),
+        kind: r.kind.as_str().into(),
         user: r.user.to_string(),
         ports_first: r.ports.0.into(),
         ports_last: r.ports.1.into(),
@@ -1583,6 +1584,7 @@ fn relay_view(s: &ssp_model::State) -> ssp_proto::RelayView {
         authorized_keys: s
             .hosts
             .values()
+            .filter(|_| r.kind == ssp_model::RelayKind::Ssh)
             .filter_map(|h| {
                 let key = h.relay_key.as_deref()?;
                 let mut parts = key.split_whitespace();

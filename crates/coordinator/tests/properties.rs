@@ -1137,7 +1137,17 @@ fn instance_spec() -> impl Strategy<Value = pb::InstanceSpec> {
                     } else {
                         String::new()
                     },
-                    relay_ssh_port: if uid % 3 == 0 { 22 } else { 0 },
+                    relay_server_port: if uid % 3 == 0 { 22 } else { 0 },
+                    relay_kind: if uid % 6 == 0 {
+                        "frp".into()
+                    } else {
+                        String::new()
+                    },
+                    relay_token: if uid % 6 == 0 {
+                        "t0ken".into()
+                    } else {
+                        String::new()
+                    },
                     relay_user: if uid % 3 == 0 {
                         "ssp-relay".into()
                     } else {

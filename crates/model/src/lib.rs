@@ -17,5 +17,5 @@ pub use names::{
 pub use state::{Command, Outcome, Rejection, Settings, State};
 pub use types::{
     CertRole, Constraints, Gpu, Host, HostStatus, Image, Instance, Inventory, LanPool, Limits,
-    Network, NewUser, Pool, Relay, Role, SnapshotSchedule, User, UserKind,
+    Network, NewUser, Pool, Relay, RelayKind, Role, SnapshotSchedule, User, UserKind,
 };

@@ -158,18 +158,44 @@ pub struct Host {
     pub relay_key: Option<String>,
 }
 
-/// The admin's relay for access from outside the LAN: each host's agent keeps
-/// an OpenSSH reverse tunnel there per container, from the container's relay port
-/// to its SSH.
+/// The admin's relay for access from outside the LAN: each host's agent keeps a
+/// tunnel there per container, from the container's relay port to its SSH: an
+/// OpenSSH reverse tunnel, or a proxy of frp's client (frpc) to the relay's frps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Relay {
-    /// Where users and agents reach the relay's sshd.
+    /// Where users and agents reach the relay.
     pub host: NetAddress,
-    pub ssh_port: u16,
-    /// The account the agents log in as (a Unix name on the relay).
+    /// The port the agents connect to: the relay's sshd, or frps's bindPort.
+    pub port: u16,
+    /// The account the agents log in as (a Unix name on the relay; OpenSSH only).
     pub user: String,
     /// Inclusive range of relay ports, one per container.
     pub ports: (u16, u16),
+    #[serde(default)]
+    pub kind: RelayKind,
+    /// frp: the token frps expects (its `auth.token`).
+    #[serde(default)]
+    pub token: String,
+}
+
+/// How the agents reach the relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayKind {
+    /// OpenSSH reverse tunnels (`ssh -N -R`), one per container.
+    #[default]
+    Ssh,
+    /// frp: one frpc per host with a proxy per container.
+    Frp,
+}
+
+impl RelayKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayKind::Ssh => "ssh",
+            RelayKind::Frp => "frp",
+        }
+    }
 }
 
 /// Whether a host takes new containers.

@@ -925,9 +925,11 @@ fn command() -> impl Strategy<Value = Command> {
             Command::SetRelay {
                 relay: r.map(|(first, n)| ssp_model::Relay {
                     host: ssp_model::NetAddress::parse("relay.example.org").unwrap(),
-                    ssh_port: 22,
+                    port: 22,
                     user: "ssp-relay".into(),
                     ports: (first, first + n),
+                    kind: Default::default(),
+                    token: String::new(),
                 }),
             }
         }),

@@ -119,7 +119,7 @@ fn a_user_reaches_their_container_through_the_relay_and_the_tunnel_comes_back() 
                 "--ports",
                 "20-30",
             ][..],
-            "SSH port",
+            "relay's own port",
         ),
     ] {
         let err = p.ctl_err(args)?;

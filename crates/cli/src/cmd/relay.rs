@@ -1,6 +1,7 @@
 //! `sspctl relay`: the relay for access from outside the LAN. Each host's agent
-//! keeps an OpenSSH reverse tunnel there per container, from the container's
-//! relay port to its SSH; `sspctl ssh-config NAME --outside` points there.
+//! keeps a tunnel there per container, from the container's relay port to its
+//! SSH (an OpenSSH reverse tunnel, or a proxy of the host's frpc to the relay's
+//! frps); `sspctl ssh-config NAME --outside` points there.
 
 use serde_json::json;
 use ssp_proto::{GetRelayRequest, RelayView, SetRelayRequest};
@@ -13,21 +14,30 @@ pub enum RelayCmd {
     /// ~/.ssh/authorized_keys needs (each host agent's key, allowed to forward
     /// ports and nothing else).
     Show,
-    /// Name the relay: every container gets a port there. Its sshd needs
-    /// `GatewayPorts clientspecified` (or `yes`), so the ports listen for users
-    /// outside, and the agents' keys (`sspctl relay show`) in USER's authorized_keys.
+    /// Name the relay: every container gets a port there. With OpenSSH (the
+    /// default) its sshd needs `GatewayPorts clientspecified` (or `yes`), so the
+    /// ports listen for users outside, and the agents' keys (`sspctl relay show`)
+    /// in USER's authorized_keys. With `--frp`, the relay runs frps (with
+    /// `auth.token`, and allowing the ports), and each host needs frpc.
     Set {
-        /// Where users and the agents reach the relay's sshd.
+        /// Where users and the agents reach the relay.
         host: String,
-        /// The account the agents log in as.
-        #[arg(long)]
-        user: String,
+        /// OpenSSH: the account the agents log in as.
+        #[arg(long, required_unless_present = "frp")]
+        user: Option<String>,
         /// The relay ports, FIRST-LAST, one per container.
         #[arg(long)]
         ports: String,
-        /// The relay's SSH port.
-        #[arg(long, default_value_t = 22)]
-        ssh_port: u16,
+        /// The port the agents connect to: the relay's sshd (default 22), or
+        /// frps's bindPort (default 7000).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The relay runs frps; the hosts' frpc carries the ports.
+        #[arg(long)]
+        frp: bool,
+        /// With --frp: a file holding frps's auth.token.
+        #[arg(long, requires = "frp", value_name = "FILE")]
+        token_file: Option<std::path::PathBuf>,
     },
     /// No relay: the tunnels stop and the ports are given back.
     Remove,
@@ -59,8 +69,19 @@ pub async fn run(cli: &Cli, cmd: &RelayCmd) -> anyhow::Result<()> {
             host,
             user,
             ports,
-            ssh_port,
+            port,
+            frp,
+            token_file,
         } => {
+            let token = match token_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        anyhow::anyhow!("reading the frp token from {}: {e}", f.display())
+                    })?
+                    .trim()
+                    .to_string(),
+                None => String::new(),
+            };
             let (first, last) = ports
                 .split_once('-')
                 .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
@@ -69,11 +90,13 @@ pub async fn run(cli: &Cli, cmd: &RelayCmd) -> anyhow::Result<()> {
                 })?;
             set(SetRelayRequest {
                 host: host.clone(),
-                ssh_port: (*ssh_port).into(),
-                user: user.clone(),
+                port: port.map(u32::from).unwrap_or(0),
+                user: user.clone().unwrap_or_default(),
                 ports_first: first,
                 ports_last: last,
                 remove: false,
+                kind: if *frp { "frp" } else { "ssh" }.into(),
+                token,
             })
             .await?
         }
@@ -94,19 +117,27 @@ fn print(cli: &Cli, v: &RelayView) {
     match cli.output {
         crate::output::Format::Json => crate::outln!(
             "{}",
-            json!({"set": v.set, "host": v.host, "ssh_port": v.ssh_port, "user": v.user,
+            json!({"set": v.set, "kind": v.kind, "host": v.host, "port": v.port, "user": v.user,
                    "ports_first": v.ports_first, "ports_last": v.ports_last, "held": v.held,
                    "authorized_keys": v.authorized_keys})
         ),
         crate::output::Format::Table if !v.set => {
             crate::outln!("no relay (`sspctl relay set HOST --user USER --ports FIRST-LAST`)")
         }
+        crate::output::Format::Table if v.kind == "frp" => crate::outln!(
+            "relay frps at {}:{}, ports {}-{} ({} given out); each host needs frpc",
+            v.host,
+            v.port,
+            v.ports_first,
+            v.ports_last,
+            v.held
+        ),
         crate::output::Format::Table => {
             crate::outln!(
                 "relay {}@{}:{}, ports {}-{} ({} given out)",
                 v.user,
                 v.host,
-                v.ssh_port,
+                v.port,
                 v.ports_first,
                 v.ports_last,
                 v.held

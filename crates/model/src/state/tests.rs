@@ -1217,9 +1217,11 @@ fn the_relay_gives_every_container_a_port_of_its_own() {
     let relay = |first: u16, last: u16| Command::SetRelay {
         relay: Some(crate::types::Relay {
             host: crate::NetAddress::parse("relay.example.org").unwrap(),
-            ssh_port: 22,
+            port: 22,
             user: "ssp-relay".into(),
             ports: (first, last),
+            kind: Default::default(),
+            token: String::new(),
         }),
     };
     // Too small for the containers there are: refused, nothing changes.
