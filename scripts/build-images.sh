@@ -3,13 +3,14 @@
 # a tarball already in the cache is kept.
 #   busybox.tar.gz        ~1 MB, boots in well under a second (tests, resync benchmarks)
 #   debian-ssh.tar.gz     Debian 12 minbase with systemd and openssh-server (user containers)
+#   debian-desktop.tar.gz the same with xrdp and Xfce (--desktop; only with SSP_DESKTOP_IMAGE=1)
 set -euo pipefail
 CACHE=${SSP_IMAGE_CACHE:-/var/cache/ssp/images}
 mkdir -p "$CACHE"
 # Images are rebuilt whenever this recipe changes.
 recipe=$(sha256sum "$0" | cut -c1-16)
 if [ "$(cat "$CACHE/recipe" 2>/dev/null)" != "$recipe" ]; then
-  rm -f "$CACHE/busybox.tar.gz" "$CACHE/debian-ssh.tar.gz"
+  rm -f "$CACHE/busybox.tar.gz" "$CACHE/debian-ssh.tar.gz" "$CACHE/debian-desktop.tar.gz"
 fi
 
 metadata() { # $1 dir, $2 description
@@ -50,7 +51,10 @@ TAB
   echo "build-images: busybox image built"
 fi
 
-if [ ! -s "$CACHE/debian-ssh.tar.gz" ]; then
+# debian_image NAME EXTRA_PACKAGES DESCRIPTION [HOOK]: Debian 12 minbase with systemd,
+# openssh-server and ssp's boot units, plus ",pkg,pkg" EXTRA_PACKAGES; HOOK is
+# called with the root file system before it is packed.
+debian_image() {
   mirror=${SSP_DEBIAN_MIRROR:-}
   if [ -z "$mirror" ]; then
     mirror=$(awk '/^URIs:/{u=$2} /^Suites:/{ if ($0 ~ /bookworm( |$)/) {print u; exit} }' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
@@ -63,7 +67,7 @@ if [ ! -s "$CACHE/debian-ssh.tar.gz" ]; then
   # libnss-extrausers: the lab's member list, which the agent keeps in one host
   # folder mounted read-only at /var/lib/extrausers in every container.
   debootstrap --variant=minbase \
-    --include=openssh-server,sudo,python3,iproute2,systemd-sysv,dbus,passwd,procps,libnss-extrausers \
+    --include=openssh-server,sudo,python3,iproute2,systemd-sysv,dbus,passwd,procps,libnss-extrausers$2 \
     bookworm "$r" "$mirror"
   # Every container gets its own host keys on first boot, not the image's.
   rm -f "$r"/etc/ssh/ssh_host_*
@@ -147,12 +151,53 @@ UNIT
   # Key-only SSH; no DNS lookups so logins are quick without a resolver.
   printf 'PasswordAuthentication no\nUseDNS no\nHostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n' > "$r/etc/ssh/sshd_config.d/ssp.conf"
   echo "ssp" > "$r/etc/hostname"
+  # The variant's own steps (e.g. the desktop's).
+  [ -z "${4:-}" ] || "$4" "$r"
   rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/*
-  metadata "$d" "Debian 12 with openssh-server (ssp)" debian 12 "ssp.account: boot"
-  tar -C "$d" --numeric-owner -czf "$CACHE/debian-ssh.tar.gz.tmp" rootfs metadata.yaml
-  mv "$CACHE/debian-ssh.tar.gz.tmp" "$CACHE/debian-ssh.tar.gz"
+  metadata "$d" "$3" debian 12 "ssp.account: boot"
+  tar -C "$d" --numeric-owner -czf "$CACHE/$1.tar.gz.tmp" rootfs metadata.yaml
+  mv "$CACHE/$1.tar.gz.tmp" "$CACHE/$1.tar.gz"
   rm -rf "$d"
-  echo "build-images: debian-ssh image built"
+  echo "build-images: $1 image built"
+}
+
+# The desktop variant: xrdp with Xfce. Every container makes its own xrdp keys
+# and certificate at first boot, as it does its SSH host keys.
+desktop_extras() {
+  local r=$1
+  rm -f "$r/etc/xrdp/rsakeys.ini"
+  cat > "$r/etc/systemd/system/ssp-desktopkeys.service" <<'UNIT'
+[Unit]
+Description=Generate this container's xrdp keys and certificate
+DefaultDependencies=no
+After=local-fs.target
+Before=xrdp.service xrdp-sesman.service shutdown.target
+Conflicts=shutdown.target
+ConditionPathExists=!/etc/xrdp/rsakeys.ini
+
+[Service]
+Type=oneshot
+ExecStart=/usr/sbin/make-ssl-cert generate-default-snakeoil --force-overwrite
+ExecStart=/usr/bin/xrdp-keygen xrdp /etc/xrdp/rsakeys.ini
+# xrdp runs as its own user and reads its keys.
+ExecStart=/bin/chown xrdp:xrdp /etc/xrdp/rsakeys.ini
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  ln -sf /etc/systemd/system/ssp-desktopkeys.service "$r/etc/systemd/system/multi-user.target.wants/ssp-desktopkeys.service"
+  # Xfce is the session xrdp starts (Xsession's x-session-manager).
+  printf '%s\n' xfce4-session > "$r/etc/skel/.xsession"
+}
+
+if [ ! -s "$CACHE/debian-ssh.tar.gz" ]; then
+  debian_image debian-ssh "" "Debian 12 with openssh-server (ssp)"
+fi
+# The desktop image is large (Xfce): built when asked (SSP_DESKTOP_IMAGE=1), as the
+# test suite does.
+if [ "${SSP_DESKTOP_IMAGE:-}" = 1 ] && [ ! -s "$CACHE/debian-desktop.tar.gz" ]; then
+  debian_image debian-desktop ",xrdp,xorgxrdp,xfce4-session,xfwm4,xfce4-panel,xfdesktop4,xfce4-terminal,dbus-x11,xauth" \
+    "Debian 12 with openssh-server, xrdp and Xfce (ssp)" desktop_extras
 fi
 echo "$recipe" > "$CACHE/recipe"
 ls -la "$CACHE"

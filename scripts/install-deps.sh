@@ -15,7 +15,10 @@ if [ "${1:-}" = "--test" ]; then
   # libprotobuf-dev: protoc's well-known .proto files (the etcd client's build needs them).
   # openssh-server: the relay the reverse-tunnel test runs in a namespace of its own
   # (its own sshd and config; the package's service is left as the package sets it).
-  need_pkgs+=(lxd etcd-server etcd-client protobuf-compiler libprotobuf-dev openssh-server)
+  # xvfb, freerdp2-x11, imagemagick: an RDP client on a virtual screen logs in to a
+  # desktop container, and a screenshot of its session is kept.
+  need_pkgs+=(lxd etcd-server etcd-client protobuf-compiler libprotobuf-dev openssh-server
+              xvfb freerdp2-x11 imagemagick)
 fi
 
 missing=()

@@ -11,8 +11,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/install-deps.sh" "$@"
 if [ "${1:-}" = "--test" ]; then
   bash "$here/install-frp.sh"
+  # The test suite logs in to a desktop container over RDP.
+  SSP_DESKTOP_IMAGE=1 bash "$here/build-images.sh" >/dev/null
+else
+  bash "$here/build-images.sh" >/dev/null
 fi
-bash "$here/build-images.sh" >/dev/null
 
 # Root needs one large range for isolated containers (each takes 65536 ids from it)
 # and the lab's uid range, whose ids ssp maps 1:1 into containers (a container its

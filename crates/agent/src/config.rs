@@ -37,6 +37,10 @@ pub struct AgentConfig {
     /// Inclusive range of host ports for per-container SSH.
     #[serde(default = "default_ports")]
     pub ssh_ports: (u16, u16),
+    /// Inclusive range of host ports for desktop containers' RDP, at least as long
+    /// as `ssh_ports`: a container's is the one at its SSH port's place.
+    #[serde(default = "default_rdp_ports")]
+    pub rdp_ports: (u16, u16),
     /// Shared folders of specs must lie under these (resolved, they must not lead
     /// out of them); a spec with another is refused.
     #[serde(default = "default_shared_roots")]
@@ -185,6 +189,9 @@ fn default_ssh_listen() -> String {
 fn default_ports() -> (u16, u16) {
     (22000, 22999)
 }
+fn default_rdp_ports() -> (u16, u16) {
+    (23000, 23999)
+}
 fn default_shared_roots() -> Vec<PathBuf> {
     vec!["/srv/ssp/shared".into()]
 }
@@ -218,6 +225,16 @@ impl AgentConfig {
                 "ssh_ports {:?} in {}: expected [FIRST, LAST] with 0 < FIRST <= LAST",
                 cfg.ssh_ports,
                 path.display()
+            );
+        }
+        let (r0, r1) = cfg.rdp_ports;
+        let (s0, s1) = cfg.ssh_ports;
+        if r0 == 0 || r0 > r1 || r1 - r0 < s1 - s0 || (r0 <= s1 && s0 <= r1) {
+            anyhow::bail!(
+                "rdp_ports {:?} in {}: expected [FIRST, LAST] with as many ports as ssh_ports {:?}, not overlapping them",
+                cfg.rdp_ports,
+                path.display(),
+                cfg.ssh_ports
             );
         }
         if cfg.coordinators.is_empty() {

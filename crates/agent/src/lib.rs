@@ -98,6 +98,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let policy = Arc::new(policy::Policy {
         shared_roots: cfg.shared_roots.clone(),
         ssh_ports: cfg.ssh_ports,
+        rdp_ports: cfg.rdp_ports,
         uid_range: cfg.uid_range,
     });
     recheck_stored_specs(&host, &policy).await;

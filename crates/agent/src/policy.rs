@@ -17,6 +17,8 @@ pub struct Policy {
     pub shared_roots: Vec<PathBuf>,
     /// SSH ports containers may be forwarded from.
     pub ssh_ports: (u16, u16),
+    /// RDP ports desktop containers may be forwarded from.
+    pub rdp_ports: (u16, u16),
     /// The lab's uid range: a container maps its owner's uid and the lab gid of
     /// it 1:1, never another id of the host.
     pub uid_range: (u32, u32),
@@ -70,6 +72,14 @@ pub fn check<'a>(
             spec.ssh_port
         ));
     }
+    let (rfirst, rlast) = policy.rdp_ports;
+    if spec.rdp_port != 0 && (spec.rdp_port < u32::from(rfirst) || spec.rdp_port > u32::from(rlast))
+    {
+        return Err(format!(
+            "RDP port {} is outside this host's rdp_ports {rfirst}-{rlast}",
+            spec.rdp_port
+        ));
+    }
     ssp_model::parse_image(&spec.image).map_err(|e| e.to_string())?;
     let mut mine = BTreeSet::new();
     for pci in &spec.gpu_pci {
@@ -86,6 +96,9 @@ pub fn check<'a>(
         }
         if o.ssh_port == spec.ssh_port {
             return Err(format!("ssh port {} is held by {}", spec.ssh_port, o.name));
+        }
+        if spec.rdp_port != 0 && o.rdp_port == spec.rdp_port {
+            return Err(format!("RDP port {} is held by {}", spec.rdp_port, o.name));
         }
     }
     let (ufirst, ulast) = policy.uid_range;
@@ -208,6 +221,7 @@ mod tests {
         Policy {
             shared_roots: vec![root.to_path_buf()],
             ssh_ports: (22000, 22099),
+            rdp_ports: (23000, 23099),
             uid_range: (10000, 19999),
         }
     }

@@ -55,6 +55,8 @@ async fn register_once(
         labels: cfg.labels.clone(),
         lan: cfg.lan.as_ref().map(|l| l.name.clone()).unwrap_or_default(),
         relay_key: crate::relay::public_key(&cfg.state_dir.join("relay")).unwrap_or_default(),
+        rdp_port_first: cfg.rdp_ports.0.into(),
+        rdp_port_last: cfg.rdp_ports.1.into(),
         foreign_ports: foreign_ports.into_iter().map(u32::from).collect(),
     });
     // A coordinator that is paused or cut off must not hold the heartbeat up.

@@ -263,6 +263,9 @@ pub fn render(
         devices.insert(name.to_string(), nic);
     } else {
         forward_ssh(spec, host, addr, &mut devices)?;
+        if spec.desktop && spec.rdp_port != 0 {
+            forward_rdp(spec, host, addr, &mut devices)?;
+        }
     }
     gpus(spec, host, &mut config, &mut devices)?;
     if let Some(dir) = &host.members_dir {
@@ -334,6 +337,37 @@ fn forward_ssh(
             );
         }
     }
+    Ok(())
+}
+
+/// A desktop container's RDP (xrdp on 3389 inside), forwarded from its RDP port
+/// on the host the way SSH is.
+fn forward_rdp(
+    spec: &InstanceSpec,
+    host: &HostContext,
+    addr: Option<Ipv4Addr>,
+    devices: &mut BTreeMap<String, Device>,
+) -> Result<(), String> {
+    let d = match &host.ssh {
+        SshForward::Nat { listen, subnet, .. } => {
+            let addr = addr
+                .filter(|a| subnet.usable(*a))
+                .ok_or_else(|| "no address on the bridge for the RDP forward".to_string())?;
+            dev(&[
+                ("type", "proxy"),
+                ("listen", &format!("tcp:{listen}:{}", spec.rdp_port)),
+                ("connect", &format!("tcp:{addr}:3389")),
+                ("nat", "true"),
+            ])
+        }
+        SshForward::Proxy { listen } => dev(&[
+            ("type", "proxy"),
+            ("listen", &format!("tcp:{listen}:{}", spec.rdp_port)),
+            ("connect", "tcp:127.0.0.1:3389"),
+            ("bind", "host"),
+        ]),
+    };
+    devices.insert(format!("{DEVICE_PREFIX}rdp"), d);
     Ok(())
 }
 
@@ -809,6 +843,40 @@ mod tests {
         assert!(!d.contains_key("ssp-ssh"));
         // The forward spec's hash differs: the agent notices a change of mode.
         assert_ne!(ssp_wire::spec_hash(&lan_spec), ssp_wire::spec_hash(&spec()));
+    }
+
+    #[test]
+    fn a_desktop_gets_its_rdp_port_forwarded_like_ssh() {
+        let desk = InstanceSpec {
+            desktop: true,
+            rdp_port: 23005,
+            ..spec()
+        };
+        let r = render(&desk, &nat_ctx(), Some("10.211.0.254".parse().unwrap())).unwrap();
+        let rdp = &r.devices["ssp-rdp"];
+        assert_eq!(rdp["listen"], "tcp:192.0.2.7:23005");
+        assert_eq!(rdp["connect"], "tcp:10.211.0.254:3389");
+        assert_eq!(rdp["nat"], "true");
+        let r = render(&desk, &nodes_ctx(), None).unwrap();
+        assert_eq!(r.devices["ssp-rdp"]["connect"], "tcp:127.0.0.1:3389");
+        // Not a desktop, or on the LAN (its own address): no forward.
+        let r = render(&spec(), &nat_ctx(), Some("10.211.0.254".parse().unwrap())).unwrap();
+        assert!(!r.devices.contains_key("ssp-rdp"));
+        let lan = HostContext {
+            lan: Some(LanNic {
+                parent: "eno1".into(),
+                nictype: LanNicType::Macvlan,
+            }),
+            ..nat_ctx()
+        };
+        let on_lan = InstanceSpec {
+            network: "lan".into(),
+            ..desk
+        };
+        assert!(!render(&on_lan, &lan, None)
+            .unwrap()
+            .devices
+            .contains_key("ssp-rdp"));
     }
 
     #[test]

@@ -77,9 +77,12 @@ pub fn reach(i: &ssp_proto::InstanceView) -> String {
         (a, _) if a.is_empty() => format!("no address yet (lan {})", i.lan),
         (a, p) => format!("{a}:{p} (lan {})", i.lan),
     };
+    let mut out = inside;
     if i.relay_port > 0 && !i.relay_host.is_empty() {
-        format!("{inside}, outside {}:{}", i.relay_host, i.relay_port)
-    } else {
-        inside
+        out.push_str(&format!(", outside {}:{}", i.relay_host, i.relay_port));
     }
+    if i.desktop && i.rdp_port > 0 && !i.rdp_host.is_empty() {
+        out.push_str(&format!(", RDP {}:{}", i.rdp_host, i.rdp_port));
+    }
+    out
 }

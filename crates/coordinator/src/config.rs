@@ -100,6 +100,8 @@ pub struct Defaults {
     pub disk: String,
     pub processes: u32,
     pub image: String,
+    /// The image of containers made with `--desktop` (xrdp with Xfce).
+    pub desktop_image: String,
 }
 
 impl Default for Defaults {
@@ -110,6 +112,7 @@ impl Default for Defaults {
             disk: "20GiB".into(),
             processes: 4000,
             image: "debian-ssh".into(),
+            desktop_image: "debian-desktop".into(),
         }
     }
 }

@@ -24,6 +24,14 @@ pub fn user_to_wire(u: &User) -> pb::User {
 pub fn spec_of(state: &ssp_model::State, inst: &Instance) -> Option<pb::InstanceSpec> {
     let owner = state.users.get(inst.owner.as_str())?;
     let mut spec = spec_for(inst, owner, &state.settings());
+    if inst.desktop {
+        spec.rdp_port = state
+            .hosts
+            .get(inst.host.as_str())
+            .and_then(|h| h.rdp_port(inst.ssh_port))
+            .map(u32::from)
+            .unwrap_or(0);
+    }
     if let (Some(r), Some(port)) = (&state.relay, inst.relay_port) {
         spec.relay_host = r.host.to_string();
         spec.relay_server_port = r.port.into();
@@ -102,6 +110,8 @@ fn spec_for(inst: &Instance, owner: &User, settings: &Settings) -> pb::InstanceS
         relay_server_port: 0,
         relay_kind: String::new(),
         relay_token: String::new(),
+        desktop: inst.desktop,
+        rdp_port: 0,
         relay_user: String::new(),
         relay_port: 0,
     }
@@ -162,5 +172,24 @@ pub fn instance_view(
         lan_address: inst.lan_address.map(|a| a.to_string()).unwrap_or_default(),
         relay_host: String::new(),
         relay_port: inst.relay_port.map(u32::from).unwrap_or(0),
+        desktop: inst.desktop,
+        // A desktop on the LAN listens at its own address; elsewhere its host forwards.
+        rdp_host: match (inst.desktop, inst.network) {
+            (false, _) => String::new(),
+            (true, ssp_model::Network::Lan) => {
+                inst.lan_address.map(|a| a.to_string()).unwrap_or_default()
+            }
+            (true, ssp_model::Network::Forward) => {
+                host.map(|h| h.ssh_host.to_string()).unwrap_or_default()
+            }
+        },
+        rdp_port: match (inst.desktop, inst.network) {
+            (false, _) => 0,
+            (true, ssp_model::Network::Lan) => 3389,
+            (true, ssp_model::Network::Forward) => host
+                .and_then(|h| h.rdp_port(inst.ssh_port))
+                .map(u32::from)
+                .unwrap_or(0),
+        },
     }
 }

@@ -199,6 +199,7 @@ mod tests {
             foreign_ports: vec![],
             lan: None,
             relay_key: None,
+            rdp_ports: None,
             inventory: Inventory {
                 images: Some(vec![ssp_model::Image {
                     fingerprint: "0123456789abcdef".repeat(4),
@@ -365,6 +366,7 @@ mod tests {
                 placement: Constraints::default(),
                 kind,
                 network: Default::default(),
+                desktop: false,
             }))
             .unwrap();
         assert!(matches!(out, Outcome::UserAdded { .. }), "{out:?}");

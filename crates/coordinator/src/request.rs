@@ -306,7 +306,9 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             ));
         }
     }
-    let image = if req.image.is_empty() {
+    let image = if req.image.is_empty() && req.desktop {
+        cfg.defaults.desktop_image.clone()
+    } else if req.image.is_empty() {
         cfg.defaults.image.clone()
     } else {
         ssp_model::parse_image(&req.image)?
@@ -367,9 +369,11 @@ pub fn add_user(req: &pb::AddUserRequest, cfg: &CoordinatorConfig) -> Result<Com
             spread: req.spread,
             labels: labels(&req.labels)?,
             lan,
+            desktop: req.desktop,
         },
         kind,
         network,
+        desktop: req.desktop,
     }))
 }
 
@@ -444,6 +448,7 @@ pub fn adopt(
             placement: Constraints::default(),
             kind: UserKind::Personal,
             network: Default::default(),
+            desktop: false,
         },
         host: host.to_string(),
         gpus,
@@ -494,6 +499,7 @@ fn user_kind(req: &pb::AddUserRequest) -> Result<UserKind, InputError> {
             !req.network.is_empty() || !req.lan.is_empty(),
             "--network/--lan",
         ),
+        (req.desktop, "--desktop"),
     ]
     .into_iter()
     .filter_map(|(set, flag)| set.then_some(flag))
@@ -655,6 +661,26 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
         relay_key: match req.relay_key.trim() {
             "" => None,
             k => Some(ssp_model::SshKey::parse(k)?.to_string()),
+        },
+        rdp_ports: match (req.rdp_port_first, req.rdp_port_last) {
+            (0, _) | (_, 0) => None,
+            (a, b) => {
+                let bad = || {
+                    InputError::new(
+                        "RDP ports",
+                        &format!("{a}-{b}"),
+                        "expected FIRST-LAST ports, at least as many as SSH ports, not overlapping them",
+                    )
+                };
+                let (a, b) = (
+                    u16::try_from(a).map_err(|_| bad())?,
+                    u16::try_from(b).map_err(|_| bad())?,
+                );
+                if a > b || b - a < last - first || (a <= last && first <= b) {
+                    return Err(bad());
+                }
+                Some((a, b))
+            }
         },
     }))
 }

@@ -213,6 +213,9 @@ impl Coordinator for CoordinatorService {
         self.core.kick();
         let mut view = convert::instance_view(&instance, host.as_ref(), &view_state, &uuid);
         if !lan_address.is_empty() {
+            if view.desktop && view.rdp_host.is_empty() {
+                view.rdp_host = lan_address.clone();
+            }
             view.lan_address = lan_address;
         }
         Ok(Response::new(AddUserReply {
@@ -420,6 +423,9 @@ impl Coordinator for CoordinatorService {
                     v.disk_used_bytes = s.disk_used_bytes;
                     if i.network == ssp_model::Network::Lan && i.lan_address.is_none() {
                         v.lan_address = s.lan_address.clone();
+                        if v.desktop {
+                            v.rdp_host = v.lan_address.clone();
+                        }
                     }
                 }
                 v
@@ -1515,7 +1521,21 @@ impl Coordinator for CoordinatorService {
             Some(a) => crate::sshconfig::Route::Lan(a),
             None => crate::sshconfig::Route::Forward(host),
         };
-        let config = crate::sshconfig::render(inst, &r.name, route, &r.identity_file);
+        let mut config = crate::sshconfig::render(inst, &r.name, route, &r.identity_file);
+        if inst.desktop {
+            let rdp = match &lan_address {
+                Some(a) => Some(format!("{a}:3389")),
+                None => host
+                    .rdp_port(inst.ssh_port)
+                    .map(|p| format!("{}:{p}", host.ssh_host)),
+            };
+            if let Some(rdp) = rdp {
+                config.insert_str(
+                    0,
+                    &format!("# Remote desktop (RDP) of ssp-{}: {rdp}\n", r.name),
+                );
+            }
+        }
         Ok(annotate(
             Response::new(SshConfigReply { config }),
             &self.core,

@@ -270,6 +270,7 @@ fn add_user_request() -> impl Strategy<Value = pb::AddUserRequest> {
                 common_server,
                 network,
                 lan,
+                desktop: common_server,
             },
         )
 }
@@ -380,6 +381,8 @@ fn register_host_request() -> impl Strategy<Value = pb::RegisterHostRequest> {
                     foreign_ports,
                     lan: String::new(),
                     relay_key: String::new(),
+                    rdp_port_first: 0,
+                    rdp_port_last: 0,
                 }
             },
         )
@@ -497,6 +500,7 @@ proptest! {
                     prop_assert!(u.shares.iter().any(|s| s.host_path == "/srv/ssp/shared/team" && s.container_path == "/shared"));
                 }
                 match req.image.as_str() {
+                    "" if req.desktop => prop_assert_eq!(u.image.as_str(), "debian-desktop"),
                     "" => prop_assert_eq!(u.image.as_str(), "debian-ssh"),
                     i => prop_assert_eq!(u.image.as_str(), i),
                 }
@@ -653,6 +657,8 @@ fn valid_register_host() -> impl Strategy<Value = Command> {
                 foreign_ports,
                 lan: String::new(),
                 relay_key: String::new(),
+                rdp_port_first: 0,
+                rdp_port_last: 0,
             },
         )
         .prop_filter_map("refused", |r| request::register_host(&r).ok())
@@ -1138,6 +1144,8 @@ fn instance_spec() -> impl Strategy<Value = pb::InstanceSpec> {
                         String::new()
                     },
                     relay_server_port: if uid % 3 == 0 { 22 } else { 0 },
+                    desktop: uid % 7 == 0,
+                    rdp_port: if uid % 7 == 0 { 23000 + uid % 1000 } else { 0 },
                     relay_kind: if uid % 6 == 0 {
                         "frp".into()
                     } else {

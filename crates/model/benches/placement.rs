@@ -34,6 +34,7 @@ fn host(i: u32) -> Host {
         foreign_ports: vec![],
         lan: None,
         relay_key: None,
+        rdp_ports: None,
         inventory: Inventory {
             images: Some(vec![Image {
                 fingerprint: "0123456789abcdef".repeat(4),
@@ -101,6 +102,7 @@ fn main() {
             },
             kind: Default::default(),
             network: Default::default(),
+            desktop: false,
         });
         s.apply(&cmd).expect("add");
     }

@@ -144,6 +144,12 @@ fn why_not(
     if let Some(l) = c.labels.iter().find(|l| !host.labels.contains(l)) {
         return Err((format!("{name}: no label {l}"), false));
     }
+    if c.desktop && host.rdp_ports.is_none() {
+        return Err((
+            format!("{name}: no RDP ports (its agent reports none)"),
+            false,
+        ));
+    }
     if let Some(want) = &c.lan {
         match &host.lan {
             None => return Err((format!("{name}: on no LAN (its agent has no [lan])"), false)),

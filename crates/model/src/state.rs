@@ -926,10 +926,12 @@ impl State {
                     crate::types::Network::Lan => lan,
                     crate::types::Network::Forward => None,
                 },
+                desktop: req.desktop,
             },
             network: req.network,
             lan_address,
             relay_port,
+            desktop: req.desktop,
         };
         Ok(self.insert_placed(user, instance))
     }
@@ -1044,6 +1046,7 @@ impl State {
             placement: Default::default(),
             network: Default::default(),
             lan_address: None,
+            desktop: false,
             relay_port: self.free_relay_port().map_err(|reason| Rejection::NoFit {
                 user: req.name.to_string(),
                 reason,

@@ -156,6 +156,19 @@ pub struct Host {
     /// format), for the relay's authorized_keys.
     #[serde(default)]
     pub relay_key: Option<String>,
+    /// Host ports for remote desktops (RDP), as long a range as `ssh_ports`: a
+    /// desktop container's is the one at its SSH port's place in it.
+    #[serde(default)]
+    pub rdp_ports: Option<(u16, u16)>,
+}
+
+impl Host {
+    /// The RDP port that goes with SSH port `ssh_port` here, if the host has one.
+    pub fn rdp_port(&self, ssh_port: u16) -> Option<u16> {
+        let (first, last) = self.rdp_ports?;
+        let p = u32::from(first) + u32::from(ssh_port.checked_sub(self.ssh_ports.0)?);
+        (p <= u32::from(last)).then_some(p as u16)
+    }
 }
 
 /// The admin's relay for access from outside the LAN: each host's agent keeps a
@@ -442,6 +455,9 @@ pub struct Instance {
     /// its SSH there, through its host's reverse tunnel.
     #[serde(default)]
     pub relay_port: Option<u16>,
+    /// A remote desktop (xrdp with Xfce, from the image) with its RDP port forwarded.
+    #[serde(default)]
+    pub desktop: bool,
 }
 
 /// An admin's pool of static addresses on a LAN (`sspctl lan set`): containers
@@ -570,6 +586,9 @@ pub struct NewUser {
     /// How the container is reached.
     #[serde(default)]
     pub network: Network,
+    /// A remote desktop: only hosts with RDP ports.
+    #[serde(default)]
+    pub desktop: bool,
 }
 
 /// Placement constraints of one request.
@@ -590,6 +609,9 @@ pub struct Constraints {
     /// A placed LAN container records its host's LAN here, so a move stays on it.
     #[serde(default)]
     pub lan: Option<String>,
+    /// Only hosts with RDP ports (a desktop container).
+    #[serde(default)]
+    pub desktop: bool,
 }
 
 #[cfg(test)]

@@ -794,6 +794,7 @@ fn host() -> impl Strategy<Value = Host> {
                         _ => None,
                     },
                     relay_key: None,
+                    rdp_ports: (name.len() % 3 != 0).then_some((23000, 23999)),
                 }
             },
         )
@@ -855,12 +856,14 @@ fn new_user() -> impl Strategy<Value = NewUser> {
                     spread: c.3,
                     labels: c.4.into_iter().map(String::from).collect(),
                     lan: c.5.map(String::from),
+                    desktop: c.3,
                 },
                 kind,
                 network: match c.5 {
                     Some(_) => ssp_model::Network::Lan,
                     None => ssp_model::Network::Forward,
                 },
+                desktop: c.3,
             },
         )
 }
@@ -1225,6 +1228,7 @@ fn one_host() -> Command {
         foreign_ports: vec![],
         lan: None,
         relay_key: None,
+        rdp_ports: None,
     })
 }
 
@@ -1245,6 +1249,7 @@ fn plain_user(name: &str) -> Command {
         placement: Constraints::default(),
         kind: UserKind::Personal,
         network: Default::default(),
+        desktop: false,
     })
 }
 

@@ -679,6 +679,8 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
         foreign_ports: vec![],
         lan: String::new(),
         relay_key: String::new(),
+        rdp_port_first: 0,
+        rdp_port_last: 0,
     }
 }
 

@@ -41,7 +41,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                         "ssh_host": i.ssh_host, "ssh_port": i.ssh_port, "cpus": i.cpus,
                         "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "disk_used_bytes": i.disk_used_bytes, "image": i.image, "uuid": i.uuid,
                         "network": i.network, "lan": i.lan, "lan_address": i.lan_address,
-                        "relay_host": i.relay_host, "relay_port": i.relay_port}))
+                        "relay_host": i.relay_host, "relay_port": i.relay_port,
+                        "desktop": i.desktop, "rdp_host": i.rdp_host, "rdp_port": i.rdp_port}))
         .collect::<Vec<_>>());
     output::print(
         cli.output,

@@ -145,6 +145,10 @@ pub struct AddArgs {
     /// With `--network lan`: only hosts on this LAN (the `[lan]` name).
     #[arg(long, value_name = "NAME")]
     lan: Option<String>,
+    /// A remote desktop: xrdp with Xfce (the desktop image, unless --image says
+    /// otherwise), its RDP port forwarded like SSH; `sspctl ls` shows where.
+    #[arg(long)]
+    desktop: bool,
     /// Where to write the user's credential bundle (their login to sspctl;
     /// default: NAME.bundle in SSP_CREDENTIALS_DIR or the current directory).
     #[arg(long)]
@@ -221,6 +225,7 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 common_server: false,
                 network: a.network.clone().unwrap_or_default(),
                 lan: a.lan.clone().unwrap_or_default(),
+                desktop: a.desktop,
             };
             let reply = c
                 .call(body, |ch, r| async move {

@@ -19,6 +19,7 @@ fn host(name: &str, gpus: u32) -> Host {
         foreign_ports: vec![],
         lan: None,
         relay_key: None,
+        rdp_ports: None,
         inventory: Inventory {
             images: Some(vec![image(
                 "a1b2c3d4e5f60718293a4b5c6d7e8f90",
@@ -73,6 +74,7 @@ fn user(name: &str, gpus: u32) -> Command {
         placement: Constraints::default(),
         kind: crate::types::UserKind::Personal,
         network: Default::default(),
+        desktop: false,
     })
 }
 
@@ -1249,4 +1251,32 @@ fn the_relay_gives_every_container_a_port_of_its_own() {
     s.apply(&Command::SetRelay { relay: None }).unwrap();
     assert!(s.instances.values().all(|i| i.relay_port.is_none()));
     assert_eq!(s.relay, None);
+}
+
+#[test]
+fn desktops_go_to_hosts_with_rdp_ports_at_their_ssh_ports_place() {
+    let mut s = state_with(&[("host1", 4), ("host2", 4)]);
+    let mut h2 = s.hosts["host2"].clone();
+    h2.rdp_ports = Some((23000, 23999));
+    s.apply(&Command::RegisterHost(h2)).unwrap();
+    let Command::AddUser(mut u) = user("a", 0) else {
+        unreachable!()
+    };
+    u.desktop = true;
+    u.placement.desktop = true;
+    assert_eq!(placed(&mut s, &Command::AddUser(u.clone())).0, "host2");
+    let a = &s.instances["a"];
+    assert!(a.desktop);
+    let h = &s.hosts["host2"];
+    assert_eq!(
+        h.rdp_port(a.ssh_port),
+        Some(23000 + (a.ssh_port - h.ssh_ports.0))
+    );
+    assert_eq!(h.rdp_port(h.ssh_ports.0.wrapping_sub(1)), None);
+    assert_eq!(s.hosts["host1"].rdp_port(a.ssh_port), None);
+    // Only host1 is left for one pinned there: refused with the reason.
+    u.name = crate::Username::parse("b").unwrap();
+    u.placement.host = Some(crate::HostName::parse("host1").unwrap());
+    let e = s.apply(&Command::AddUser(u)).unwrap_err().to_string();
+    assert!(e.contains("host1: no RDP ports"), "{e}");
 }
