@@ -21,9 +21,10 @@ use crate::agents::AgentError;
 use crate::convert;
 use crate::core::{Applied, Core};
 
-/// Moves between their first pass and the switch at the same time; others wait
-/// their turn. One: a move's downtime (its last pass and the start on the target)
-/// never competes with another move's copy for the disks and CPUs.
+/// Moves between their first pass and the end of their first cleanup attempt at
+/// the same time; others wait their turn. One: a move's downtime (its last pass
+/// and the start on the target) never competes with another move's copy, nor
+/// with the deletion of the previous move's source copy, for the disks and CPUs.
 const PARALLEL_TRANSFERS: usize = 1;
 /// How long the target's SSH server may take to greet after the start.
 const SSH_WAIT: Duration = Duration::from_secs(60);
@@ -143,7 +144,10 @@ impl Core {
             let Some(m) = self.read(|s| s.migrations.get(&id).cloned()) else {
                 return;
             };
-            let busy = matches!(m.phase, Phase::Copying | Phase::Syncing | Phase::Starting);
+            // A cleanup that failed (its host is down) waits without the slot, so
+            // other moves go on meanwhile.
+            let busy = matches!(m.phase, Phase::Copying | Phase::Syncing | Phase::Starting)
+                || (m.phase == Phase::Cleaning && failures == 0);
             if busy && slot.is_none() {
                 slot = self.driving.slots.clone().acquire_owned().await.ok();
             }
