@@ -218,16 +218,9 @@ async fn target(host: &HostState, t: &Tunnel) -> (String, u16) {
 }
 
 async fn address_of(host: &HostState, name: &str, fallback: &(String, u16)) -> (String, u16) {
-    match host
-        .client
-        .get(&format!("/1.0/instances/{name}/state"))
-        .await
-    {
-        Ok(state) => match crate::ensure::lan_address(&state) {
-            Some(a) => (a.to_string(), 22),
-            None => fallback.clone(),
-        },
-        Err(_) => fallback.clone(),
+    match crate::ensure::wait_lan_address(&host.client, name, Duration::ZERO).await {
+        a if a.is_empty() => fallback.clone(),
+        a => (a, 22),
     }
 }
 

@@ -356,26 +356,36 @@ impl Platform {
         Ok(String::from_utf8_lossy(&out.stderr).to_string())
     }
 
-    /// Writes what `sspctl ssh-config NAME` prints (with `key` as the identity) and
-    /// returns an OpenSSH client that uses only that file, once a login as NAME works.
-    pub fn ssh_login(&self, name: &str, key: &Path) -> anyhow::Result<SshClient> {
+    /// Writes what `sspctl ssh-config NAME [--outside]` prints (with `key` as the
+    /// identity and a known_hosts file of NAME's) and returns an OpenSSH client that
+    /// uses only that file.
+    pub fn ssh_client(&self, name: &str, key: &Path, outside: bool) -> anyhow::Result<SshClient> {
         let dir = self.scratch.path();
-        let config = self.ctl_ok(&[
+        let known_hosts = dir.join(format!("known_hosts-{name}"));
+        let mut args = vec![
             "ssh-config",
             name,
             "--identity",
             key.to_str().unwrap_or_default(),
             "--known-hosts",
-            dir.join(format!("known_hosts-{name}"))
-                .to_str()
-                .unwrap_or_default(),
-        ])?;
-        let path = dir.join(format!("ssh_config-{name}"));
+            known_hosts.to_str().unwrap_or_default(),
+        ];
+        let suffix = if outside { "-outside" } else { "" };
+        if outside {
+            args.push("--outside");
+        }
+        let config = self.ctl_ok(&args)?;
+        let path = dir.join(format!("ssh_config-{name}{suffix}"));
         std::fs::write(&path, config)?;
-        let client = SshClient {
+        Ok(SshClient {
             config: path,
-            alias: format!("ssp-{name}"),
-        };
+            alias: format!("ssp-{name}{suffix}"),
+        })
+    }
+
+    /// [`Platform::ssh_client`] for the login from here, once a login as NAME works.
+    pub fn ssh_login(&self, name: &str, key: &Path) -> anyhow::Result<SshClient> {
+        let client = self.ssh_client(name, key, false)?;
         let who = wait_for(&format!("{name}'s sshd"), Duration::from_secs(60), || {
             client.run("id -un").ok()
         })?;

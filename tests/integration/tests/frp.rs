@@ -11,9 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use ssp_integration::{
-    run, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform, Proc, SshClient,
-};
+use ssp_integration::{run, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform, Proc};
 
 const FRP_DIR: &str = "/var/cache/ssp/frp";
 
@@ -24,28 +22,6 @@ fn frpc_pids(config: &Path) -> Vec<i32> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
-}
-
-/// `sspctl ssh-config NAME --outside`, as an OpenSSH client.
-fn outside(p: &Platform, name: &str, key: &Path) -> Result<SshClient> {
-    let dir = p.scratch.path();
-    let config = p.ctl_ok(&[
-        "ssh-config",
-        name,
-        "--outside",
-        "-i",
-        key.to_str().unwrap_or_default(),
-        "--known-hosts",
-        dir.join(format!("known_hosts-{name}"))
-            .to_str()
-            .unwrap_or_default(),
-    ])?;
-    let path = dir.join(format!("ssh_config-{name}-outside"));
-    std::fs::write(&path, config)?;
-    Ok(SshClient {
-        config: path,
-        alias: format!("ssp-{name}-outside"),
-    })
 }
 
 #[test]
@@ -139,7 +115,7 @@ fn a_user_reaches_their_container_through_frps_and_frpc_is_kept_up() -> Result<(
         "{view}"
     );
     p.ssh_login("gdw", &key)?; // pins the container's host key
-    let gdw = outside(&p, "gdw", &key)?;
+    let gdw = p.ssh_client("gdw", &key, true)?;
     let who = wait_for("gdw's login through frps", Duration::from_secs(60), || {
         gdw.run("id -un").ok()
     })?;
@@ -160,7 +136,7 @@ fn a_user_reaches_their_container_through_frps_and_frpc_is_kept_up() -> Result<(
         .iter()
         .any(|r| r["name"] == "ann" && r["relay_port"] == 30001)));
     p.ssh_login("ann", &key)?;
-    let ann = outside(&p, "ann", &key)?;
+    let ann = p.ssh_client("ann", &key, true)?;
     let who = wait_for("ann's login through frps", Duration::from_secs(30), || {
         ann.run("id -un").ok()
     })?;

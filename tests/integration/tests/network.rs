@@ -107,20 +107,7 @@ impl Drop for Lan {
 
 /// `sspctl ssh-config NAME`, written to a file in the scratch dir.
 fn ssh_config(p: &Platform, name: &str, key: &Path) -> Result<PathBuf> {
-    let dir = p.scratch.path();
-    let config = p.ctl_ok(&[
-        "ssh-config",
-        name,
-        "--identity",
-        key.to_str().unwrap_or_default(),
-        "--known-hosts",
-        dir.join(format!("known_hosts-{name}"))
-            .to_str()
-            .unwrap_or_default(),
-    ])?;
-    let path = dir.join(format!("ssh_config-{name}"));
-    std::fs::write(&path, &config)?;
-    Ok(path)
+    Ok(p.ssh_client(name, key, false)?.config)
 }
 
 /// gdw's row of `sspctl ls`.

@@ -9,9 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ssp_integration::{
-    run, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform, Proc, SshClient,
-};
+use ssp_integration::{run, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform, Proc};
 
 /// The pids of ssh processes forwarding relay port `port`.
 fn tunnel_pids(port: u16) -> Vec<i32> {
@@ -162,16 +160,8 @@ fn a_user_reaches_their_container_through_the_relay_and_the_tunnel_comes_back() 
     );
     // Inside first (pins the container's host key), then from outside.
     p.ssh_login("gdw", &key)?;
-    let known_hosts = dir.join("known_hosts-gdw");
-    let config = p.ctl_ok(&[
-        "ssh-config",
-        "gdw",
-        "--outside",
-        "-i",
-        key.to_str().unwrap_or_default(),
-        "--known-hosts",
-        known_hosts.to_str().unwrap_or_default(),
-    ])?;
+    let outside = p.ssh_client("gdw", &key, true)?;
+    let config = std::fs::read_to_string(&outside.config)?;
     ensure!(
         config.contains("Host ssp-gdw-outside")
             && config.contains(&format!("HostName {}", relay.addr))
@@ -179,12 +169,6 @@ fn a_user_reaches_their_container_through_the_relay_and_the_tunnel_comes_back() 
             && config.contains("HostKeyAlias ssp-gdw"),
         "{config}"
     );
-    let path = dir.join("ssh_config-gdw-outside");
-    std::fs::write(&path, &config)?;
-    let outside = SshClient {
-        config: path,
-        alias: "ssp-gdw-outside".into(),
-    };
     let who = wait_for(
         "gdw's login through the relay",
         Duration::from_secs(60),
