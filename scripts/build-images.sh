@@ -99,8 +99,29 @@ import os, socket, sys
 # A plain HTTP/1.0 GET over the guest API socket: importing http.client costs
 # more than the whole request, and this runs on every boot, before sshd.
 KEY = "user.ssp.account-script"
+# The script as it last ran to the end: when it is the same script again (a
+# restart, a move to another host), the account is there already and sshd need
+# not wait for it to run again.
+DONE = "/var/lib/ssp/account.done"
+
+def ready():
+    addr = os.environ.pop("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        n.connect(addr)
+        n.sendall(b"READY=1")
+    except OSError:
+        pass
+    finally:
+        n.close()
+
 path = next((p for p in ("/dev/incus/sock", "/dev/lxd/sock") if os.path.exists(p)), None)
 if path is None:
+    ready()
     sys.exit(0)
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(10)
@@ -115,21 +136,39 @@ while True:
 head, _, body = data.partition(b"\r\n\r\n")
 status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
 if status != b"200" or not body.strip():
+    ready()
     sys.exit(0)
-os.execv("/bin/sh", ["/bin/sh", "-c", body.decode()])
+try:
+    with open(DONE, "rb") as f:
+        if f.read() == body:
+            ready()
+except OSError:
+    pass
+pid = os.fork()
+if pid == 0:
+    os.execv("/bin/sh", ["/bin/sh", "-c", body.decode()])
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+if code == 0:
+    os.makedirs(os.path.dirname(DONE), exist_ok=True)
+    with open(DONE + ".new", "wb") as f:
+        f.write(body)
+    os.replace(DONE + ".new", DONE)
+ready()
+sys.exit(code)
 PY
   cat > "$r/etc/systemd/system/ssp-account.service" <<'UNIT'
 [Unit]
 Description=Create the container owner's account (script from ssp)
-# Early (beside sysinit, not after basic.target): sshd waits for this unit, and
-# it needs only the root file system and the guest API socket.
+# Early (beside sysinit, not after basic.target): sshd waits for this unit (until
+# it says it is ready: at once when the account was made by the same script
+# before), and it needs only the root file system and the guest API socket.
 DefaultDependencies=no
 After=local-fs.target
 Before=ssh.service shutdown.target
 Conflicts=shutdown.target
 
 [Service]
-Type=oneshot
+Type=notify
 ExecStart=/usr/bin/python3 /usr/local/lib/ssp/account.py
 
 [Install]

@@ -152,7 +152,7 @@ ssp_account() {
 ' | grep -qx "$lab"; then
     ssp_join "$a" "$lab"
   fi
-  if has usermod; then usermod -p '*' "$a"; fi
+  ssp_keyonly "$a"
   rm -f "/etc/sudoers.d/ssp-$a"
   h=$(getent passwd "$a" 2>/dev/null | cut -d: -f6)
   [ -n "$h" ] || h="/home/$a"
@@ -260,6 +260,15 @@ ssp_join() { # USER GROUP
     sed -i -e "/^$2:/ s/\$/,$1/" -e "/^$2:/ s/:,/:/" /etc/group
   fi
 }
+# A locked account refuses even key logins in OpenSSH: a new account (locked, or
+# without a password) becomes key-only. A password the person set (xrdp logs in
+# with one) stays as it is, across restarts and moves.
+ssp_keyonly() { # NAME
+  has usermod || return 0
+  case "$(getent shadow "$1" 2>/dev/null | cut -d: -f2)" in
+    ''|'!'|'!!'|'!*') usermod -p '*' "$1" ;;
+  esac
+}
 ssp_deluser() { # NAME
   if has userdel; then userdel "$1"
   elif has deluser; then deluser "$1"
@@ -288,8 +297,7 @@ if [ "$labgid" -gt 0 ]; then
     ssp_join "$u" "$lab"
   fi
 fi
-# A locked account refuses even key logins in OpenSSH; make it key-only instead.
-if has usermod; then usermod -p '*' "$u"; fi
+ssp_keyonly "$u"
 if [ -d /etc/sudoers.d ]; then
   printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$u" > "/etc/sudoers.d/ssp-$u"
   chmod 0440 "/etc/sudoers.d/ssp-$u"

@@ -170,6 +170,16 @@ pub async fn ensure(
             inst = i;
         }
     }
+    // Frozen by a move (the daemon counts it as running): while the spec says
+    // stopped it stays so, to be killed or thawed, and nothing runs inside; a spec
+    // that runs thaws it (the move went back: it goes on where it was).
+    let mut held_frozen = crate::freeze::marked(&inst.config);
+    if held_frozen && spec.running {
+        crate::freeze::thaw(client, &spec.name).await?;
+        inst.config.remove(crate::freeze::MARK);
+        changed.push("thawed".into());
+        held_frozen = false;
+    }
     let want = account::hash(spec);
     let account_done = inst.config.get(account::CONFIG_KEY) == Some(&want);
     // A move froze it, then went back: it thaws (its processes go on where they were).
@@ -195,7 +205,7 @@ pub async fn ensure(
             mark_account(client, spec, &mut inst, &want).await?;
             changed.push("account".into());
         }
-    } else if !spec.running && inst.is_running() {
+    } else if !spec.running && inst.is_running() && !held_frozen {
         client.set_state(&spec.name, "stop", true).await?;
         changed.push("stopped".into());
         inst.status = "Stopped".into();
@@ -218,7 +228,7 @@ pub async fn ensure(
             }
         }
     }
-    if nic_changed && inst.is_running() {
+    if nic_changed && inst.is_running() && !held_frozen {
         match bring_up_nic(client, &spec.name).await {
             Ok(()) => changed.push("network".into()),
             Err(e) => {
@@ -413,6 +423,12 @@ pub fn idmap_pending(inst: &Instance) -> bool {
 
 /// Maps a daemon instance to the wire status.
 pub fn status_of(inst: &Instance) -> InstanceStatus {
+    // The daemon counts a container a move froze as running; ssp says frozen.
+    let status = if inst.is_running() && crate::freeze::marked(&inst.config) {
+        "Frozen".to_string()
+    } else {
+        inst.status.clone()
+    };
     InstanceStatus {
         name: inst.name.clone(),
         owner: inst
@@ -420,8 +436,8 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
             .get("user.ssp.owner")
             .cloned()
             .unwrap_or_default(),
-        status: inst.status.clone(),
-        state: run_state(&inst.status) as i32,
+        state: run_state(&status) as i32,
+        status,
         uuid: inst
             .config
             .get("volatile.uuid")
@@ -473,10 +489,13 @@ pub async fn delete(client: &Client, name: &str) -> Result<bool, EnsureError> {
     if inst.config.get("user.ssp.managed").map(String::as_str) != Some("true") {
         return Err(EnsureError::Foreign(name.into()));
     }
-    if inst.is_running() || inst.status.eq_ignore_ascii_case("frozen") {
+    if crate::freeze::marked(&inst.config) {
+        crate::freeze::kill(client, name, false).await?;
+    } else if inst.is_running() || inst.status.eq_ignore_ascii_case("frozen") {
         client.set_state(name, "stop", true).await?;
     }
-    client.delete(&format!("/1.0/instances/{name}")).await?;
+    let path = format!("/1.0/instances/{name}");
+    crate::freeze::when_not_busy(|| async { Ok(client.delete(&path).await?) }).await?;
     Ok(true)
 }
 

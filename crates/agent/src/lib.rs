@@ -7,6 +7,7 @@ pub mod adopt;
 pub mod config;
 pub mod ensure;
 pub mod forward;
+pub mod freeze;
 pub mod heal;
 pub mod host;
 pub mod hostcheck;

@@ -110,7 +110,10 @@ pub async fn migrate_out(
     let config: BTreeMap<&String, &String> = inst
         .config
         .iter()
-        .filter(|(k, _)| !k.starts_with("volatile.") || k.as_str() == "volatile.uuid")
+        .filter(|(k, _)| {
+            (!k.starts_with("volatile.") || k.as_str() == "volatile.uuid")
+                && k.as_str() != crate::freeze::MARK
+        })
         .collect();
     Ok(MigrateOutReply {
         operation: format!(
@@ -180,6 +183,7 @@ pub async fn migrate_in(
     source: &MigrateOutReply,
     progress: &tokio::sync::mpsc::Sender<MigrateProgress>,
 ) -> Result<bool, EnsureError> {
+    let t0 = Instant::now();
     let current = client.instance(&spec.name).await?;
     if let Some((inst, _)) = &current {
         if inst.config.get("user.ssp.managed").map(String::as_str) != Some("true") {
@@ -227,8 +231,11 @@ pub async fn migrate_in(
             "refresh": refresh,
         },
     });
+    let prepared = t0.elapsed();
     let (op, _) = client.post_async("/1.0/instances", body).await?;
+    let posted = t0.elapsed();
     follow(client, &op, refresh, progress).await?;
+    tracing::debug!(instance = %spec.name, refresh, prepare_ms = prepared.as_millis() as u64, post_ms = posted.as_millis() as u64, ms = t0.elapsed().as_millis() as u64, "pulled");
     Ok(refresh)
 }
 
@@ -318,27 +325,59 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// Waits up to `timeout` for the SSH server of `name` to greet (`SSH-`), at the
-/// container's own addresses on the host's bridges.
+/// container's own addresses on the host's bridges: its static one (from its
+/// NIC's config) from the start, and those the daemon reports, read again every
+/// quarter second. Each try is a connect given 20 ms (these are local links: one
+/// that hangs is to an address not up yet), then tried again 10 ms later.
 pub async fn probe_ssh(client: &Client, name: &str, timeout: Duration) -> (bool, String) {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no address yet");
+    let mut ips = match client.instance(name).await {
+        Ok(Some((inst, _))) => static_addresses(&inst),
+        _ => Vec::new(),
+    };
+    // With a static address the daemon's report (which costs it a helper process)
+    // waits its quarter second.
+    let mut read_at = (!ips.is_empty()).then(Instant::now);
     loop {
-        match client.get(&format!("/1.0/instances/{name}/state")).await {
-            Ok(state) => {
-                for ip in addresses(&state) {
-                    match greet(ip, deadline).await {
-                        Ok(banner) => return (true, format!("{ip}: {banner}")),
-                        Err(e) => last = format!("{ip}: {e}"),
+        if read_at.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
+            read_at = Some(Instant::now());
+            match client.get(&format!("/1.0/instances/{name}/state")).await {
+                Ok(state) => {
+                    for ip in addresses(&state) {
+                        if !ips.contains(&ip) {
+                            ips.push(ip);
+                        }
                     }
                 }
+                Err(e) => last = e.to_string(),
             }
-            Err(e) => last = e.to_string(),
+        }
+        for ip in &ips {
+            match greet(*ip, deadline).await {
+                Ok(banner) => return (true, format!("{ip}: {banner}")),
+                Err(e) => last = format!("{ip}: {e}"),
+            }
         }
         if Instant::now() >= deadline {
             return (false, last);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The static IPv4 addresses of the instance's NICs (`ipv4.address`).
+fn static_addresses(inst: &ssp_lxd::Instance) -> Vec<std::net::IpAddr> {
+    let devices = if inst.expanded_devices.is_empty() {
+        &inst.devices
+    } else {
+        &inst.expanded_devices
+    };
+    devices
+        .values()
+        .filter(|d| d.get("type").map(String::as_str) == Some("nic"))
+        .filter_map(|d| d.get("ipv4.address")?.parse().ok())
+        .collect()
 }
 
 fn addresses(state: &Value) -> Vec<std::net::IpAddr> {
@@ -364,10 +403,14 @@ async fn greet(ip: std::net::IpAddr, deadline: Instant) -> Result<String, String
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(200));
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect((ip, 22))
-            .await
-            .map_err(|e| e.to_string())?;
+    let mut s = tokio::time::timeout(
+        Duration::from_millis(20),
+        tokio::net::TcpStream::connect((ip, 22)),
+    )
+    .await
+    .map_err(|_| "no answer to the connect yet".to_string())?
+    .map_err(|e| e.to_string())?;
+    let read = async {
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -376,7 +419,7 @@ async fn greet(ip: std::net::IpAddr, deadline: Instant) -> Result<String, String
             false => Err(format!("no SSH greeting ({:?})", text)),
         }
     };
-    tokio::time::timeout(left.min(Duration::from_secs(2)), attempt)
+    tokio::time::timeout(left.min(Duration::from_secs(2)), read)
         .await
         .map_err(|_| "no greeting in time".to_string())?
 }

@@ -165,16 +165,17 @@ impl Agent for AgentService {
             Ok(Action::Start) => "start",
             Ok(Action::Stop) => "stop",
             Ok(Action::Restart) => "restart",
+            Ok(Action::Freeze) => "freeze",
             _ => {
                 return Err(Status::invalid_argument(
-                    "action must be start, stop or restart",
+                    "action must be start, stop, restart or freeze",
                 ))
             }
         };
         let _guard = self.host.lock(&r.name).await;
         // A stop asked for through ssp stays stopped; start and restart undo it.
         if let Some(mut spec) = self.host.specs.get(&r.name) {
-            spec.running = action != "stop";
+            spec.running = action == "start" || action == "restart";
             self.host
                 .specs
                 .put(&spec)
@@ -189,10 +190,53 @@ impl Agent for AgentService {
         if inst.config.get("user.ssp.managed").map(String::as_str) != Some("true") {
             return Err(to_status(EnsureError::Foreign(r.name)));
         }
-        self.client()
-            .set_state(&r.name, action, action != "start")
-            .await
-            .map_err(|e| to_status(e.into()))?;
+        let frozen = crate::freeze::marked(&inst.config);
+        let running = inst.is_running();
+        let client = self.client();
+        let daemon = |e: ssp_lxd::Error| to_status(e.into());
+        match action {
+            "freeze" if !running => {}
+            "freeze" => {
+                if !crate::freeze::freeze(client, &r.name)
+                    .await
+                    .map_err(to_status)?
+                {
+                    client
+                        .set_state(&r.name, "stop", true)
+                        .await
+                        .map_err(daemon)?;
+                }
+            }
+            // Frozen by a move: killed where it stands, never thawed to run on.
+            "stop" | "restart" if frozen => {
+                crate::freeze::kill(client, &r.name, true)
+                    .await
+                    .map_err(to_status)?;
+                if action == "restart" {
+                    client
+                        .set_state(&r.name, "start", false)
+                        .await
+                        .map_err(daemon)?;
+                }
+            }
+            "start" if frozen => {
+                crate::freeze::thaw(client, &r.name)
+                    .await
+                    .map_err(to_status)?;
+                if !running {
+                    client
+                        .set_state(&r.name, "start", false)
+                        .await
+                        .map_err(daemon)?;
+                }
+            }
+            _ => {
+                client
+                    .set_state(&r.name, action, action != "start")
+                    .await
+                    .map_err(daemon)?;
+            }
+        }
         let (inst, _) = self
             .client()
             .instance(&r.name)

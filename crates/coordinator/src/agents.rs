@@ -164,6 +164,26 @@ impl Agents {
         .await
     }
 
+    /// Freezes `name` on `host` for a move's final pass (its spec there says
+    /// stopped; the agent stops it when it cannot freeze it).
+    pub async fn freeze(
+        &self,
+        record: Option<&Host>,
+        host: &str,
+        name: &str,
+    ) -> Result<InstanceStatus, AgentError> {
+        let mut c = self.for_host(record, host).await?;
+        call(
+            host,
+            ENSURE_TIMEOUT,
+            c.instance_action(ssp_proto::InstanceActionRequest {
+                name: name.into(),
+                action: ssp_proto::Action::Freeze as i32,
+            }),
+        )
+        .await
+    }
+
     /// Has `host`'s daemon open the operation a target pulls `name` from.
     pub async fn migrate_out(
         &self,

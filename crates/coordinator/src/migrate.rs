@@ -245,10 +245,12 @@ impl Core {
     /// One pass of the daemons' copy from the source to the target.
     async fn transfer(&self, m: &Migration, snapshot: &str) -> Result<bool, StepError> {
         let (from, to) = (m.from.host.as_str(), m.to.host.as_str());
+        let t0 = std::time::Instant::now();
         let source = self
             .agents
             .migrate_out(self.host_record(from).as_ref(), from, &m.instance, snapshot)
             .await?;
+        let opened = t0.elapsed();
         let spec = self.spec_on(m, &m.to, false)?;
         let progress = self.driving.progress.clone();
         let id = m.id;
@@ -267,6 +269,13 @@ impl Core {
                 }
             })
             .await?;
+        tracing::debug!(
+            migration = m.id,
+            open_ms = opened.as_millis() as u64,
+            ms = t0.elapsed().as_millis() as u64,
+            refresh,
+            "transfer"
+        );
         Ok(refresh)
     }
 
@@ -292,14 +301,17 @@ impl Core {
         Ok(())
     }
 
-    /// Syncing: stop the source (it stays stopped: the agent's spec says so), send
-    /// what changed since the first pass. (A freeze instead of the stop was tried:
-    /// the daemon took a second to freeze a container here, three times a stop.)
+    /// Syncing: freeze the source where it is (its agent keeps it from running
+    /// again: its spec there says stopped, and a frozen container is only killed or,
+    /// when the move goes back, thawed), send what changed since the first pass.
+    /// The freeze takes milliseconds through the cgroup freezer, where a stop takes
+    /// a quarter second (and the daemon's own freeze up to a second); where there is
+    /// no freezer the agent stops it instead.
     async fn sync(&self, m: &Migration) -> Result<(), StepError> {
         let from = m.from.host.as_str();
         let t0 = std::time::Instant::now();
         self.agents
-            .stop(self.host_record(from).as_ref(), from, &m.instance)
+            .freeze(self.host_record(from).as_ref(), from, &m.instance)
             .await?;
         let stopped = t0.elapsed();
         let refresh = self.transfer(m, "").await?;
@@ -316,7 +328,9 @@ impl Core {
         let to = m.to.host.as_str();
         let record = self.host_record(to);
         let spec = self.spec_on(m, &m.to, true)?;
+        let t0 = std::time::Instant::now();
         let st = self.agents.ensure(record.as_ref(), to, spec).await?;
+        let ensured = t0.elapsed();
         if st.state() != ssp_proto::RunState::Running {
             return Err(StepError(format!(
                 "the container does not run on {to}: {}",
@@ -354,7 +368,7 @@ impl Core {
             at_ms: now_ms(),
         }))
         .await?;
-        tracing::info!(migration = m.id, instance = %m.instance, to, downtime_ms = downtime, "moved; the source copy goes next");
+        tracing::info!(migration = m.id, instance = %m.instance, to, downtime_ms = downtime, ensure_ms = ensured.as_millis() as u64, ms = t0.elapsed().as_millis() as u64, "moved; the source copy goes next");
         Ok(())
     }
 
@@ -379,25 +393,21 @@ impl Core {
     /// more), and the record finishes.
     async fn finish(&self, m: &Migration, gone: &Side, kept: &Side) -> Result<(), StepError> {
         let (gone, kept) = (gone.host.as_str(), kept.host.as_str());
-        self.agents
-            .delete(self.host_record(gone).as_ref(), gone, &m.instance)
-            .await?;
         let snapshot = base_snapshot(m.id);
-        if let Err(e) = self
-            .agents
-            .delete_snapshot(
-                self.host_record(kept).as_ref(),
-                kept,
-                &m.instance,
-                &snapshot,
-            )
-            .await
-        {
+        let (gone_record, kept_record) = (self.host_record(gone), self.host_record(kept));
+        // Two hosts: both at once.
+        let (deleted, snapshot_deleted) = tokio::join!(
+            self.agents.delete(gone_record.as_ref(), gone, &m.instance),
+            self.agents
+                .delete_snapshot(kept_record.as_ref(), kept, &m.instance, &snapshot,)
+        );
+        if let Err(e) = snapshot_deleted {
             tracing::warn!(
                 migration = m.id,
                 "deleting the move's snapshot on {kept}: {e}"
             );
         }
+        deleted?;
         self.migration_write(Command::Migrate(MigrationCommand::Finish {
             id: m.id,
             at_ms: now_ms(),

@@ -32,4 +32,13 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Api { code: 404, .. })
     }
+
+    /// True when the daemon refused because another operation on the instance
+    /// runs (e.g. its own stop after the container's init died).
+    pub fn is_busy(&self) -> bool {
+        match self {
+            Error::Api { message, .. } => message.contains("is busy running"),
+            _ => false,
+        }
+    }
 }

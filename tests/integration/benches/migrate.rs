@@ -5,20 +5,28 @@
 //! The raw baseline runs on a separate, unmanaged container (`raw`, the same image,
 //! limits, root disk size and ~2 GB of random data, no snapshots), since a raw move
 //! of ssp's own container would take it from under ssp (its agent and the
-//! coordinator would re-create it). Its SSH forward is a proxy device on a fixed
-//! port that listens on every address of whichever host it runs on.
+//! coordinator would re-create it). Its SSH is forwarded the way ssp forwards its
+//! containers': a NAT proxy device from the host's address to the container's
+//! static bridge address, both re-pointed at the target by the `incus move`
+//! itself (`-d`). (A proxy without NAT, which could listen on every address of
+//! either host unchanged, adds about a second to each start: its forkproxy.)
 //!
-//! Downtime is measured from outside the same way for both: an SSH banner probe
-//! ("SSH-") every ~20 ms at the source's and at the target's forward, from the
-//! root namespace; downtime = the first banner on the target − the last banner on
-//! the source before it. Total = the whole `sspctl migrate` command, against the
+//! Downtime is measured from outside the same way for both, from the root
+//! namespace: on the source, a logged-in SSH session whose shell prints a line
+//! every 10 ms (what a user sees: the lines stop when the container does); on the
+//! target, an SSH banner probe ("SSH-") every ~10-30 ms at its forward; downtime =
+//! the first banner on the target − the last line from the source before it. (A
+//! banner probe of the source instead costs its sshd a fork and re-exec per probe,
+//! which slowed the copy of the running container by most of a second.) Total = the whole `sspctl migrate` command, against the
 //! raw stop + move + start until the target's banner. Directions alternate
 //! (mb1→mb2, mb2→mb1, …) and so does which of the two goes first.
 //!
 //! Run: cargo bench -p ssp-integration --bench migrate
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,11 +42,15 @@ const DATA_MIB: u32 = 2000;
 const RAW_PORT: u16 = 23096;
 const RAW: &str = "raw";
 const USER: &str = "gdw";
-const PROBE_EVERY: Duration = Duration::from_millis(20);
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// A connect on these local links takes well under a millisecond; one to a
+/// container whose address is not up yet hangs (no ARP answer) and is given up
+/// soon, so the next try comes quickly.
+const CONNECT_WAIT: Duration = Duration::from_millis(20);
 
 /// One banner probe: connect, read "SSH-".
 fn banner_once(addr: &SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_millis(300)) else {
+    let Ok(mut s) = TcpStream::connect_timeout(addr, CONNECT_WAIT) else {
         return false;
     };
     if s.set_read_timeout(Some(Duration::from_millis(500)))
@@ -50,7 +62,7 @@ fn banner_once(addr: &SocketAddr) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
 }
 
-/// Probes an SSH forward every ~20 ms in the background, recording when a banner came.
+/// Probes an SSH forward every ~10-30 ms in the background, recording when a banner came.
 struct Prober {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<Instant>>>,
@@ -100,16 +112,77 @@ impl Drop for Prober {
     }
 }
 
-/// First banner on the target − last banner on the source before it.
+/// A logged-in SSH session whose shell prints a line every 10 ms; records when
+/// each line came.
+struct Ticker {
+    child: Child,
+    seen: Arc<Mutex<Vec<Instant>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    /// `ssh ARGS... 'while :; do echo; sleep 0.01; done'`.
+    fn start(args: &[&str]) -> Result<Ticker> {
+        let mut child = Command::new("ssh")
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"])
+            .args(args)
+            .arg("while :; do echo; sleep 0.01; done")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ssh")?;
+        let out = child.stdout.take().context("ssh's stdout")?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let v = seen.clone();
+        let handle = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                if line.is_err() {
+                    break;
+                }
+                if let Ok(mut v) = v.lock() {
+                    v.push(Instant::now());
+                }
+            }
+        });
+        Ok(Ticker {
+            child,
+            seen,
+            handle: Some(handle),
+        })
+    }
+
+    fn first(&self) -> Option<Instant> {
+        self.seen.lock().ok()?.first().copied()
+    }
+
+    /// Ends the session; returns the lines' times.
+    fn finish(mut self) -> Vec<Instant> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// First banner on the target − last line (or banner) from the source before it.
 fn downtime(source: &[Instant], target: &[Instant], what: &str) -> Result<Duration> {
     let first = *target
         .first()
         .with_context(|| format!("{what}: no SSH banner on the target"))?;
-    let last = source
-        .iter()
-        .rev()
-        .find(|t| **t < first)
-        .with_context(|| format!("{what}: no SSH banner on the source before the target's"))?;
+    let last =
+        source.iter().rev().find(|t| **t < first).with_context(|| {
+            format!("{what}: nothing from the source before the target's banner")
+        })?;
     Ok(first - *last)
 }
 
@@ -178,17 +251,12 @@ struct Measured {
 }
 
 /// `sspctl migrate USER to` with banner probes at both ends.
-fn ssp_move(p: &Platform, from: &Host, to: &Host) -> Result<Measured> {
+fn ssp_move(p: &Platform, key: &Path, from: &Host, to: &Host) -> Result<Measured> {
     let before = ls_record(p, USER)?;
     ensure!(
         before["host"] == from.name.as_str() && before["state"] == "Running",
         "{USER} should run on {} before the move: {before}",
         from.name
-    );
-    let src_addr = format!(
-        "{}:{}",
-        before["ssh_host"].as_str().context("ssh_host")?,
-        before["ssh_port"].as_u64().context("ssh_port")?
     );
     let last_id = p
         .ctl_json(&["migrations"])?
@@ -198,8 +266,14 @@ fn ssp_move(p: &Platform, from: &Host, to: &Host) -> Result<Measured> {
         .filter_map(|m| m["id"].as_u64())
         .max()
         .unwrap_or(0);
-    let src = Prober::start(&src_addr)?;
-    wait_for("the source's SSH banner", Duration::from_secs(10), || {
+    // The ssh-config as it is now (it names the host the container is on).
+    let ssh = p.ssh_login(USER, key)?;
+    let src = Ticker::start(&[
+        "-F",
+        ssh.config.to_str().context("ssh config path")?,
+        &ssh.alias,
+    ])?;
+    wait_for("the source's SSH session", Duration::from_secs(10), || {
         src.first()
     })?;
     let t0 = Instant::now();
@@ -312,20 +386,59 @@ fn ssp_move(p: &Platform, from: &Host, to: &Host) -> Result<Measured> {
     })
 }
 
-/// Raw: `incus stop raw`, `incus move raw TO:raw`, `incus start raw` on the target,
-/// until its SSH banner; probes at both ends.
-fn raw_move(from: &Host, to: &Host) -> Result<Measured> {
-    let src = Prober::start(&format!("{}:{RAW_PORT}", from.addr))?;
+/// The raw container's static address on `h`'s bridge (ssp's own pool hands out
+/// addresses from the top of the range down).
+fn raw_ip(h: &Host) -> Result<String> {
+    let gw = h.cli_run(&["network", "get", "sspbr0", "ipv4.address"])?;
+    let (net, _) = gw
+        .trim()
+        .rsplit_once('.')
+        .with_context(|| format!("the bridge's address on {}: {gw}", h.name))?;
+    Ok(format!("{net}.200"))
+}
+
+/// Raw: `incus stop raw`, `incus move raw TO:raw` (its address and forward set for
+/// the target), `incus start raw` on the target, until its SSH banner; probes at
+/// both ends.
+fn raw_move(key: &Path, from: &Host, to: &Host) -> Result<Measured> {
+    let ip = raw_ip(to)?;
+    let nic = format!("eth0,ipv4.address={ip}");
+    let listen = format!("ssh,listen=tcp:{}:{RAW_PORT}", to.addr);
+    let connect = format!("ssh,connect=tcp:{ip}:22");
+    let port = RAW_PORT.to_string();
+    let at = format!("root@{}", from.addr);
+    let src = Ticker::start(&[
+        "-i",
+        key.to_str().context("key path")?,
+        "-p",
+        &port,
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        &at,
+    ])?;
     let dst = Prober::start(&format!("{}:{RAW_PORT}", to.addr))?;
     wait_for(
-        "the raw container's SSH banner",
+        "the raw container's SSH session",
         Duration::from_secs(10),
         || src.first(),
     )?;
     let t0 = Instant::now();
     from.cli_run(&["stop", RAW])?;
     let stopped = t0.elapsed();
-    from.cli_run(&["move", RAW, &format!("{}:{RAW}", to.name), "-q"])?;
+    from.cli_run(&[
+        "move",
+        RAW,
+        &format!("{}:{RAW}", to.name),
+        "-q",
+        "-d",
+        &nic,
+        "-d",
+        &listen,
+        "-d",
+        &connect,
+    ])?;
     let moved = t0.elapsed();
     to.cli_run(&["start", RAW])?;
     let started = t0.elapsed();
@@ -386,6 +499,7 @@ fn main() -> Result<()> {
     );
 
     // The unmanaged baseline: same image, limits and root disk size, same data.
+    let ip = raw_ip(&h1)?;
     h1.cli_run(&[
         "launch",
         "debian-ssh",
@@ -397,6 +511,8 @@ fn main() -> Result<()> {
         "limits.memory=1GiB",
         "-d",
         "root,size=4GiB",
+        "-d",
+        &format!("eth0,ipv4.address={ip}"),
     ])?;
     h1.cli_run(&[
         "config",
@@ -405,13 +521,23 @@ fn main() -> Result<()> {
         RAW,
         "ssh",
         "proxy",
-        &format!("listen=tcp:0.0.0.0:{RAW_PORT}"),
-        "connect=tcp:127.0.0.1:22",
+        &format!("listen=tcp:{}:{RAW_PORT}", h1.addr),
+        &format!("connect=tcp:{ip}:22"),
+        "nat=true",
     ])?;
     wait_for(
         "the raw container's SSH banner",
         Duration::from_secs(60),
         || banner_once(&format!("{}:{RAW_PORT}", h1.addr).parse().ok()?).then_some(()),
+    )?;
+    // The same key logs in as root there (for the source's session).
+    let pubkey_text = std::fs::read_to_string(&pubkey)?;
+    h1.exec(
+        RAW,
+        &format!(
+            "mkdir -p /root/.ssh && chmod 700 /root/.ssh && printf '%s\\n' '{}' > /root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys",
+            pubkey_text.trim()
+        ),
     )?;
     let raw_sum = h1.exec(
         RAW,
@@ -428,7 +554,7 @@ fn main() -> Result<()> {
         "the raw container has no snapshots: {snaps}"
     );
     println!(
-        "raw: unmanaged container, {DATA_MIB} MiB of random data, no snapshots (a raw move of the stopped container copies its whole root disk); SSH through a proxy device on port {RAW_PORT}"
+        "raw: unmanaged container, {DATA_MIB} MiB of random data, no snapshots (a raw move of the stopped container copies its whole root disk); SSH through a NAT proxy device on port {RAW_PORT}, as ssp forwards"
     );
 
     let (mut ssp_down, mut raw_down, mut down_ratio) = (vec![], vec![], vec![]);
@@ -436,11 +562,11 @@ fn main() -> Result<()> {
     for run in 0..RUNS {
         let (from, to) = if run % 2 == 0 { (&h1, &h2) } else { (&h2, &h1) };
         let (ssp, raw) = if run % 2 == 0 {
-            let s = ssp_move(&p, from, to)?;
-            (s, raw_move(from, to)?)
+            let s = ssp_move(&p, &key, from, to)?;
+            (s, raw_move(&key, from, to)?)
         } else {
-            let r = raw_move(from, to)?;
-            (ssp_move(&p, from, to)?, r)
+            let r = raw_move(&key, from, to)?;
+            (ssp_move(&p, &key, from, to)?, r)
         };
         println!(
             "run {run} {}→{}: ssp downtime {:.0} ms, total {:.0} ms ({}); raw incus move downtime {:.0} ms, total {:.0} ms ({}); ratios downtime {:.3}, total {:.3}",

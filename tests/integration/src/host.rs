@@ -18,7 +18,7 @@ pub enum Kind {
 /// `ip netns exec` gives the namespace a fresh /sys, which hides the cgroup
 /// hierarchies the daemon needs for limits. Mount them again, as the root
 /// mount namespace has them, then exec the daemon.
-const REMOUNT_CGROUPS: &str = r#"
+pub(crate) const REMOUNT_CGROUPS: &str = r#"
 set -e
 mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
 awk '{ for (i=1;i<=NF;i++) if ($i=="-") { print $5, $(i+1), $(i+3) } }' /proc/1/mountinfo |

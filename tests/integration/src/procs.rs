@@ -152,7 +152,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `argv` (run through `ip netns exec NS` when `netns` is given), logging to `log`.
+    /// Starts `argv` (run through `ip netns exec NS` when `netns` is given, with the
+    /// cgroup hierarchies mounted again there, as on a host: the agent freezes
+    /// containers through them), logging to `log`.
     pub fn start(
         name: &str,
         netns: Option<&str>,
@@ -162,6 +164,7 @@ impl Proc {
         let mut full: Vec<String> = Vec::new();
         if let Some(ns) = netns {
             full.extend(["ip", "netns", "exec", ns].map(String::from));
+            full.extend(["sh", "-c", crate::host::REMOUNT_CGROUPS, "sh"].map(String::from));
         }
         full.extend(argv.iter().map(|s| s.to_string()));
         let mut p = Proc {

@@ -53,6 +53,10 @@ fn a_container_moves_with_its_files_snapshot_keys_and_gpus() -> Result<()> {
     let sum = ssh.run(
         "dd if=/dev/urandom of=$HOME/data bs=1M count=40 2>/dev/null && sha256sum $HOME/data",
     )?;
+    // A password the user set (the remote desktop logs in with one) stays.
+    let hash =
+        ssh.run("echo 'gdw:Desk-top-9' | sudo chpasswd && sudo getent shadow gdw | cut -d: -f2")?;
+    ensure!(hash.trim().starts_with('$'), "a password hash: {hash}");
     h1.cli_run(&["snapshot", "create", "gdw", "before-move"])?;
     ssh.run("echo after > $HOME/after-snapshot")?;
     // A writer: each file is written, then its number acknowledged.
@@ -166,6 +170,13 @@ fn a_container_moves_with_its_files_snapshot_keys_and_gpus() -> Result<()> {
         "ssh-config points at mg2: {config}"
     );
 
+    let after = ssh2.run("sudo getent shadow gdw | cut -d: -f2")?;
+    ensure!(
+        after.trim() == hash.trim(),
+        "the password gdw set is kept through the move (it booted on mg2): {} before, {} after",
+        hash.trim(),
+        after.trim()
+    );
     // Every acknowledged write is there.
     let missing = ssh2.run(
         "n=0; for i in $(cat $HOME/acked); do [ -f $HOME/w/$i ] || echo missing $i; n=$((n+1)); done; echo acked $n",

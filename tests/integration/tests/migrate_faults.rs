@@ -303,3 +303,75 @@ fn an_aborted_move_rolls_back() -> Result<()> {
     ensure!(one_running_copy(&p, &[&h1, &h2], &sum)? == "fb1");
     Ok(())
 }
+
+#[test]
+fn a_move_turned_back_after_the_freeze_thaws_the_source() -> Result<()> {
+    let (h1, h2, p, sum) = rig("fz", 133, 1)?;
+    // A writer that acknowledges each file it wrote, and a churner that rewrites
+    // 300 MB over and over, so the final pass has much to send and the move
+    // stays a while in `syncing`, with the source frozen.
+    let writers = || -> Result<i64> {
+        h1.exec(
+            "gdw",
+            "setsid sh -c 'i=$(wc -l < /root/acked 2>/dev/null || echo 0); while :; do i=$((i+1)); echo $i > /root/n.$i && echo $i >> /root/acked; sleep 0.05; done' </dev/null >/dev/null 2>&1 &",
+        )?;
+        h1.exec(
+            "gdw",
+            "setsid sh -c 'i=0; while :; do dd if=/root/data of=/root/churn.$((i%3)) bs=1M count=100 skip=$((i%4*100)) 2>/dev/null; i=$((i+1)); done' </dev/null >/dev/null 2>&1 &",
+        )?;
+        Ok(h1.init_pid("gdw")?.0)
+    };
+    let mut init = writers()?;
+    let mut turned = None;
+    for attempt in 1..=3 {
+        let id = begin(&p, "fz2")?;
+        let syncing = wait_for("the final pass", Duration::from_secs(120), || {
+            let r = record(&p, id).ok()?;
+            match r["phase"].as_str()? {
+                "syncing" => Some(true),
+                "copying" => None,
+                _ => Some(false),
+            }
+        })?;
+        if syncing
+            && p.ctl(&["migrate", "--abort", &id.to_string(), "--no-wait"])
+                .status
+                .success()
+        {
+            turned = Some(id);
+            break;
+        }
+        // Too late: it went through. Back to fz1, writers anew, and again.
+        let r = wait_finished(&p, id, Duration::from_secs(120))?;
+        println!(
+            "attempt {attempt}: the abort came too late ({})",
+            r["phase"]
+        );
+        let back = p.ctl_json(&["migrate", "gdw", "fz1"])?;
+        ensure!(back[0]["phase"] == "done", "{back}");
+        init = writers()?;
+    }
+    let id = turned.context("no attempt turned the move back")?;
+    let r = wait_finished(&p, id, Duration::from_secs(120))?;
+    println!("turned back: {r}");
+    ensure!(r["phase"] == "failed", "{r}");
+    ensure!(one_running_copy(&p, &[&h1, &h2], &sum)? == "fz1");
+    // Thawed, not restarted: the same init, and the writer goes on acknowledging,
+    // every acknowledged file there.
+    let (after, status) = h1.init_pid("gdw")?;
+    ensure!(
+        after == init && status == "Running",
+        "gdw's init was {init}, is {after} ({status}): it was restarted, not thawed"
+    );
+    let count = || -> Result<u64> { Ok(h1.exec("gdw", "wc -l < /root/acked")?.trim().parse()?) };
+    let before = count()?;
+    wait_for("the writer to go on", Duration::from_secs(10), || {
+        (count().ok()? > before).then_some(())
+    })?;
+    let missing = h1.exec(
+        "gdw",
+        "for i in $(cat /root/acked); do [ -f /root/n.$i ] || echo missing $i; done; echo checked",
+    )?;
+    ensure!(!missing.contains("missing"), "{missing}");
+    Ok(())
+}
