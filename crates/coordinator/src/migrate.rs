@@ -7,8 +7,9 @@
 //! The data goes from daemon to daemon: the source's agent opens a migration
 //! operation, the target's agent has its daemon pull from it. A first pass
 //! copies while the container runs (from a snapshot taken for the move, which
-//! both sides then have), the container stops, a second pass sends only what
-//! changed since that snapshot, and the target starts.
+//! both sides then have), the container is frozen (`ssp_agent::freeze`), a
+//! second pass sends only what changed since that snapshot, and the target
+//! starts; the frozen source is then killed, or thawed if the move goes back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use ssp_integration::{ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform};
 
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 /// Random data written into each container (MiB).
 const DATA_MIB: u32 = 2000;
 /// The raw container's SSH forward on either host.
