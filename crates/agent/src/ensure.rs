@@ -179,6 +179,11 @@ pub async fn ensure(
         inst.config.remove(crate::freeze::MARK);
         changed.push("thawed".into());
         held_frozen = false;
+    } else if held_frozen && inst.is_running() && !crate::freeze::frozen(client, &spec.name).await?
+    {
+        // Marked, yet running on: started again since (the daemon starts its
+        // containers when the host boots). Stopped, as any whose spec says so.
+        held_frozen = false;
     }
     let want = account::hash(spec);
     let account_done = inst.config.get(account::CONFIG_KEY) == Some(&want);

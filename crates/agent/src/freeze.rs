@@ -165,6 +165,11 @@ pub async fn cgroup(client: &Client, name: &str) -> Result<Option<Cgroup>, Ensur
     Ok(cgroup_of(&lines, Path::new("/sys/fs/cgroup")))
 }
 
+/// Whether the kernel holds running container `name` frozen.
+pub async fn frozen(client: &Client, name: &str) -> Result<bool, EnsureError> {
+    Ok(cgroup(client, name).await?.is_some_and(|c| c.is_frozen()))
+}
+
 /// Freezes running container `name` and marks it so. `Ok(false)` when it could not
 /// be frozen (no freezer, or it would not freeze); the caller stops it instead.
 pub async fn freeze(client: &Client, name: &str) -> Result<bool, EnsureError> {
