@@ -145,25 +145,6 @@ impl Agents {
         .await
     }
 
-    /// Stops `name` on `host` and keeps it stopped (the agent's stored spec says so).
-    pub async fn stop(
-        &self,
-        record: Option<&Host>,
-        host: &str,
-        name: &str,
-    ) -> Result<InstanceStatus, AgentError> {
-        let mut c = self.for_host(record, host).await?;
-        call(
-            host,
-            ENSURE_TIMEOUT,
-            c.instance_action(ssp_proto::InstanceActionRequest {
-                name: name.into(),
-                action: ssp_proto::Action::Stop as i32,
-            }),
-        )
-        .await
-    }
-
     /// Freezes `name` on `host` for a move's final pass (its spec there says
     /// stopped; the agent stops it when it cannot freeze it).
     pub async fn freeze(
