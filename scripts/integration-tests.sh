@@ -8,7 +8,9 @@
 # side; within a file, one test at a time, except in the files named in `split`, whose
 # tests have daemons and numbers of their own each. The files that make fake GPU device nodes
 # (/dev/nvidiaN, and the one /dev/nvidiactl they all pass) run one after another in a
-# single lane, so that no file removes a node another one's containers use.
+# single lane, so that no file removes a node another one's containers use. The files
+# named in `solo` change what every process on the machine shares (the kernel's
+# limits) and run alone, after the others.
 #
 #   SSP_TEST_LANES   how many files run at once (3)
 #   SSP_TEST_ONLY    run just these files (space-separated names, e.g. "migrate lxd")
@@ -45,11 +47,14 @@ order=(migrate_faults cluster isolation images renewal reconcile trust evacuate
        migrate first_day stale_leader)
 # Files whose tests run as jobs of their own (each test's hosts and bridges are its own).
 split=(migrate_faults cluster)
-gpu=() rest=()
+# Files that run alone, after every other file.
+solo=(host_limits)
+gpu=() rest=() alone=()
 for n in "${order[@]}" $(printf '%s\n' "${names[@]}" | sort); do
   [[ " ${names[*]} " == *" $n "* ]] || continue
-  [[ " ${gpu[*]} ${rest[*]} " == *" $n "* ]] && continue
-  if grep -q 'fake_gpus' "tests/integration/tests/$n.rs"; then gpu+=("$n"); else rest+=("$n"); fi
+  [[ " ${gpu[*]} ${rest[*]} ${alone[*]} " == *" $n "* ]] && continue
+  if [[ " ${solo[*]} " == *" $n "* ]]; then alone+=("$n")
+  elif grep -q 'fake_gpus' "tests/integration/tests/$n.rs"; then gpu+=("$n"); else rest+=("$n"); fi
 done
 
 # A job is a file, one test of a split file (FILE/TEST), or the GPU files in turn.
@@ -102,6 +107,9 @@ while [ $next -lt ${#queue[@]} ] || [ ${#pids[@]} -gt 0 ]; do
   alive=()
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
   pids=("${alive[@]}")
+done
+for n in "${alone[@]}"; do
+  run_job "$n" || true
 done
 if [ -s "$logs/failed" ]; then
   echo "integration: FAILED: $(tr '\n' ' ' <"$logs/failed")(logs in $logs)" >&2

@@ -6,6 +6,8 @@
 #    container maps its owner's uid and the lab gid of it 1:1, for shared-folder
 #    ownership), and has one large range for isolated idmaps
 #  - lxcfs running, so free/top inside a container show its own limits
+#  - the kernel limits that many containers need, now and after a reboot
+#    (host-limits.sh; SSP_MAX_CONTAINERS sizes them)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/install-deps.sh" "$@"
@@ -84,4 +86,5 @@ exec /usr/share/lxcfs/lxc.reboot.hook.distrib'
     printf '%s\n' "$want" > "$HOOK.ssp-new" && chmod 755 "$HOOK.ssp-new" && mv "$HOOK.ssp-new" "$HOOK"
   fi
 fi
+bash "$here/host-limits.sh"
 echo "prepare-host: ready"

@@ -56,6 +56,10 @@ else
   else
     # incusd makes its own dir, but not the folders above it.
     mkdir -p "${INCUS_DIR:-/var/lib/incus}"
+    # As many open files as Debian's incus.service gives it (LimitNOFILE), or as
+    # many as this shell may give; the daemon holds some for every container.
+    ulimit -Hn 1048576 2>/dev/null || true
+    ulimit -n "$(ulimit -Hn)"
     setsid /usr/libexec/incus/incusd --group root --logfile "$LOG/incusd.log" \
       </dev/null >>"$LOG/incusd.out" 2>&1 &
     echo $! > "$RUN/incusd.pid"

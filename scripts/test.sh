@@ -29,6 +29,7 @@ bash scripts/integration-tests.sh
 
 # Benchmarks print figures; they do not pass or fail on them.
 cargo bench -p ssp-integration --bench user_add --locked
+cargo bench -p ssp-integration --bench lab --locked
 cargo bench -p ssp-integration --bench failover --locked
 cargo bench -p ssp-integration --bench raft_vs_etcd --locked
 cargo bench -p ssp-model --bench placement --locked

@@ -90,6 +90,33 @@ pub struct AgentConfig {
     /// The loopback port of frpc's admin API, which the agent reloads it through.
     #[serde(default = "default_frpc_admin_port")]
     pub frpc_admin_port: u16,
+    /// How many containers this host is meant to hold: the kernel's and the
+    /// daemon's limits are checked against it (`sspctl hosts` names a shortfall).
+    #[serde(default = "default_max_containers")]
+    pub max_containers: u32,
+    /// The daemon's log folder, where each container's console log is
+    /// (`NAME/console.log`), read to say why a container did not come up. Default:
+    /// `/var/log/incus` or `/var/log/lxd` for the packaged daemons' sockets, else
+    /// `logs` beside the socket (a snap's, or a daemon with its own dir).
+    #[serde(default)]
+    pub daemon_logs: Option<PathBuf>,
+}
+
+fn default_max_containers() -> u32 {
+    crate::limits::DEFAULT_CONTAINERS
+}
+
+/// The daemon's log folder for the daemon listening on `socket` (see
+/// [`AgentConfig::daemon_logs`]).
+pub fn default_daemon_logs(socket: &Path) -> PathBuf {
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    if dir == Path::new("/var/lib/incus") {
+        "/var/log/incus".into()
+    } else if dir == Path::new("/var/lib/lxd") {
+        "/var/log/lxd".into()
+    } else {
+        dir.join("logs")
+    }
 }
 
 fn default_frpc() -> PathBuf {
@@ -237,6 +264,13 @@ impl AgentConfig {
                 cfg.ssh_ports
             );
         }
+        if cfg.max_containers == 0 {
+            anyhow::bail!(
+                "max_containers = 0 in {}: expected how many containers this host is meant to hold, e.g. {}",
+                path.display(),
+                crate::limits::DEFAULT_CONTAINERS
+            );
+        }
         if cfg.coordinators.is_empty() {
             anyhow::bail!(
                 "coordinators in {} is empty: list at least one coordinator address",
@@ -306,6 +340,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`nat`") && e.contains("`proxy`"), "{e}");
+    }
+
+    #[test]
+    fn a_host_is_meant_for_256_containers_and_its_daemon_logs_are_found_by_its_socket() {
+        let c: AgentConfig = toml::from_str(BASE).unwrap();
+        assert_eq!(c.max_containers, 256);
+        assert_eq!(c.daemon_logs, None);
+        let c: AgentConfig = toml::from_str(&format!("{BASE}max_containers = 40\n")).unwrap();
+        assert_eq!(c.max_containers, 40);
+        for (socket, logs) in [
+            ("/var/lib/incus/unix.socket", "/var/log/incus"),
+            ("/var/lib/lxd/unix.socket", "/var/log/lxd"),
+            (
+                "/var/snap/lxd/common/lxd/unix.socket",
+                "/var/snap/lxd/common/lxd/logs",
+            ),
+            ("/srv/incus-2/unix.socket", "/srv/incus-2/logs"),
+        ] {
+            assert_eq!(default_daemon_logs(Path::new(socket)), Path::new(logs));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("{BASE}max_containers = 0\n")).unwrap();
+        let e = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with("max_containers = 0 in "), "{e}");
     }
 
     #[test]

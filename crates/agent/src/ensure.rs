@@ -458,6 +458,7 @@ pub fn status_of(inst: &Instance) -> InstanceStatus {
         failing: String::new(),
         disk_used_bytes: 0,
         lan_address: String::new(),
+        problem: String::new(),
     }
 }
 

@@ -282,6 +282,7 @@ impl HostState {
         spec: &InstanceSpec,
     ) -> Result<ssp_proto::InstanceStatus, crate::ensure::EnsureError> {
         let st = crate::ensure::ensure(&self.client, ctx, &self.addrs, spec, &self.restarts).await;
+        self.note_ensure(&spec.name, st.as_ref().err().map(|e| e.to_string()));
         if let Some(t) = self.restarts.wait_until(&spec.name) {
             self.schedule_heal(&spec.name, t);
         }

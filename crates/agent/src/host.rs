@@ -39,6 +39,11 @@ pub struct HostState {
     /// does not answer (a heartbeat says the agent is alive; it must not fail for that).
     last_images: std::sync::Mutex<Option<Vec<ssp_proto::Image>>>,
     last_foreign: std::sync::Mutex<Option<Vec<u16>>>,
+    /// The containers' console logs, read to say why one did not come up.
+    pub consoles: crate::boot::Consoles,
+    /// The daemon's error at each container's last failed ensure (a start it
+    /// refused, say), until an ensure succeeds.
+    start_errors: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// Host facts gathered from the daemon and the GPU source. `/1.0/resources`
@@ -71,6 +76,7 @@ impl HostState {
         nvidia: crate::nvidia::Nvidia,
         members: crate::members::Members,
         lan: Option<crate::render::LanNic>,
+        daemon_logs: std::path::PathBuf,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Self {
@@ -91,7 +97,46 @@ impl HostState {
             facts: RwLock::new(None),
             last_images: Default::default(),
             last_foreign: Default::default(),
+            consoles: crate::boot::Consoles::new(daemon_logs),
+            start_errors: Default::default(),
         })
+    }
+
+    /// Records how `name`'s last ensure ended: its error, or none.
+    pub fn note_ensure(&self, name: &str, error: Option<String>) {
+        if let Ok(mut m) = self.start_errors.lock() {
+            match error {
+                Some(e) => m.insert(name.to_string(), e),
+                None => m.remove(name),
+            };
+        }
+    }
+
+    /// Why `name`, which its spec says should run, did not come up: the units
+    /// that failed in its last boot or why its init gave up (its console log),
+    /// else the error of its last ensure; "" when nothing is known to be wrong.
+    pub fn problem(&self, name: &str) -> String {
+        if !self.specs.get(name).is_some_and(|s| s.running) {
+            return String::new();
+        }
+        if let Some(d) = self.consoles.diagnose(name) {
+            if !d.inotify {
+                return d.problem;
+            }
+            let limit = crate::limits::read_proc_sys("fs.inotify.max_user_instances")
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "unknown".into());
+            return format!(
+                "{}; the host's inotify instances ran out (fs.inotify.max_user_instances is {limit}, shared by every container; `sspctl hosts` names the shortfall)",
+                d.problem
+            );
+        }
+        self.start_errors
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .map(|e| format!("its last start failed: {e}"))
+            .unwrap_or_default()
     }
 
     /// One ensure/delete/action per instance at a time.

@@ -4,6 +4,7 @@
 
 pub mod account;
 pub mod adopt;
+pub mod boot;
 pub mod config;
 pub mod ensure;
 pub mod forward;
@@ -13,6 +14,7 @@ pub mod host;
 pub mod hostcheck;
 pub mod image;
 pub mod inventory;
+pub mod limits;
 pub mod lxcfs;
 pub mod members;
 pub mod migrate;
@@ -38,7 +40,7 @@ use crate::host::HostState;
 use crate::inventory::GpuSource;
 
 /// Runs the agent until the process is stopped.
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+pub async fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     // Credentials first: without them no coordinator would listen to this agent.
     let tls = trust::establish(&cfg).await?;
     tracing::info!(identity = %tls.identity().label(), serial = %tls.identity().serial, "certificate loaded");
@@ -49,6 +51,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .context(
             "no Incus or LXD socket found; start the daemon or set `socket` in the agent config",
         )?;
+    cfg.socket = Some(socket.clone());
     let client = ssp_lxd::Client::connect(&socket)
         .await
         .with_context(|| format!("connecting to the daemon at {}", socket.display()))?;
@@ -75,8 +78,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(p) => GpuSource::Static(p.clone()),
         None => GpuSource::nvml(),
     };
-    for problem in hostcheck::cgroups(std::path::Path::new(hostcheck::CGROUP_ROOT)) {
+    // Checked once: the check enables missing cgroup2 controllers as it goes.
+    let cgroup_problems = hostcheck::cgroups(std::path::Path::new(hostcheck::CGROUP_ROOT));
+    for problem in &cgroup_problems {
         tracing::error!("host check: {problem}");
+    }
+    // The limits are read again at every heartbeat (an admin may raise them).
+    for problem in limits::check(cfg.max_containers, &socket).await {
+        tracing::error!("host check: {problem}");
+    }
+    let daemon_logs = cfg
+        .daemon_logs
+        .clone()
+        .unwrap_or_else(|| config::default_daemon_logs(&socket));
+    if !daemon_logs.is_dir() {
+        tracing::warn!(
+            dir = %daemon_logs.display(),
+            "the daemon's log folder is not there: containers that do not come up cannot be told why (set daemon_logs in the agent config)"
+        );
     }
     let nvidia = {
         let (nv, dir) = (cfg.nvidia.clone(), cfg.state_dir.clone());
@@ -95,6 +114,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         nvidia,
         members,
         cfg.lan.as_ref().map(|l| l.nic()),
+        daemon_logs,
     );
     let policy = Arc::new(policy::Policy {
         shared_roots: cfg.shared_roots.clone(),
@@ -129,6 +149,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.clone(),
         host.clone(),
         tls.clone(),
+        cgroup_problems,
     ));
     tokio::spawn(trust::renew_loop(cfg.clone(), tls.clone()));
 

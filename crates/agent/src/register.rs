@@ -9,13 +9,38 @@ use ssp_proto::RegisterHostRequest;
 use crate::config::AgentConfig;
 use crate::host::HostState;
 
-/// Registers with the first coordinator that answers, then keeps re-registering as a heartbeat.
-pub async fn register_loop(cfg: AgentConfig, host: Arc<HostState>, tls: ssp_net::Tls) {
+/// Registers with the first coordinator that answers, then keeps re-registering as a
+/// heartbeat. `cgroup_problems` (found at start) go with every heartbeat, with the
+/// kernel's and the daemon's limits read each time.
+pub async fn register_loop(
+    cfg: AgentConfig,
+    host: Arc<HostState>,
+    tls: ssp_net::Tls,
+    cgroup_problems: Vec<String>,
+) {
     let mut next = 0usize;
     let mut registered = false;
+    let mut last_limits = None;
     loop {
         let addr = &cfg.coordinators[next % cfg.coordinators.len()];
-        match register_once(&cfg, &host, addr, &tls).await {
+        let limits = match &cfg.socket {
+            Some(s) => crate::limits::check(cfg.max_containers, s).await,
+            None => Vec::new(),
+        };
+        if last_limits.as_ref().is_some_and(|l| *l != limits) {
+            match limits.is_empty() {
+                true => tracing::info!("host check: the limits are enough now"),
+                false => {
+                    for l in &limits {
+                        tracing::error!("host check: {l}");
+                    }
+                }
+            }
+        }
+        let mut warnings = cgroup_problems.clone();
+        warnings.extend(limits.iter().cloned());
+        last_limits = Some(limits);
+        match register_once(&cfg, &host, addr, &tls, warnings).await {
             Ok(n) => {
                 if !registered {
                     tracing::info!(coordinator = %addr, instances = n, "registered");
@@ -38,6 +63,7 @@ async fn register_once(
     host: &HostState,
     addr: &str,
     tls: &ssp_net::Tls,
+    warnings: Vec<String>,
 ) -> anyhow::Result<u32> {
     // Sent with every heartbeat; the coordinator writes the record only when it
     // changed (a new image, a port taken or given back).
@@ -58,6 +84,7 @@ async fn register_once(
         rdp_port_first: cfg.rdp_ports.0.into(),
         rdp_port_last: cfg.rdp_ports.1.into(),
         foreign_ports: foreign_ports.into_iter().map(u32::from).collect(),
+        warnings,
     });
     // A coordinator that is paused or cut off must not hold the heartbeat up.
     req.set_timeout(Duration::from_secs(5));

@@ -98,10 +98,17 @@ impl Agent for AgentService {
         let mut instances = ensure::list(self.client(), req.get_ref().managed_only)
             .await
             .map_err(to_status)?;
+        if !req.get_ref().name.is_empty() {
+            instances.retain(|i| i.name == req.get_ref().name);
+        } else {
+            let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
+            self.host.consoles.retain(&names);
+        }
         for i in &mut instances {
             if let Some(f) = self.host.restarts.failing(&i.name) {
                 i.failing = f;
             }
+            i.problem = self.host.problem(&i.name);
         }
         if req.get_ref().with_usage {
             let client = self.client();

@@ -112,6 +112,7 @@ impl Agents {
         record: Option<&Host>,
         host: &str,
         managed_only: bool,
+        only: &str,
     ) -> Result<Vec<InstanceStatus>, AgentError> {
         let mut c = self.for_host(record, host).await?;
         Ok(call(
@@ -120,6 +121,7 @@ impl Agents {
             c.list_instances(ListInstancesRequest {
                 managed_only,
                 with_usage: true,
+                name: only.to_string(),
             }),
         )
         .await?
@@ -140,6 +142,7 @@ impl Agents {
             c.list_instances(ListInstancesRequest {
                 managed_only,
                 with_usage: false,
+                name: String::new(),
             }),
         )
         .await

@@ -171,6 +171,7 @@ pub fn instance_view(
         // A static one is known from the record; one by DHCP only from its host.
         lan_address: inst.lan_address.map(|a| a.to_string()).unwrap_or_default(),
         relay_host: String::new(),
+        problem: String::new(),
         relay_port: inst.relay_port.map(u32::from).unwrap_or(0),
         desktop: inst.desktop,
         // A desktop on the LAN listens at its own address; elsewhere its host forwards.

@@ -200,6 +200,7 @@ mod tests {
             lan: None,
             relay_key: None,
             rdp_ports: None,
+            warnings: Vec::new(),
             inventory: Inventory {
                 images: Some(vec![ssp_model::Image {
                     fingerprint: "0123456789abcdef".repeat(4),

@@ -682,8 +682,32 @@ pub fn register_host(req: &pb::RegisterHostRequest) -> Result<Command, InputErro
                 Some((a, b))
             }
         },
+        warnings: host_warnings(&req.warnings),
     }))
 }
+
+/// Warnings an agent reports about its host, as the replicated record keeps them:
+/// at most [`MAX_HOST_WARNINGS`] of at most [`MAX_HOST_WARNING_CHARS`] characters,
+/// control characters dropped.
+fn host_warnings(given: &[String]) -> Vec<String> {
+    given
+        .iter()
+        .map(|w| {
+            let plain: String = w.chars().filter(|c| !c.is_control()).collect();
+            let plain = plain.trim();
+            match plain.char_indices().nth(MAX_HOST_WARNING_CHARS) {
+                Some((i, _)) => format!("{}…", &plain[..i]),
+                None => plain.to_string(),
+            }
+        })
+        .filter(|w| !w.is_empty())
+        .take(MAX_HOST_WARNINGS)
+        .collect()
+}
+
+/// See [`host_warnings`].
+pub const MAX_HOST_WARNINGS: usize = 16;
+pub const MAX_HOST_WARNING_CHARS: usize = 600;
 
 #[cfg(test)]
 mod tests {
@@ -888,12 +912,22 @@ mod tests {
                 images_reported: true,
                 ..Default::default()
             }),
+            warnings: std::iter::once("limit \u{1b}[31mlow\n".to_string())
+                .chain(std::iter::once("  ".to_string()))
+                .chain(std::iter::once("x".repeat(5000)))
+                .chain((0..40).map(|i| format!("w{i}")))
+                .collect(),
             ..Default::default()
         };
         let Command::RegisterHost(h) = register_host(&r).unwrap() else {
             panic!()
         };
         assert_eq!(h.foreign_ports, vec![22000, 22005]);
+        // An agent's warnings are kept small and plain: a bounded number, each cut short.
+        assert_eq!(h.warnings.len(), MAX_HOST_WARNINGS);
+        assert_eq!(h.warnings[0], "limit [31mlow");
+        assert_eq!(h.warnings[1].chars().count(), MAX_HOST_WARNING_CHARS + 1);
+        assert_eq!(h.warnings[2], "w0");
         let images: Vec<_> = h
             .inventory
             .images

@@ -367,6 +367,16 @@ impl Coordinator for CoordinatorService {
                 .instances
                 .retain(|_, i| i.owner.as_str() == caller.name);
         }
+        let only = &req.get_ref().name;
+        if !only.is_empty() {
+            state.instances.retain(|_, i| i.owner.as_str() == only);
+        }
+        // One container asked for: its agent looks at it alone.
+        let one = match (only.is_empty(), state.instances.len()) {
+            (false, 1) => state.instances.keys().next().cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        let one = one.as_str();
         let down = |h: &str| {
             state
                 .hosts
@@ -385,7 +395,7 @@ impl Coordinator for CoordinatorService {
             async move {
                 (
                     h.to_string(),
-                    agents.observe(state.hosts.get(*h), h, true).await,
+                    agents.observe(state.hosts.get(*h), h, true, one).await,
                 )
             }
         }))
@@ -420,6 +430,7 @@ impl Coordinator for CoordinatorService {
                     v.relay_host = r.host.to_string();
                 }
                 if let Some(s) = seen.get(&key) {
+                    v.problem = s.problem.clone();
                     v.disk_used_bytes = s.disk_used_bytes;
                     if i.network == ssp_model::Network::Lan && i.lan_address.is_none() {
                         v.lan_address = s.lan_address.clone();
@@ -501,6 +512,7 @@ impl Coordinator for CoordinatorService {
                     labels: h.labels.clone(),
                     foreign_ports: h.foreign_ports.iter().map(|&p| p.into()).collect(),
                     lan: h.lan.clone().unwrap_or_default(),
+                    warnings: h.warnings.clone(),
                 }
             })
             .collect();
@@ -1093,7 +1105,7 @@ impl Coordinator for CoordinatorService {
                 let seen = self
                     .core
                     .agents
-                    .observe(record.as_ref(), &host, true)
+                    .observe(record.as_ref(), &host, true, "")
                     .await
                     .map_err(|e| {
                         Status::unavailable(format!(
@@ -1495,7 +1507,7 @@ impl Coordinator for CoordinatorService {
                 let seen = self
                     .core
                     .agents
-                    .observe(Some(host), inst.host.as_str(), true)
+                    .observe(Some(host), inst.host.as_str(), true, &inst.name)
                     .await
                     .map_err(|e| {
                         Status::unavailable(format!(

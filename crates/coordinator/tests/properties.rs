@@ -383,6 +383,7 @@ fn register_host_request() -> impl Strategy<Value = pb::RegisterHostRequest> {
                     relay_key: String::new(),
                     rdp_port_first: 0,
                     rdp_port_last: 0,
+                    warnings: vec![],
                 }
             },
         )
@@ -659,6 +660,7 @@ fn valid_register_host() -> impl Strategy<Value = Command> {
                 relay_key: String::new(),
                 rdp_port_first: 0,
                 rdp_port_last: 0,
+                warnings: vec![],
             },
         )
         .prop_filter_map("refused", |r| request::register_host(&r).ok())

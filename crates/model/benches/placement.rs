@@ -35,6 +35,7 @@ fn host(i: u32) -> Host {
         lan: None,
         relay_key: None,
         rdp_ports: None,
+        warnings: Vec::new(),
         inventory: Inventory {
             images: Some(vec![Image {
                 fingerprint: "0123456789abcdef".repeat(4),

@@ -160,6 +160,11 @@ pub struct Host {
     /// desktop container's is the one at its SSH port's place in it.
     #[serde(default)]
     pub rdp_ports: Option<(u16, u16)>,
+    /// What the host's agent found wrong with it for containers (cgroup
+    /// controllers, kernel or daemon limits short of what it is meant to hold);
+    /// `sspctl hosts` shows them. Placement does not read them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Host {

@@ -795,6 +795,7 @@ fn host() -> impl Strategy<Value = Host> {
                     },
                     relay_key: None,
                     rdp_ports: (name.len() % 3 != 0).then_some((23000, 23999)),
+                    warnings: Vec::new(),
                 }
             },
         )
@@ -1229,6 +1230,7 @@ fn one_host() -> Command {
         lan: None,
         relay_key: None,
         rdp_ports: None,
+        warnings: Vec::new(),
     })
 }
 

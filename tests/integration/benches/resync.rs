@@ -44,6 +44,7 @@ fn main() -> Result<()> {
             ssp_agent::nvidia::Nvidia::off(),
             ssp_agent::members::Members::open(scratch.path())?,
             None,
+            host.dir.join("logs"),
         );
         let ctx = state.facts().await?.context;
         if !matches!(ctx.ssh, ssp_agent::render::SshForward::Nat { .. }) {

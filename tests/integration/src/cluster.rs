@@ -681,6 +681,7 @@ pub fn paper_host(name: &str, gpus: u32) -> RegisterHostRequest {
         relay_key: String::new(),
         rdp_port_first: 0,
         rdp_port_last: 0,
+        warnings: vec![],
     }
 }
 

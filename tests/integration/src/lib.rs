@@ -63,6 +63,16 @@ pub fn preflight(kind: Kind) -> anyhow::Result<()> {
     if !subuid.lines().any(|l| l.starts_with("root:10000:")) {
         bail!("/etc/subuid lacks root:10000:10000 (ssp's uid range); run scripts/prepare-host.sh");
     }
+    // Every Debian container takes about 8 of root's inotify instances; with the
+    // kernel's 128 the test files running side by side would run out.
+    let key = "fs.inotify.max_user_instances";
+    match ssp_agent::limits::read_proc_sys(key) {
+        Some(n) if n >= 4096 => {}
+        n => bail!(
+            "{key} is {}: too few for the test suite's containers; run scripts/prepare-host.sh (it raises the kernel's limits, in /etc/sysctl.d/90-ssp.conf)",
+            n.map(|n| n.to_string()).unwrap_or_else(|| "unreadable".into())
+        ),
+    }
     let hook = std::path::Path::new(ssp_agent::lxcfs::REBOOT_HOOK);
     if ssp_agent::lxcfs::hook_sleeps_at_every_stop(hook) {
         bail!(

@@ -419,6 +419,7 @@ fn only_certificates_of_this_cluster_get_in_and_users_act_only_on_their_own() ->
             .list_instances(ssp_proto::ListInstancesRequest {
                 managed_only: true,
                 with_usage: false,
+                name: String::new(),
             })
             .await;
         ensure!(

@@ -22,7 +22,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             let inv = h.inventory.clone().unwrap_or_default();
             vec![
                 h.name.clone(),
-                h.status.clone(),
+                match h.warnings.len() {
+                    0 => h.status.clone(),
+                    1 => format!("{} (1 warning)", h.status),
+                    n => format!("{} ({n} warnings)", h.status),
+                },
                 if h.labels.is_empty() {
                     "-".into()
                 } else {
@@ -69,7 +73,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                    "status": h.status, "last_heartbeat_ms_ago": h.last_heartbeat_ms_ago,
                    "unmanaged": h.unmanaged, "stray": h.stray, "labels": h.labels,
                    "images": inv.images.iter().map(|i| json!({"fingerprint": i.fingerprint, "aliases": i.aliases})).collect::<Vec<_>>(),
-                   "foreign_ports": h.foreign_ports, "lan": h.lan,
+                   "foreign_ports": h.foreign_ports, "lan": h.lan, "warnings": h.warnings,
                    "pools": inv.pools.iter().map(|p| json!({"name": p.name, "driver": p.driver, "total_bytes": p.total_bytes,
                                                              "used_bytes": p.used_bytes, "free_bytes": p.total_bytes.saturating_sub(p.used_bytes),
                                                              "ssp": p.ssp})).collect::<Vec<_>>()})
@@ -95,6 +99,13 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         rows,
         js,
     );
+    if matches!(cli.output, output::Format::Table) {
+        for h in &list {
+            for w in &h.warnings {
+                crate::outln!("{}: warning: {w}", h.name);
+            }
+        }
+    }
     Ok(())
 }
 

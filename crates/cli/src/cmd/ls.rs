@@ -8,7 +8,7 @@ use crate::Cli;
 
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let list = crate::cmd::Conn::new(cli)?
-        .call(ListInstancesViewRequest {}, |ch, r| async move {
+        .call(ListInstancesViewRequest::default(), |ch, r| async move {
             ssp_proto::coordinator_client::CoordinatorClient::new(ch)
                 .list_instances(r)
                 .await
@@ -22,7 +22,12 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             vec![
                 i.name.clone(),
                 i.host.clone(),
-                i.state.clone(),
+                // Why it did not come up is too long for a cell: it follows the table.
+                if i.problem.is_empty() {
+                    i.state.clone()
+                } else {
+                    format!("{} (see below)", i.state)
+                },
                 i.gpu_pci.join(","),
                 output::reach(i),
                 i.cpus.to_string(),
@@ -42,7 +47,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                         "memory_bytes": i.memory_bytes, "disk_bytes": i.disk_bytes, "disk_used_bytes": i.disk_used_bytes, "image": i.image, "uuid": i.uuid,
                         "network": i.network, "lan": i.lan, "lan_address": i.lan_address,
                         "relay_host": i.relay_host, "relay_port": i.relay_port,
-                        "desktop": i.desktop, "rdp_host": i.rdp_host, "rdp_port": i.rdp_port}))
+                        "desktop": i.desktop, "rdp_host": i.rdp_host, "rdp_port": i.rdp_port,
+                        "problem": i.problem}))
         .collect::<Vec<_>>());
     output::print(
         cli.output,
@@ -59,5 +65,10 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         rows,
         js,
     );
+    if matches!(cli.output, output::Format::Table) {
+        for i in list.iter().filter(|i| !i.problem.is_empty()) {
+            crate::outln!("{} on {}: {}", i.name, i.host, i.problem);
+        }
+    }
     Ok(())
 }

@@ -244,7 +244,18 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 if a.wait != Wait::Ssh || a.no_wait {
                     return Ok(());
                 }
+                let seen = std::sync::Mutex::new(String::new());
                 if !reply.warning.is_empty() {
+                    // Its start failed: say why, if its host can tell soon.
+                    let limit = std::time::Duration::from_secs(a.wait_timeout.min(30));
+                    if let Ok(why) =
+                        tokio::time::timeout(limit, watch_boot(&c, &a.name, &seen)).await
+                    {
+                        anyhow::bail!(
+                            "user {} is added, but their container on {} did not come up: {why} (`sspctl ls` shows it)",
+                            a.name, i.host
+                        );
+                    }
                     anyhow::bail!(
                         "user {} is added, but their container is not running yet, so they cannot log in; `sspctl ls` shows when it runs",
                         a.name
@@ -252,12 +263,20 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                 }
                 let timeout = std::time::Duration::from_secs(a.wait_timeout);
                 let (addr, port) = crate::output::ssh_address(&i);
-                wait_for_ssh(&addr, port, timeout).await.with_context(|| {
-                    format!(
-                        "user {} is added and their container runs on {}, but SSH at {addr}:{port} did not answer from here within {}s (--wait running or --no-wait do not wait for it)",
-                        a.name, i.host, a.wait_timeout
-                    )
-                })
+                tokio::select! {
+                    r = wait_for_ssh(&addr, port, timeout) => r.with_context(|| {
+                        let why = seen.lock().map(|s| s.clone()).unwrap_or_default();
+                        let why = if why.is_empty() { String::new() } else { format!(": {why}") };
+                        format!(
+                            "user {} is added and their container runs on {}, but SSH at {addr}:{port} did not answer from here within {}s (--wait running or --no-wait do not wait for it){why}",
+                            a.name, i.host, a.wait_timeout
+                        )
+                    }),
+                    why = watch_boot(&c, &a.name, &seen) => anyhow::bail!(
+                        "user {} is added, but their container on {} did not come up: {why} (`sspctl ls` shows it)",
+                        a.name, i.host
+                    ),
+                }
             };
             let issue = async {
                 if a.no_credentials {
@@ -487,6 +506,53 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// While SSH does not answer: how the container's boot went, from its agent.
+/// Resolves with why it did not come up once that is clear (its agent backs off
+/// restarting it, or units failed in its boot and [`BOOT_GRACE`] later SSH still
+/// does not answer); until then, `seen` holds the last problem reported.
+async fn watch_boot(c: &crate::cmd::Conn, name: &str, seen: &std::sync::Mutex<String>) -> String {
+    use tokio::time::{sleep, Duration, Instant};
+    let mut since: Option<Instant> = None;
+    loop {
+        sleep(Duration::from_secs(2)).await;
+        let body = ssp_proto::ListInstancesViewRequest { name: name.into() };
+        let Ok(r) = c
+            .call(body, |ch, r| async move {
+                ssp_proto::coordinator_client::CoordinatorClient::new(ch)
+                    .list_instances(r)
+                    .await
+            })
+            .await
+        else {
+            continue;
+        };
+        let Some(v) = r.into_inner().instances.into_iter().next() else {
+            continue;
+        };
+        if let Ok(mut s) = seen.lock() {
+            s.clone_from(&v.problem);
+        }
+        if v.state.starts_with("failing") {
+            return match v.problem.as_str() {
+                "" => v.state,
+                p => format!("{}; {p}", v.state),
+            };
+        }
+        if v.problem.is_empty() {
+            since = None;
+            continue;
+        }
+        let t = *since.get_or_insert_with(Instant::now);
+        if t.elapsed() >= BOOT_GRACE {
+            return v.problem;
+        }
+    }
+}
+
+/// How long SSH may still come after units failed in a container's boot (a unit
+/// that failed may start on its own next try).
+const BOOT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Waits until an SSH server answers at `host:port`: the connection is accepted and
 /// the server sends its identification line (`SSH-2.0-...`). The account and keys

@@ -20,6 +20,7 @@ fn host(name: &str, gpus: u32) -> Host {
         lan: None,
         relay_key: None,
         rdp_ports: None,
+        warnings: Vec::new(),
         inventory: Inventory {
             images: Some(vec![image(
                 "a1b2c3d4e5f60718293a4b5c6d7e8f90",
