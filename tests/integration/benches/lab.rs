@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use ssp_integration::{ssh_keypair, AgentSpec, Host, Kind, Platform};
+use ssp_integration::{median, ssh_keypair, AgentSpec, Host, Kind, Platform};
 
 const USERS: usize = 60;
 const AT_ONCE: usize = 4;
@@ -24,16 +24,6 @@ fn add_and_login(p: &Platform, name: &str, key: &Path) -> Result<f64> {
     p.ssh_login(name, key)
         .with_context(|| format!("{name} cannot log in"))?;
     Ok(t.elapsed().as_secs_f64())
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn main() -> Result<()> {
@@ -82,11 +72,11 @@ fn main() -> Result<()> {
         Ok(())
     })?;
     let wall = wall.elapsed().as_secs_f64();
-    let mut times = times
+    let times = times
         .into_inner()
         .map_err(|_| anyhow::anyhow!("poisoned"))?;
     let slowest = times.iter().copied().fold(0.0, f64::max);
-    let med = median(&mut times);
+    let med = median(times);
 
     // Every container is there and running, with nothing reported wrong.
     let ls = p.ctl_json(&["ls"])?;
@@ -105,7 +95,7 @@ fn main() -> Result<()> {
             r["problem"]
         );
     }
-    let mut ls_times: Vec<f64> = (0..5)
+    let ls_times: Vec<f64> = (0..5)
         .map(|_| {
             let t = Instant::now();
             p.ctl_ok(&["ls"])
@@ -117,7 +107,7 @@ fn main() -> Result<()> {
         med / first,
         slowest / first,
         USERS - 1,
-        median(&mut ls_times)
+        median(ls_times)
     );
     Ok(())
 }

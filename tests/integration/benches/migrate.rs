@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use ssp_integration::{ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform};
+use ssp_integration::{median, ssh_keypair, wait_for, AgentSpec, Host, Kind, Platform};
 
 const RUNS: usize = 5;
 /// Random data written into each container (MiB).
@@ -184,16 +184,6 @@ fn downtime(source: &[Instant], target: &[Instant], what: &str) -> Result<Durati
             format!("{what}: nothing from the source before the target's banner")
         })?;
     Ok(first - *last)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn ms(d: Duration) -> f64 {

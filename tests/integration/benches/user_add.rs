@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ssp_integration::{ssh_keypair, AgentSpec, Host, Kind, Platform};
+use ssp_integration::{median, ssh_keypair, AgentSpec, Host, Kind, Platform};
 
 const ROUNDS: usize = 7;
 
@@ -34,16 +34,6 @@ fn wait_banner(addr: &str, limit: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("no SSH banner on {addr} within {limit:?} (last: {last})")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// The instance's own config and devices as YAML for `incus launch`, minus ssp's

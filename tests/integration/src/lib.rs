@@ -124,6 +124,18 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// The median of `v` (the mean of the middle two for an even count), for
+/// benchmarks' figures.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// Polls `f` until it returns `Some`, or fails after `limit` with `what`.
 pub fn wait_for<T>(
     what: &str,
