@@ -25,6 +25,8 @@ use crate::host::HostState;
 pub const BURST: usize = 5;
 pub const WINDOW: Duration = Duration::from_secs(60);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How soon a container the daemon was busy changing is looked at again.
+pub const BUSY_RETRY: Duration = Duration::from_millis(500);
 
 /// The specs this host was given, one file per container (`NAME.spec`, protobuf).
 pub struct Specs {
@@ -259,6 +261,19 @@ impl HostState {
         let Some(spec) = self.specs.get(name) else {
             return;
         };
+        // Someone restarts (or starts, stops) it through the daemon right now: its
+        // stop in the middle of a restart is no crash, and a start of ours then
+        // would race the restart's own (the daemon lets it in, and one of the two
+        // fails: "invalid argument"). Look again once that is done.
+        match self.client.changing(name).await {
+            Ok(Some(what)) => {
+                tracing::debug!(instance = %name, why, doing = %what, "not healing while the daemon changes it");
+                self.schedule_heal(name, Instant::now() + BUSY_RETRY);
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(instance = %name, "the daemon's operations: {e}"),
+        }
         let ctx = match self.facts().await {
             Ok(f) => f.context,
             Err(e) => {

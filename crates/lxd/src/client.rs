@@ -272,6 +272,13 @@ impl Client {
         }
     }
 
+    /// What the daemon is doing to `instance` right now, if anything (see
+    /// [`changing_in`]), e.g. "Restarting instance".
+    pub async fn changing(&self, instance: &str) -> Result<Option<String>, Error> {
+        let ops = self.get("/1.0/operations?recursion=1").await?;
+        Ok(changing_in(&ops, instance))
+    }
+
     /// `PATCH path` with a JSON body (merges keys).
     pub async fn patch(&self, path: &str, body: Value) -> Result<Value, Error> {
         Ok(self.call(Method::PATCH, path, Some(body), &[]).await?.body)
@@ -386,5 +393,71 @@ impl Client {
             }
             _ => String::new(),
         }
+    }
+}
+
+/// In a `GET /1.0/operations?recursion=1` reply: the description of a running
+/// task that changes `instance`'s state (a restart, start, stop, freeze or
+/// restore someone asked for). Exec sessions, moves and other long work do not count.
+pub fn changing_in(ops: &Value, instance: &str) -> Option<String> {
+    const CHANGES: &[&str] = &[
+        "Restarting",
+        "Starting",
+        "Stopping",
+        "Freezing",
+        "Unfreezing",
+        "Restoring",
+    ];
+    let me = format!("/1.0/instances/{instance}");
+    ops["running"].as_array()?.iter().find_map(|op| {
+        let description = op["description"].as_str()?;
+        let changes = op["class"] == "task" && CHANGES.iter().any(|w| description.starts_with(w));
+        let on_it = op["resources"]["instances"].as_array()?.iter().any(|r| {
+            r.as_str().is_some_and(|r| {
+                r == me
+                    || r.strip_prefix(me.as_str())
+                        .is_some_and(|q| q.starts_with('?'))
+            })
+        });
+        (changes && on_it).then(|| description.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_a_running_state_change_of_that_instance_counts() {
+        let op = |class: &str, description: &str, instance: &str| {
+            json!({"class": class, "description": description, "status": "Running",
+                   "resources": {"instances": [format!("/1.0/instances/{instance}")]}})
+        };
+        let ops = json!({
+            "running": [
+                op("websocket", "Executing command", "g0"),
+                op("task", "Restarting instance", "g01"),
+                op("task", "Restarting instance", "g0?project=default"),
+            ],
+            "success": [op("task", "Stopping instance", "g1")],
+        });
+        assert_eq!(
+            changing_in(&ops, "g0").as_deref(),
+            Some("Restarting instance")
+        );
+        assert_eq!(
+            changing_in(&ops, "g01").as_deref(),
+            Some("Restarting instance")
+        );
+        assert_eq!(
+            changing_in(&ops, "g1"),
+            None,
+            "finished operations do not count"
+        );
+        assert_eq!(changing_in(&ops, "g"), None);
+        let exec_only = json!({"running": [op("websocket", "Executing command", "g0")]});
+        assert_eq!(changing_in(&exec_only, "g0"), None);
+        assert_eq!(changing_in(&json!({}), "g0"), None, "no operations at all");
     }
 }

@@ -31,14 +31,20 @@ fn write(key: &str, value: u64) -> Result<()> {
     std::fs::write(&path, value.to_string()).with_context(|| format!("setting {key} to {value}"))
 }
 
-/// Puts sysctls back as they were when it was made.
-struct Restore(Vec<(String, u64)>);
+/// Puts sysctls back as they were when it was made (their whole text: some
+/// hold more than one number).
+struct Restore(Vec<(std::path::PathBuf, String)>);
 
 impl Restore {
     fn keys(keys: &[&str]) -> Result<Restore> {
         Ok(Restore(
             keys.iter()
-                .map(|k| Ok((k.to_string(), read(k)?)))
+                .map(|k| {
+                    let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+                    let text =
+                        std::fs::read_to_string(&path).with_context(|| format!("reading {k}"))?;
+                    Ok((path, text))
+                })
                 .collect::<Result<_>>()?,
         ))
     }
@@ -46,9 +52,13 @@ impl Restore {
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        for (k, v) in &self.0 {
-            if let Err(e) = write(k, *v) {
-                eprintln!("could not put {k} back to {v}: {e:#}");
+        for (path, text) in &self.0 {
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!(
+                    "could not put {} back to {}: {e}",
+                    path.display(),
+                    text.trim()
+                );
             }
         }
     }
@@ -193,7 +203,10 @@ fn a_host_short_of_inotify_instances_is_named_and_its_container_says_why() -> Re
     );
 
     // 4. With the limit as the set-up makes it, a restart boots cleanly: gdw logs
-    //    in and nothing is reported any more; the agent's warning goes.
+    //    in and nothing is reported any more; the agent's warning goes. (The
+    //    restart of a container whose boot hung used to race the agent's heal: it
+    //    saw the restart's stop, started the container itself, and the daemon's
+    //    own start failed with "invalid argument".)
     drop(held);
     drop(_restore);
     host.cli_run(&["restart", "gdw", "--force"])?;
@@ -226,6 +239,40 @@ fn kept(file: &Path) -> Result<Vec<(String, u64)>> {
             let (k, v) = l.split_once('=').context("key = value")?;
             Ok((k.trim().to_string(), v.trim().parse()?))
         })
+        .collect()
+}
+
+/// Every key the sysctl files set at boot that this kernel has (patterns left out).
+fn boot_keys() -> Vec<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for dir in [
+        "/etc/sysctl.d",
+        "/run/sysctl.d",
+        "/usr/local/lib/sysctl.d",
+        "/usr/lib/sysctl.d",
+        "/lib/sysctl.d",
+    ] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            keys.extend(sysctl_keys(&text));
+        }
+    }
+    keys.extend(sysctl_keys(
+        &std::fs::read_to_string("/etc/sysctl.conf").unwrap_or_default(),
+    ));
+    keys.into_iter()
+        .filter(|k| Path::new("/proc/sys").join(k.replace('.', "/")).is_file())
+        .collect()
+}
+
+/// The keys a sysctl file sets (`key = value`, `-key = value`; `/` for `.`).
+fn sysctl_keys(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k.trim().trim_start_matches('-').replace('/', "."))
+        .filter(|k| !k.is_empty() && !k.contains('*'))
         .collect()
 }
 
@@ -288,6 +335,11 @@ fn the_set_up_keeps_the_limits_across_a_reboot_and_a_second_run_changes_nothing(
 
     // A reboot: the kernel starts with its defaults, then the sysctl files are
     // applied in order (what systemd-sysctl does at boot; `sysctl --system` here).
+    // Every other key those files set is put back afterwards too: this machine's
+    // own values must stay as they were (fs.protected_regular = 2 from Debian's
+    // 99-protect-links.conf, say, changes what members may do in shared folders).
+    let boot = boot_keys();
+    let _others = Restore::keys(&boot.iter().map(String::as_str).collect::<Vec<_>>())?;
     for (k, _) in &values {
         write(k, boot_default(k))?;
     }
