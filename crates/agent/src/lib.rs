@@ -40,7 +40,7 @@ use crate::host::HostState;
 use crate::inventory::GpuSource;
 
 /// Runs the agent until the process is stopped.
-pub async fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Credentials first: without them no coordinator would listen to this agent.
     let tls = trust::establish(&cfg).await?;
     tracing::info!(identity = %tls.identity().label(), serial = %tls.identity().serial, "certificate loaded");
@@ -51,7 +51,6 @@ pub async fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         .context(
             "no Incus or LXD socket found; start the daemon or set `socket` in the agent config",
         )?;
-    cfg.socket = Some(socket.clone());
     let client = ssp_lxd::Client::connect(&socket)
         .await
         .with_context(|| format!("connecting to the daemon at {}", socket.display()))?;
@@ -84,7 +83,7 @@ pub async fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         tracing::error!("host check: {problem}");
     }
     // The limits are read again at every heartbeat (an admin may raise them).
-    for problem in limits::check(cfg.max_containers, &socket).await {
+    for problem in limits::check(cfg.max_containers, &client).await {
         tracing::error!("host check: {problem}");
     }
     let daemon_logs = cfg

@@ -147,19 +147,30 @@ pub fn daemon_shortfall(pid: u32, soft: u64, containers: u32) -> Option<String> 
     })
 }
 
-/// The pid of the daemon listening on `socket`: the peer of a connection to it,
-/// if that is an Incus or LXD daemon. None where the socket belongs to another
-/// process (systemd's socket activation holds it as pid 1; Debian's units give
-/// the daemon LimitNOFILE=1048576 themselves).
-pub async fn daemon_pid(socket: &Path) -> Option<u32> {
-    let conn = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        tokio::net::UnixStream::connect(socket),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let pid = u32::try_from(conn.peer_cred().ok()?.pid()?).ok()?;
+/// The pid of the daemon behind `client`: the `environment.server_pid` it reports
+/// (Incus, and LXD since 3.x), else the peer of a connection to its socket. None
+/// where neither names an Incus or LXD process (a socket that systemd's socket
+/// activation holds as pid 1: Debian's units set LimitNOFILE=1048576 themselves).
+pub async fn daemon_pid(client: &ssp_lxd::Client) -> Option<u32> {
+    let reported = client
+        .get("/1.0")
+        .await
+        .ok()
+        .and_then(|v| v["environment"]["server_pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok());
+    let pid = match reported {
+        Some(p) => p,
+        None => {
+            let conn = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::net::UnixStream::connect(client.socket()),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            u32::try_from(conn.peer_cred().ok()?.pid()?).ok()?
+        }
+    };
     if pid <= 1 {
         return None;
     }
@@ -168,10 +179,10 @@ pub async fn daemon_pid(socket: &Path) -> Option<u32> {
 }
 
 /// Every shortfall of this host for `containers`: the sysctls, and the open
-/// files of the daemon behind `socket`.
-pub async fn check(containers: u32, socket: &Path) -> Vec<String> {
+/// files of the daemon behind `client`.
+pub async fn check(containers: u32, client: &ssp_lxd::Client) -> Vec<String> {
     let mut out = shortfalls(containers, read_proc_sys);
-    if let Some(pid) = daemon_pid(socket).await {
+    if let Some(pid) = daemon_pid(client).await {
         let soft = std::fs::read_to_string(format!("/proc/{pid}/limits"))
             .ok()
             .and_then(|l| open_files(&l));

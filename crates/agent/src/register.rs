@@ -23,10 +23,7 @@ pub async fn register_loop(
     let mut last_limits = None;
     loop {
         let addr = &cfg.coordinators[next % cfg.coordinators.len()];
-        let limits = match &cfg.socket {
-            Some(s) => crate::limits::check(cfg.max_containers, s).await,
-            None => Vec::new(),
-        };
+        let limits = crate::limits::check(cfg.max_containers, &host.client).await;
         if last_limits.as_ref().is_some_and(|l| *l != limits) {
             match limits.is_empty() {
                 true => tracing::info!("host check: the limits are enough now"),

@@ -134,6 +134,38 @@ fn a_host_short_of_inotify_instances_is_named_and_its_container_says_why() -> Re
         "sspctl hosts does not show the warning:\n{table}"
     );
 
+    // The daemon's open files too: with 400, room for 36 containers, not 60.
+    let info: serde_json::Value = serde_json::from_str(&host.cli_run(&["query", "/1.0"])?)?;
+    let pid = info["environment"]["server_pid"]
+        .as_u64()
+        .context("the daemon's server_pid")?
+        .to_string();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let soft = ssp_agent::limits::open_files(&limits).context("the daemon's open files")?;
+    run(Command::new("prlimit").args(["--pid", &pid, "--nofile=400:"]))?;
+    let files = wait_for(
+        "the agent's warning about the daemon's open files",
+        Duration::from_secs(20),
+        || {
+            let hosts = p.ctl_json(&["hosts"]).ok()?;
+            hosts[0]["warnings"]
+                .as_array()?
+                .iter()
+                .filter_map(|w| w.as_str())
+                .find(|w| w.starts_with("the daemon"))
+                .map(String::from)
+        },
+    );
+    run(Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={soft}:")]))?;
+    let files = files?;
+    println!("sspctl hosts: {files}");
+    ensure!(
+        files.starts_with(&format!(
+            "the daemon (pid {pid}) may open 400 files: enough for about 36 containers"
+        )) && files.ends_with("to at least 496"),
+        "{files}"
+    );
+
     // 2. With the host's budget used up (as by the containers before it), a new
     //    container's init cannot start: crash loop, and ls and user add say why.
     let held = take_inotify_instances(0)?;
