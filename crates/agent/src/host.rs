@@ -112,6 +112,15 @@ impl HostState {
         }
     }
 
+    /// Forgets what was read or recorded about containers not in `names`
+    /// (deleted ones).
+    pub fn forget_others(&self, names: &[&str]) {
+        self.consoles.retain(names);
+        if let Ok(mut m) = self.start_errors.lock() {
+            m.retain(|n, _| names.contains(&n.as_str()));
+        }
+    }
+
     /// Why `name`, which its spec says should run, did not come up: the units
     /// that failed in its last boot or why its init gave up (its console log),
     /// else the error of its last ensure; "" when nothing is known to be wrong.

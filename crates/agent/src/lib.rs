@@ -83,7 +83,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tracing::error!("host check: {problem}");
     }
     // The limits are read again at every heartbeat (an admin may raise them).
-    for problem in limits::check(cfg.max_containers, &client).await {
+    for problem in limits::check(cfg.max_containers, limits::daemon_pid(&client).await) {
         tracing::error!("host check: {problem}");
     }
     let daemon_logs = cfg

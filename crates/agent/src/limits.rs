@@ -171,18 +171,22 @@ pub async fn daemon_pid(client: &ssp_lxd::Client) -> Option<u32> {
             u32::try_from(conn.peer_cred().ok()?.pid()?).ok()?
         }
     };
-    if pid <= 1 {
-        return None;
-    }
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    matches!(comm.trim(), "incusd" | "lxd").then_some(pid)
+    is_daemon(pid).then_some(pid)
+}
+
+/// True when `pid` is an Incus or LXD daemon process (a pid read earlier may be
+/// gone, or taken by another process, after the daemon restarted).
+pub fn is_daemon(pid: u32) -> bool {
+    pid > 1
+        && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| matches!(c.trim(), "incusd" | "lxd"))
 }
 
 /// Every shortfall of this host for `containers`: the sysctls, and the open
-/// files of the daemon behind `client`.
-pub async fn check(containers: u32, client: &ssp_lxd::Client) -> Vec<String> {
+/// files of the daemon process `daemon` (see [`daemon_pid`]).
+pub fn check(containers: u32, daemon: Option<u32>) -> Vec<String> {
     let mut out = shortfalls(containers, read_proc_sys);
-    if let Some(pid) = daemon_pid(client).await {
+    if let Some(pid) = daemon {
         let soft = std::fs::read_to_string(format!("/proc/{pid}/limits"))
             .ok()
             .and_then(|l| open_files(&l));

@@ -21,9 +21,14 @@ pub async fn register_loop(
     let mut next = 0usize;
     let mut registered = false;
     let mut last_limits = None;
+    let mut daemon = None;
     loop {
         let addr = &cfg.coordinators[next % cfg.coordinators.len()];
-        let limits = crate::limits::check(cfg.max_containers, &host.client).await;
+        // The daemon's pid is asked for again only once it is not the daemon's.
+        if !daemon.is_some_and(crate::limits::is_daemon) {
+            daemon = crate::limits::daemon_pid(&host.client).await;
+        }
+        let limits = crate::limits::check(cfg.max_containers, daemon);
         if last_limits.as_ref().is_some_and(|l| *l != limits) {
             match limits.is_empty() {
                 true => tracing::info!("host check: the limits are enough now"),

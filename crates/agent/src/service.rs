@@ -102,7 +102,7 @@ impl Agent for AgentService {
             instances.retain(|i| i.name == req.get_ref().name);
         } else {
             let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
-            self.host.consoles.retain(&names);
+            self.host.forget_others(&names);
         }
         for i in &mut instances {
             if let Some(f) = self.host.restarts.failing(&i.name) {
