@@ -198,11 +198,22 @@ fn the_leader_killed_mid_move() -> Result<()> {
 fn the_target_daemon_refuses_the_copy() -> Result<()> {
     let (h1, h2, p, sum) = rig("fp", 105, 1)?;
     // Fill mg2's pool but for 100 MB with a container of its own (left alone by ssp).
+    // btrfs reports its free space as an estimate that can lag the allocations
+    // just made: fill, sync and look again until at most 200 MB are left (once, a
+    // first pass of the whole container fit after a single fill).
     h2.cli_run(&["launch", "busybox", "filler"])?;
-    h2.exec(
+    let left = h2.exec(
         "filler",
-        "avail=$(df -k / | awk 'NR==2 {print $4}'); fallocate -l $(( (avail - 102400) * 1024 )) /fill && sync",
+        "for i in 1 2 3 4 5 6; do avail=$(df -k / | awk 'NR==2 {print $4}'); [ \"$avail\" -le 204800 ] && break; \
+         fallocate -l $(( (avail - 102400) * 1024 )) /fill$i && sync; sleep 1; done; df -k / | awk 'NR==2 {print $4}'",
     )?;
+    let left: u64 = left.trim().parse().context("free KiB in the filler")?;
+    println!("fp2's pool has {} MiB free", left / 1024);
+    ensure!(
+        left <= 204800,
+        "fp2's pool still has {} MiB free after filling it",
+        left / 1024
+    );
     let t = Instant::now();
     let out = p.ctl(&["-o", "json", "migrate", "gdw", "fp2"]);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
