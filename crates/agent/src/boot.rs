@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// The most of a console log that is read: its end, where the last boot is.
@@ -233,11 +233,6 @@ impl Consoles {
         if let Ok(mut seen) = self.seen.lock() {
             seen.retain(|n, _| names.contains(&n.as_str()));
         }
-    }
-
-    /// The folder the logs are read from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -108,9 +108,13 @@ impl Agent for AgentService {
             if let Some(f) = self.host.restarts.failing(&i.name) {
                 i.failing = f;
             }
-            i.problem = self.host.problem(&i.name);
         }
         if req.get_ref().with_usage {
+            // For people (`sspctl ls`, `user add`): the leader's reconcile, which
+            // lists without usage, has no use for it.
+            for i in &mut instances {
+                i.problem = self.host.problem(&i.name);
+            }
             let client = self.client();
             let usage = futures::future::join_all(instances.iter().map(|i| async move {
                 client

@@ -91,6 +91,18 @@ fn take_inotify_instances(leave: usize) -> Result<Vec<OwnedFd>> {
     Ok(held)
 }
 
+/// The warnings `sspctl hosts` shows for the (only) host; None if it cannot say.
+fn host_warnings(p: &Platform) -> Option<Vec<String>> {
+    let hosts = p.ctl_json(&["hosts"]).ok()?;
+    Some(
+        hosts[0]["warnings"]
+            .as_array()?
+            .iter()
+            .filter_map(|w| w.as_str().map(String::from))
+            .collect(),
+    )
+}
+
 #[test]
 fn a_host_short_of_inotify_instances_is_named_and_its_container_says_why() -> Result<()> {
     let host = Host::start("lim", Kind::Incus, 141)?;
@@ -113,13 +125,9 @@ fn a_host_short_of_inotify_instances_is_named_and_its_container_says_why() -> Re
         "the agent's warning about inotify instances",
         Duration::from_secs(20),
         || {
-            let hosts = p.ctl_json(&["hosts"]).ok()?;
-            hosts[0]["warnings"]
-                .as_array()?
-                .iter()
-                .filter_map(|w| w.as_str())
+            host_warnings(&p)?
+                .into_iter()
                 .find(|w| w.starts_with(INSTANCES))
-                .map(String::from)
         },
     )?;
     println!("sspctl hosts: {warning}");
@@ -147,13 +155,9 @@ fn a_host_short_of_inotify_instances_is_named_and_its_container_says_why() -> Re
         "the agent's warning about the daemon's open files",
         Duration::from_secs(20),
         || {
-            let hosts = p.ctl_json(&["hosts"]).ok()?;
-            hosts[0]["warnings"]
-                .as_array()?
-                .iter()
-                .filter_map(|w| w.as_str())
+            host_warnings(&p)?
+                .into_iter()
                 .find(|w| w.starts_with("the daemon"))
-                .map(String::from)
         },
     );
     run(Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={soft}:")]))?;
@@ -251,11 +255,8 @@ fn a_host_short_of_inotify_instances_is_named_and_its_container_says_why() -> Re
         "the host's warning to clear",
         Duration::from_secs(20),
         || {
-            let hosts = p.ctl_json(&["hosts"]).ok()?;
-            let w = hosts[0]["warnings"].as_array().cloned().unwrap_or_default();
-            (!w.iter()
-                .any(|w| w.as_str().is_some_and(|w| w.starts_with(INSTANCES))))
-            .then_some(())
+            let w = host_warnings(&p)?;
+            (!w.iter().any(|w| w.starts_with(INSTANCES))).then_some(())
         },
     )?;
     Ok(())

@@ -245,16 +245,20 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 let seen = std::sync::Mutex::new(String::new());
+                let down = |why: String| {
+                    anyhow::anyhow!(
+                        "user {} is added, but their container on {} did not come up: {why} (`sspctl ls` shows it)",
+                        a.name,
+                        i.host
+                    )
+                };
                 if !reply.warning.is_empty() {
                     // Its start failed: say why, if its host can tell soon.
                     let limit = std::time::Duration::from_secs(a.wait_timeout.min(30));
                     if let Ok(why) =
                         tokio::time::timeout(limit, watch_boot(&c, &a.name, &seen)).await
                     {
-                        anyhow::bail!(
-                            "user {} is added, but their container on {} did not come up: {why} (`sspctl ls` shows it)",
-                            a.name, i.host
-                        );
+                        return Err(down(why));
                     }
                     anyhow::bail!(
                         "user {} is added, but their container is not running yet, so they cannot log in; `sspctl ls` shows when it runs",
@@ -272,10 +276,7 @@ pub async fn run(cli: &Cli, cmd: &UserCmd) -> anyhow::Result<()> {
                             a.name, i.host, a.wait_timeout
                         )
                     }),
-                    why = watch_boot(&c, &a.name, &seen) => anyhow::bail!(
-                        "user {} is added, but their container on {} did not come up: {why} (`sspctl ls` shows it)",
-                        a.name, i.host
-                    ),
+                    why = watch_boot(&c, &a.name, &seen) => Err(down(why)),
                 }
             };
             let issue = async {
